@@ -1,0 +1,244 @@
+"""Model-level adapter management: inject, add, delete, activate, disable.
+
+Adapters are injected in place: each selected layer is replaced by its
+registered ``LoraLayer`` wrapper. The configs of a model's adapters live on the
+model root (``peft_config(model)``), as PEFT keeps them on ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jlora.nn._config import AdapterConfig, LoraConfig, MoSLoraConfig, WLoraConfig
+from jlora.nn._layer import LoraLayer, frozen_copy, new_wlora_adapter
+from jlora.nn._adapters import LoraAdapter
+from jlora.nn._registry import lora_layer_type
+from jlora.nn._targets import (
+    Candidate, candidates, describe, is_selected, name_matches, output_head_name)
+from jlora.nn._variables import LoraBuffer, UpstreamLoraParam
+
+CONFIG_ATTR = "jlora_peft_config"
+BASE_ROUTE = "__base__"
+
+
+def peft_config(model: nnx.Module) -> dict[str, AdapterConfig]:
+  """Adapter name -> config, in the order the adapters were added."""
+  return dict(getattr(model, CONFIG_ATTR, ()))
+
+
+def _set_configs(model: nnx.Module, configs: Mapping[str, AdapterConfig]) -> None:
+  # A tuple of pairs of frozen dataclasses: hashable, so it can sit in a graphdef.
+  setattr(model, CONFIG_ATTR, tuple(configs.items()))
+
+
+def lora_layers(model: nnx.Module) -> Iterator[tuple[tuple, LoraLayer]]:
+  """``(path, layer)`` for every LoRA layer in the model."""
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, LoraLayer):
+      yield path, node
+
+
+def get_peft_model(model: nnx.Module, config: AdapterConfig, adapter_name: str = "default") -> nnx.Module:
+  """Inject adapter ``adapter_name`` into ``model`` (in place) and activate it.
+
+  Returns the same model object, now holding LoRA layers. For a
+  ``WLoraConfig`` the upstream adapters must already be in the model
+  (``jlora.get_peft_model`` at the top level also accepts PEFT directories).
+  """
+  add_adapter(model, adapter_name, config)
+  set_adapter(model, adapter_name)
+  return model
+
+
+def add_adapter(model: nnx.Module, adapter_name: str, config: AdapterConfig) -> None:
+  """Add adapter ``adapter_name`` to ``model`` without activating it."""
+  configs = peft_config(model)
+  if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ROUTE:
+    raise ValueError(f"Invalid adapter name {adapter_name!r}.")
+  if adapter_name in configs:
+    raise ValueError(
+        f"The model already has an adapter named {adapter_name!r}; pick another name or "
+        "delete_adapter() it first."
+    )
+  if isinstance(config, WLoraConfig):
+    _add_wlora(model, adapter_name, config, configs)
+  elif isinstance(config, LoraConfig):
+    _add_lora(model, adapter_name, config)
+  else:
+    raise TypeError(f"Expected a LoraConfig, MoSLoraConfig or WLoraConfig, got {type(config).__name__}.")
+  configs[adapter_name] = config
+  _set_configs(model, configs)
+
+
+def _layer_at(model: nnx.Module, cand: Candidate) -> LoraLayer:
+  """The LoRA layer at ``cand.path``, wrapping the base module if needed."""
+  if isinstance(cand.module, LoraLayer):
+    return cand.module
+  layer = lora_layer_type(cand.module)(cand.module, cand.names)
+  _replace(model, cand.path, layer)
+  return layer
+
+
+def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
+  if config.target_modules is None:
+    raise ValueError(
+        "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', "
+        "'v_proj']), a regex, or 'all-linear'."
+    )
+  head = output_head_name(model)
+  cands = list(candidates(model))
+  plans = []
+  for cand in cands:
+    selected = [is_selected(config, name, cand, head) for name in cand.names]
+    if any(selected):
+      plans.append((cand, selected))
+  if not plans:
+    raise ValueError(
+        f"target_modules={config.target_modules!r} matches no module of the model "
+        f"(layers_to_transform={config.layers_to_transform}). Modules that can take LoRA:\n  "
+        + describe(cands)
+    )
+  mixer_init = config.mixer_init if isinstance(config, MoSLoraConfig) else None
+  root_key = jax.random.key(config.seed)
+  for index, (cand, selected) in enumerate(plans):
+    ranks = [config.rank_for(n) if s else 0 for n, s in zip(cand.names, selected)]
+    scalings = [config.scaling_for(n) if s else 0.0 for n, s in zip(cand.names, selected)]
+    layer = _layer_at(model, cand)
+    adapter = layer.new_lora_adapter(
+        jax.random.fold_in(root_key, index), ranks, scalings,
+        init_lora_weights=config.init_lora_weights, mixer_init=mixer_init,
+        dropout=config.lora_dropout)
+    layer.add(adapter_name, adapter)
+
+
+def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:
+  missing = [u for u in config.upstream_loras if u not in configs]
+  if missing:
+    raise ValueError(
+        f"WLoRA upstream adapters {missing} are not in the model (it has {list(configs)}). "
+        "Load them first (jlora.load_peft) or pass PEFT directories to jlora.get_peft_model."
+    )
+  added = 0
+  for _, layer in lora_layers(model):
+    present = [u for u in config.upstream_loras if u in layer.adapters]
+    if not present:
+      continue
+    if len(present) != len(config.upstream_loras):
+      absent = sorted(set(config.upstream_loras) - set(present))
+      raise ValueError(
+          f"WLoRA upstreams must adapt the same modules, but {layer.module_names[0]} has "
+          f"{present} and not {absent}."
+      )
+    if config.target_modules is not None and not any(
+        name_matches(config.target_modules, n) for n in layer.module_names):
+      continue
+    upstreams = []
+    for name in config.upstream_loras:
+      adapter = layer.adapters[name]
+      if not isinstance(adapter, LoraAdapter):
+        raise ValueError(f"WLoRA upstream {name!r} must be a LoRA/MoSLoRA adapter, not WLoRA.")
+      upstreams.append(frozen_copy(adapter, UpstreamLoraParam))
+    layer.add(adapter_name, new_wlora_adapter(layer, upstreams))
+    added += 1
+  if not added:
+    raise ValueError(
+        f"WLoRA adapter {adapter_name!r} selects no layer: target_modules="
+        f"{config.target_modules!r} matches none of the upstreams' layers."
+    )
+
+
+def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
+  """Remove an adapter everywhere; layers left without adapters are unwrapped."""
+  configs = _require(model, [adapter_name])
+  for path, layer in list(lora_layers(model)):
+    if adapter_name in layer.adapters:
+      layer.remove(adapter_name)
+    if not layer.adapters:
+      _replace(model, path, layer.base_layer)
+  del configs[adapter_name]
+  _set_configs(model, configs)
+
+
+def _replace(model, path: tuple, new) -> None:
+  parent = model
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+  if isinstance(path[-1], int):
+    parent[path[-1]] = new
+  else:
+    setattr(parent, path[-1], new)
+
+
+def _require(model, names: Sequence[str]) -> dict:
+  configs = peft_config(model)
+  unknown = [n for n in names if n not in configs]
+  if unknown:
+    raise ValueError(f"Unknown adapter(s) {unknown}; the model has {list(configs) or 'none'}.")
+  return configs
+
+
+def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
+  """Activate one adapter or several at once (their deltas add)."""
+  names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+  if not names:
+    raise ValueError("set_adapter needs at least one adapter name.")
+  _require(model, names)
+  for _, layer in lora_layers(model):
+    layer.active_adapters = tuple(n for n in names if n in layer.adapters)
+
+
+def active_adapters(model: nnx.Module) -> tuple[str, ...]:
+  """Names active in at least one layer, in configuration order."""
+  live = {n for _, layer in lora_layers(model) for n in layer.active_adapters}
+  return tuple(n for n in peft_config(model) if n in live)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nnx.Module):
+  """Within the block the model computes its base output only."""
+  layers = [layer for _, layer in lora_layers(model)]
+  previous = [layer.disabled for layer in layers]
+  for layer in layers:
+    layer.disabled = True
+  try:
+    yield model
+  finally:
+    for layer, was in zip(layers, previous):
+      layer.disabled = was
+
+
+@contextlib.contextmanager
+def per_sample_adapters(model: nnx.Module, adapter_names: Sequence[str]):
+  """Within the block, batch row i uses adapter ``adapter_names[i]`` only.
+
+  PEFT's ``model(x, adapter_names=[...])``: ``"__base__"`` rows get the base
+  model. The batch size of every call inside the block must equal
+  ``len(adapter_names)``; merged adapters cannot be routed.
+  """
+  names = list(adapter_names)
+  routes = tuple(dict.fromkeys(n for n in names if n != BASE_ROUTE))
+  _require(model, routes)
+  layers = [layer for _, layer in lora_layers(model)]
+  for layer in layers:
+    if set(routes) & set(layer.merged_adapters):
+      raise ValueError("per_sample_adapters cannot route merged adapters; unmerge first.")
+  one_hot = np.zeros((len(names), len(routes)), np.float32)
+  for row, name in enumerate(names):
+    if name != BASE_ROUTE:
+      one_hot[row, routes.index(name)] = 1.0
+  for layer in layers:
+    stacked = np.broadcast_to(one_hot, layer.stack_shape + one_hot.shape)
+    layer.routing = LoraBuffer(jnp.asarray(stacked))
+    layer.routing_names = routes
+  try:
+    yield model
+  finally:
+    for layer in layers:
+      layer.routing = None
+      layer.routing_names = ()

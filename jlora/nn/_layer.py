@@ -1,0 +1,270 @@
+"""``LoraLayer``: the wrapper that adds adapters to one base layer.
+
+A LoRA layer type is a small subclass that says how x meets the factors
+(``project_in`` / ``project_out``) and how the factors form a kernel-shaped
+update (``factors_to_weight``). Everything else (several adapters, activation,
+per-sample routing, merging, scanned/stacked weights) lives here once.
+Register a subclass for a base layer type with ``register_lora_layer``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jlora.nn import _init
+from jlora.nn._adapters import Adapter, LoraAdapter, WLoraAdapter, delta_weight
+from jlora.nn._variables import LoraBuffer, LoraParam
+
+
+class LoraLayer(nnx.Module):
+  """A base layer plus named adapters whose outputs add to the base output.
+
+  Subclasses implement the layer-type math below; shapes there are for one
+  (unstacked) layer, with the rank ``r`` as the last axis of A and of
+  ``project_in``'s output.
+
+  Attributes:
+    base_layer: the wrapped, frozen module (its params stay ``nnx.Param``).
+    adapters: adapter name -> ``LoraAdapter`` / ``WLoraAdapter``.
+    module_names: PEFT-style dotted name of each stacked layer (one name when
+      the base layer is not stacked), used for patterns and checkpoint keys.
+    active_adapters: names whose deltas are added in the forward pass.
+    merged_adapters: names currently folded into the base kernel.
+    disabled: when True the layer computes the base output only.
+  """
+
+  linear_like: ClassVar[bool] = True
+  """Whether ``target_modules="all-linear"`` selects this layer type."""
+  embedding_init: ClassVar[bool] = False
+  """Use PEFT's embedding init (A zero, B normal) instead of A random, B zero."""
+  b_rank_axis: ClassVar[int] = 0
+  """Axis of the rank in (unstacked) B."""
+
+  def __init__(self, base_layer: nnx.Module, module_names: Sequence[str]):
+    self.base_layer = base_layer
+    self.adapters = nnx.Dict()
+    self.module_names = tuple(module_names)
+    self.active_adapters: tuple[str, ...] = ()
+    self.merged_adapters: tuple[str, ...] = ()
+    self.disabled = False
+    self.routing: LoraBuffer | None = None
+    self.routing_names: tuple[str, ...] = ()
+    self.check_base_layer()
+    if len(self.module_names) != max(1, math.prod(self.stack_shape)):
+      raise ValueError(
+          f"{type(self).__name__}: got {len(self.module_names)} module names for a stack of "
+          f"shape {self.stack_shape}."
+      )
+
+  # ---- layer-type math: override in subclasses ---------------------------
+
+  def check_base_layer(self) -> None:
+    """Raise a clear error if this base layer's configuration is unsupported."""
+
+  @classmethod
+  def base_kernel(cls, base: nnx.Module) -> nnx.Variable:
+    """The variable of ``base`` that merging updates."""
+    return base.kernel
+
+  @classmethod
+  def kernel_ndim(cls, base: nnx.Module) -> int:
+    """Rank of one (unstacked) kernel of ``base``."""
+    raise TypeError(f"{cls.__name__} must define kernel_ndim()")
+
+  @classmethod
+  def stack_shape_of(cls, base: nnx.Module) -> tuple[int, ...]:
+    """Leading dims of ``base``'s kernel beyond one layer's (scanned layers)."""
+    shape = cls.base_kernel(base).shape
+    return tuple(shape[: len(shape) - cls.kernel_ndim(base)])
+
+  def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of (A, B) for one layer at the given rank."""
+    raise TypeError(f"{type(self).__name__} must define factor_shapes()")
+
+  def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:
+    """``x`` through A: ``[..., r]``."""
+    raise TypeError(f"{type(self).__name__} must define project_in()")
+
+  def project_out(self, h: jax.Array, b: jax.Array) -> jax.Array:
+    """``h [..., r]`` through B: shaped like the base layer's output."""
+    raise TypeError(f"{type(self).__name__} must define project_out()")
+
+  def factors_to_weight(self, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The kernel-shaped product of A and B (one layer, no scaling)."""
+    raise TypeError(f"{type(self).__name__} must define factors_to_weight()")
+
+  def fan_in(self, a_shape: tuple[int, ...]) -> int:
+    """Fan-in used for A's Kaiming init: everything A contracts."""
+    return math.prod(a_shape[:-1])
+
+  def svd_compatible(self) -> bool:
+    """Whether the kernel is laid out as ``[*A dims, *B dims]`` (``A·B`` is a tensordot).
+
+    ``add_weighted_adapter(..., "svd")`` needs this to reshape an update into a matrix.
+    """
+    return self.b_rank_axis == 0
+
+  def adapter_input(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+    """What the adapters see, given the base layer's call arguments."""
+    return x
+
+  # ---- generic machinery --------------------------------------------------
+
+  def kernel(self) -> nnx.Variable:
+    return self.base_kernel(self.base_layer)
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    return self.stack_shape_of(self.base_layer)
+
+  def new_lora_adapter(
+      self,
+      key: jax.Array,
+      ranks: Sequence[int],
+      scalings: Sequence[float],
+      *,
+      init_lora_weights=True,
+      mixer_init: str | None = None,
+      dropout: float = 0.0,
+      param_type: type[LoraParam] = LoraParam,
+      dtype=jnp.float32,
+  ) -> LoraAdapter:
+    """A freshly initialised adapter for this layer.
+
+    Args:
+      key: PRNG key for the factors, mixer and dropout.
+      ranks: rank of each stacked layer (``len == prod(stack_shape)`` or 1);
+        0 leaves that layer without an update.
+      scalings: scaling of each stacked layer, same length.
+      init_lora_weights: ``LoraConfig.init_lora_weights``.
+      mixer_init: ``"orthogonal"`` / ``"kaiming"`` for MoSLoRA, None for LoRA.
+    """
+    stack = self.stack_shape
+    ranks = np.broadcast_to(np.asarray(ranks, np.int32), (max(1, math.prod(stack)),))
+    max_rank = int(ranks.max())
+    if max_rank < 1:
+      raise ValueError(f"{self.module_names[0]}: an adapter needs a positive rank.")
+    a_shape, b_shape = self.factor_shapes(max_rank)
+    key_factors, key_mixer, key_dropout = jax.random.split(key, 3)
+    a, b = _init.lora_factors(
+        key_factors, stack + a_shape, stack + b_shape, self.fan_in(a_shape),
+        init_lora_weights, dtype, embedding=self.embedding_init)
+    rank_mask = None
+    if (ranks != max_rank).any():
+      rank_mask = (np.arange(max_rank)[None, :] < ranks[:, None]).astype(np.float32)
+      rank_mask = jnp.asarray(rank_mask.reshape(stack + (max_rank,)))
+      a = a * rank_mask.reshape(stack + (1,) * (len(a_shape) - 1) + (max_rank,)).astype(dtype)
+      rank_in_b = tuple(max_rank if i == self.b_rank_axis else 1 for i in range(len(b_shape)))
+      b = b * rank_mask.reshape(stack + rank_in_b).astype(dtype)
+    mixer = None
+    if mixer_init == "orthogonal":
+      mixer = _init.orthogonal(key_mixer, stack + (max_rank, max_rank), dtype)
+    elif mixer_init == "kaiming":
+      mixer = _init.kaiming_uniform(key_mixer, stack + (max_rank, max_rank), max_rank, dtype)
+    elif mixer_init is not None:
+      raise ValueError(f"Unknown mixer_init {mixer_init!r}; use 'orthogonal' or 'kaiming'.")
+    scaling = np.broadcast_to(np.asarray(scalings, np.float32), ranks.shape).reshape(stack)
+    return LoraAdapter(
+        a, b, jnp.asarray(scaling), rank_mask=rank_mask, mixer=mixer,
+        dropout=dropout if self.supports_dropout() else 0.0,
+        dropout_key=key_dropout, param_type=param_type)
+
+  def supports_dropout(self) -> bool:
+    """Dropout applies to real-valued inputs; embeddings take ids."""
+    return not self.embedding_init
+
+  def check_factors(self, name: str, a: jax.Array, b: jax.Array) -> None:
+    """Raise if (A, B) do not fit this layer (stack dims included)."""
+    rank = a.shape[-1]
+    a_shape, b_shape = self.factor_shapes(rank)
+    want = (self.stack_shape + a_shape, self.stack_shape + b_shape)
+    if (tuple(a.shape), tuple(b.shape)) != want:
+      raise ValueError(
+          f"Adapter {name!r} at {self.module_names[0]}: factor shapes A{tuple(a.shape)}, "
+          f"B{tuple(b.shape)} do not fit this layer, which needs A{want[0]}, B{want[1]} "
+          f"for rank {rank}."
+      )
+
+  def add(self, name: str, adapter: Adapter) -> None:
+    """Attach an adapter under ``name`` (inactive until activated)."""
+    if name in self.adapters:
+      raise ValueError(f"{self.module_names[0]} already has an adapter named {name!r}.")
+    if isinstance(adapter, LoraAdapter):
+      self.check_factors(name, adapter.lora_A[...], adapter.lora_B[...])
+    self.adapters[name] = adapter
+
+  def remove(self, name: str) -> None:
+    if name in self.merged_adapters:
+      raise ValueError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
+    del self.adapters[name]
+    self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+  def __call__(self, x, *args, **kwargs):
+    y = self.base_layer(x, *args, **kwargs)
+    if self.disabled:
+      return y
+    x = self.adapter_input(x, *args, **kwargs)
+    if self.routing is not None:
+      return y + self._routed_delta(x, y.dtype)
+    for name in self.active_adapters:
+      if name in self.adapters and name not in self.merged_adapters:
+        y = y + self.adapters[name].delta(self, x, y.dtype).astype(y.dtype)
+    return y
+
+  def _routed_delta(self, x, dtype):
+    """Per-sample adapters: row i of the batch uses ``routing[i]``'s adapter."""
+    weights = self.routing[...]
+    total = 0
+    for j, name in enumerate(self.routing_names):
+      if name not in self.adapters:
+        continue
+      delta = self.adapters[name].delta(self, x, dtype)
+      rows = weights[:, j].astype(dtype).reshape((-1,) + (1,) * (delta.ndim - 1))
+      total = total + rows * delta
+    return total
+
+  def delta_weight(self, name: str) -> jax.Array:
+    """Adapter ``name``'s update in the kernel's layout, ``[*stack, *kernel]``."""
+    return delta_weight(self.adapters[name], self)
+
+  def merge(self, names: Sequence[str]) -> None:
+    """Fold the named adapters into the base kernel (in place)."""
+    kernel = self.kernel()
+    for name in names:
+      if name in self.merged_adapters or name not in self.adapters:
+        continue
+      kernel[...] = (kernel[...] + self.delta_weight(name)).astype(kernel.dtype)
+      self.merged_adapters = self.merged_adapters + (name,)
+
+  def unmerge(self, names: Sequence[str] | None = None) -> None:
+    """Subtract merged adapters from the base kernel, newest first."""
+    kernel = self.kernel()
+    for name in reversed(self.merged_adapters):
+      if names is not None and name not in names:
+        continue
+      kernel[...] = (kernel[...] - self.delta_weight(name)).astype(kernel.dtype)
+      self.merged_adapters = tuple(n for n in self.merged_adapters if n != name)
+
+
+def new_wlora_adapter(layer: LoraLayer, upstreams: list[LoraAdapter]) -> WLoraAdapter:
+  """A WLoRA adapter over ``upstreams`` with equal initial weights."""
+  logits = jnp.zeros(layer.stack_shape + (len(upstreams),), jnp.float32)
+  return WLoraAdapter(upstreams, logits)
+
+
+def frozen_copy(adapter: LoraAdapter, param_type: type[LoraParam]) -> LoraAdapter:
+  """A copy of ``adapter`` whose factors have variable type ``param_type``."""
+  copy = LoraAdapter(
+      adapter.lora_A[...], adapter.lora_B[...], adapter.scaling[...],
+      rank_mask=adapter.rank_mask[...] if adapter.rank_mask is not None else None,
+      mixer=adapter.lora_mixer[...] if adapter.lora_mixer is not None else None,
+      param_type=param_type)
+  return copy
+
+

@@ -1,0 +1,87 @@
+"""Merging adapters into base weights: in place on a model, or as pure functions.
+
+The pure ``merge`` / ``unmerge`` take and return pytrees, so they run under
+``jax.jit``; the in-place forms track what is merged so the forward pass never
+adds a merged adapter twice.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from flax import nnx
+
+from jlora.nn._inject import _replace, _require, _set_configs, active_adapters, lora_layers
+
+
+def merge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> None:
+  """Fold adapters (default: the active ones) into the base kernels, in place.
+
+  The forward pass then skips merged adapters; ``unmerge_adapter`` restores
+  the base weights to fp32 rounding.
+  """
+  names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
+  _require(model, names)
+  for _, layer in lora_layers(model):
+    layer.merge(names)
+
+
+def unmerge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> None:
+  """Subtract merged adapters (default: all of them) from the base kernels."""
+  for _, layer in lora_layers(model):
+    layer.unmerge(adapter_names)
+
+
+def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> nnx.Module:
+  """Merge adapters (default: the active ones) and remove every LoRA layer.
+
+  Returns the same model object, now a plain model of base layers whose
+  outputs equal the adapted model's unmerged outputs.
+  """
+  merge_adapter(model, adapter_names)
+  for path, layer in list(lora_layers(model)):
+    _replace(model, path, layer.base_layer)
+  _set_configs(model, {})
+  return model
+
+
+def unload(model: nnx.Module) -> nnx.Module:
+  """Remove every LoRA layer without merging: the base model comes back."""
+  for path, layer in list(lora_layers(model)):
+    layer.unmerge()
+    _replace(model, path, layer.base_layer)
+  _set_configs(model, {})
+  return model
+
+
+def _merged_state(fold, graphdef: nnx.GraphDef, base_state: nnx.State, *other_states: nnx.State):
+  model = nnx.merge(graphdef, base_state, *other_states, copy=True)
+  fold(model)
+  full = dict(nnx.to_flat_state(nnx.state(model)))
+  return nnx.from_flat_state([(path, full[path]) for path, _ in nnx.to_flat_state(base_state)])
+
+
+def merge(graphdef: nnx.GraphDef, base_state: nnx.State, *adapter_states: nnx.State,
+          adapter_names: Sequence[str] | None = None) -> nnx.State:
+  """Pure merge: returns ``base_state`` with the adapters' deltas added.
+
+  ``graphdef`` and the states come from one ``nnx.split`` of an adapted model,
+  e.g. ``graphdef, adapter, base = nnx.split(model, jlora.LoraParam, ...)``;
+  pass the base state first, then the others. Works under ``jax.jit``.
+  Forward with the result and adapters disabled (or use ``merge_and_unload``)
+  so deltas are not added twice.
+  """
+  return _merged_state(lambda m: merge_adapter(m, adapter_names), graphdef, base_state, *adapter_states)
+
+
+def unmerge(graphdef: nnx.GraphDef, base_state: nnx.State, *adapter_states: nnx.State,
+            adapter_names: Sequence[str] | None = None) -> nnx.State:
+  """Pure inverse of ``merge``: subtracts the adapters' deltas from ``base_state``."""
+
+  def subtract(model):
+    names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
+    for _, layer in lora_layers(model):
+      layer.merged_adapters = tuple(n for n in names if n in layer.adapters)
+      layer.unmerge()
+
+  return _merged_state(subtract, graphdef, base_state, *adapter_states)
