@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Literal, Mapping, Sequence
 
@@ -69,10 +70,14 @@ class LoraConfig:
   def __post_init__(self):
     object.__setattr__(self, "target_modules", _as_tuple(self.target_modules))
     object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules))
-    if isinstance(self.layers_to_transform, int):
-      object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
-    else:
-      object.__setattr__(self, "layers_to_transform", _as_tuple(self.layers_to_transform))
+    if _is_int(self.r):
+      object.__setattr__(self, "r", int(self.r))  # numpy ints too (they don't go into JSON)
+    layers = self.layers_to_transform
+    if _is_int(layers):
+      layers = (layers,)
+    elif layers is not None and not isinstance(layers, str):
+      layers = tuple(int(i) if _is_int(i) else i for i in layers)
+    object.__setattr__(self, "layers_to_transform", layers)
     object.__setattr__(self, "layers_pattern", _as_tuple(self.layers_pattern))
     # FrozenDict keeps the config hashable, so it can live in a module's graphdef.
     object.__setattr__(self, "rank_pattern", FrozenDict(self.rank_pattern or {}))
@@ -81,8 +86,19 @@ class LoraConfig:
 
   def _validate(self):
     _check_rank(self.r, "r")
+    _check_alpha(self.lora_alpha, "lora_alpha")
     for pattern, rank in self.rank_pattern.items():
+      _check_regex(pattern, "rank_pattern")
       _check_rank(rank, f"rank_pattern[{pattern!r}]")
+    for pattern, alpha in self.alpha_pattern.items():
+      _check_regex(pattern, "alpha_pattern")
+      _check_alpha(alpha, f"alpha_pattern[{pattern!r}]")
+    layers = self.layers_to_transform
+    if layers is not None and (isinstance(layers, str) or not all(
+        _is_int(i) and i >= 0 for i in layers)):
+      raise ValueError(
+          f"layers_to_transform must be a layer index or a list of them (ints >= 0), got {layers!r}."
+      )
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
     if self.init_lora_weights not in (True, False, "gaussian"):
@@ -90,15 +106,24 @@ class LoraConfig:
           f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, "
           "False or 'gaussian'."
       )
+    regex_target = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+    if regex_target and (self.layers_to_transform is not None or self.layers_pattern is not None):
+      raise ValueError(
+          "layers_to_transform / layers_pattern cannot be used with a regex target_modules (as in "
+          "PEFT); put the layer indices in the regex, e.g. r'.*\\.layers\\.(0|2)\\.self_attn\\.q_proj'."
+      )
+    if self.layers_pattern and self.layers_to_transform is None:
+      raise ValueError("layers_pattern only applies with layers_to_transform; set both or neither.")
     if self.bias != "none":
       raise ValueError(f"bias={self.bias!r} is not supported; jlora adapters train no biases.")
     for name, pattern in (("target_modules", self.target_modules),
                           ("exclude_modules", self.exclude_modules)):
       if isinstance(pattern, str) and pattern != "all-linear":
-        try:
-          re.compile(pattern)
-        except re.error as e:
-          raise ValueError(f"{name}={pattern!r} is not a valid regex: {e}") from e
+        _check_regex(pattern, name)
+      elif pattern is not None and not all(isinstance(p, str) for p in pattern):
+        raise ValueError(
+            f"{name} must be a regex string or a list of module-name strings, got {pattern!r}."
+        )
 
   def rank_for(self, module_path: str) -> int:
     """The rank used for the module at ``module_path`` (dotted, PEFT-style)."""
@@ -156,7 +181,9 @@ class WLoraConfig:
   seed: int = 0
 
   def __post_init__(self):
-    object.__setattr__(self, "upstream_loras", tuple(str(u) for u in self.upstream_loras))
+    upstreams = self.upstream_loras
+    upstreams = (upstreams,) if isinstance(upstreams, str) else upstreams
+    object.__setattr__(self, "upstream_loras", tuple(str(u) for u in upstreams))
     object.__setattr__(self, "target_modules", _as_tuple(self.target_modules))
     if not self.upstream_loras:
       raise ValueError(
@@ -174,14 +201,30 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
   return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_rank(rank, what: str) -> None:
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+  if not _is_int(rank) or rank < 1:
     raise ValueError(f"{what} must be a positive integer rank, got {rank!r}.")
 
 
+def _check_alpha(alpha, what: str) -> None:
+  if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+    raise ValueError(f"{what} must be a number, got {alpha!r}.")
+
+
+def _check_regex(pattern, what: str) -> None:
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"{what} has {pattern!r}, which is not a valid regex: {e}") from e
+
+
 def _pattern_value(patterns: dict, module_path: str, default):
-  """PEFT's pattern lookup: the first key whose regex matches the path's end."""
+  """PEFT's pattern lookup: the first key whose regex matches the path's end (after a dot)."""
   for pattern, value in patterns.items():
-    if re.search(rf"(^|\.){pattern}$", module_path):
+    if re.match(rf"(.*\.)?({pattern})$", module_path):
       return value
   return default

@@ -19,8 +19,16 @@ def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype=j
 
 
 def orthogonal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-  """Orthogonal square matrices ``[..., r, r]`` with ``MᵀM = I``."""
-  return jax.nn.initializers.orthogonal()(key, shape, dtype)
+  """Orthogonal square matrices ``[..., r, r]`` with ``MᵀM = I``, each one on its own.
+
+  (``jax.nn.initializers.orthogonal`` on ``[L, r, r]`` would orthogonalise one
+  ``[L·r, r]`` matrix instead, so the leading dims get a key each.)
+  """
+  *stack, rows, cols = shape
+  init = jax.nn.initializers.orthogonal()
+  keys = jax.random.split(key, math.prod(stack))
+  mats = jax.vmap(lambda k: init(k, (rows, cols), dtype))(keys)
+  return mats.reshape(shape)
 
 
 def lora_factors(

@@ -76,13 +76,11 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: AdapterConfig) -> 
   _set_configs(model, configs)
 
 
-def _layer_at(model: nnx.Module, cand: Candidate) -> LoraLayer:
-  """The LoRA layer at ``cand.path``, wrapping the base module if needed."""
+def _wrapper_for(cand: Candidate) -> LoraLayer:
+  """The LoRA layer at ``cand.path``, or a new one around the base module (not yet in the model)."""
   if isinstance(cand.module, LoraLayer):
     return cand.module
-  layer = lora_layer_type(cand.module)(cand.module, cand.names)
-  _replace(model, cand.path, layer)
-  return layer
+  return lora_layer_type(cand.module)(cand.module, cand.names)
 
 
 def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
@@ -106,14 +104,19 @@ def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
     )
   mixer_init = config.mixer_init if isinstance(config, MoSLoraConfig) else None
   root_key = jax.random.key(config.seed)
+  built = []  # build every wrapper and adapter first, so an error leaves the model as it was
   for index, (cand, selected) in enumerate(plans):
     ranks = [config.rank_for(n) if s else 0 for n, s in zip(cand.names, selected)]
     scalings = [config.scaling_for(n) if s else 0.0 for n, s in zip(cand.names, selected)]
-    layer = _layer_at(model, cand)
+    layer = _wrapper_for(cand)
     adapter = layer.new_lora_adapter(
         jax.random.fold_in(root_key, index), ranks, scalings,
         init_lora_weights=config.init_lora_weights, mixer_init=mixer_init,
         dropout=config.lora_dropout)
+    built.append((cand, layer, adapter))
+  for cand, layer, adapter in built:
+    if layer is not cand.module:
+      _replace(model, cand.path, layer)
     layer.add(adapter_name, adapter)
 
 
@@ -124,7 +127,7 @@ def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:
         f"WLoRA upstream adapters {missing} are not in the model (it has {list(configs)}). "
         "Load them first (jlora.load_peft) or pass PEFT directories to jlora.get_peft_model."
     )
-  added = 0
+  plans = []  # validate every layer before touching any, so an error leaves the model as it was
   for _, layer in lora_layers(model):
     present = [u for u in config.upstream_loras if u in layer.adapters]
     if not present:
@@ -143,14 +146,16 @@ def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:
       adapter = layer.adapters[name]
       if not isinstance(adapter, LoraAdapter):
         raise ValueError(f"WLoRA upstream {name!r} must be a LoRA/MoSLoRA adapter, not WLoRA.")
-      upstreams.append(frozen_copy(adapter, UpstreamLoraParam))
-    layer.add(adapter_name, new_wlora_adapter(layer, upstreams))
-    added += 1
-  if not added:
+      upstreams.append(adapter)
+    plans.append((layer, upstreams))
+  if not plans:
     raise ValueError(
         f"WLoRA adapter {adapter_name!r} selects no layer: target_modules="
         f"{config.target_modules!r} matches none of the upstreams' layers."
     )
+  for layer, upstreams in plans:
+    frozen = [frozen_copy(adapter, UpstreamLoraParam) for adapter in upstreams]
+    layer.add(adapter_name, new_wlora_adapter(layer, frozen))
 
 
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
@@ -219,15 +224,19 @@ def per_sample_adapters(model: nnx.Module, adapter_names: Sequence[str]):
 
   PEFT's ``model(x, adapter_names=[...])``: ``"__base__"`` rows get the base
   model. The batch size of every call inside the block must equal
-  ``len(adapter_names)``; merged adapters cannot be routed.
+  ``len(adapter_names)``. As in PEFT, no adapter may be merged (a merged
+  adapter is in the base kernel, so every row, ``"__base__"`` ones too, would see it).
   """
   names = list(adapter_names)
   routes = tuple(dict.fromkeys(n for n in names if n != BASE_ROUTE))
   _require(model, routes)
   layers = [layer for _, layer in lora_layers(model)]
   for layer in layers:
-    if set(routes) & set(layer.merged_adapters):
-      raise ValueError("per_sample_adapters cannot route merged adapters; unmerge first.")
+    if layer.merged_adapters:
+      raise ValueError(
+          f"per_sample_adapters cannot run with merged adapters {list(layer.merged_adapters)}; "
+          "unmerge_adapter() first."
+      )
   one_hot = np.zeros((len(names), len(routes)), np.float32)
   for row, name in enumerate(names):
     if name != BASE_ROUTE:

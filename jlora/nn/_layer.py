@@ -53,7 +53,8 @@ class LoraLayer(nnx.Module):
     self.active_adapters: tuple[str, ...] = ()
     self.merged_adapters: tuple[str, ...] = ()
     self.disabled = False
-    self.routing: LoraBuffer | None = None
+    # nnx.data: per_sample_adapters later puts a LoraBuffer here, so the slot must be data.
+    self.routing: LoraBuffer | None = nnx.data(None)
     self.routing_names: tuple[str, ...] = ()
     self.check_base_layer()
     if len(self.module_names) != max(1, math.prod(self.stack_shape)):
@@ -162,6 +163,10 @@ class LoraLayer(nnx.Module):
       a = a * rank_mask.reshape(stack + (1,) * (len(a_shape) - 1) + (max_rank,)).astype(dtype)
       rank_in_b = tuple(max_rank if i == self.b_rank_axis else 1 for i in range(len(b_shape)))
       b = b * rank_mask.reshape(stack + rank_in_b).astype(dtype)
+      if init_lora_weights == "gaussian" and not self.embedding_init:
+        # A ~ N(0, 1/r) with each stacked layer's own r, not the stack's largest one.
+        per_layer = (max_rank / np.maximum(ranks, 1)).astype(np.float32)
+        a = a * jnp.asarray(per_layer.reshape(stack + (1,) * len(a_shape))).astype(dtype)
     mixer = None
     if mixer_init == "orthogonal":
       mixer = _init.orthogonal(key_mixer, stack + (max_rank, max_rank), dtype)
@@ -220,6 +225,11 @@ class LoraLayer(nnx.Module):
   def _routed_delta(self, x, dtype):
     """Per-sample adapters: row i of the batch uses ``routing[i]``'s adapter."""
     weights = self.routing[...]
+    if x.shape[:1] != weights.shape[:1]:
+      raise ValueError(
+          f"per_sample_adapters got {weights.shape[0]} adapter names but {self.module_names[0]} "
+          f"sees a batch of {x.shape[0] if x.ndim else 'none'}; pass one name per batch row."
+      )
     total = 0
     for j, name in enumerate(self.routing_names):
       if name not in self.adapters:

@@ -28,6 +28,9 @@ def merge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None)
 
 def unmerge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> None:
   """Subtract merged adapters (default: all of them) from the base kernels."""
+  if adapter_names is not None:
+    adapter_names = tuple(adapter_names)
+    _require(model, adapter_names)
   for _, layer in lora_layers(model):
     layer.unmerge(adapter_names)
 

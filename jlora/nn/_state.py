@@ -16,7 +16,11 @@ def split_adapter(model: nnx.Module):
   ``adapter_params`` holds every ``LoraParam`` (WLoRA upstreams included; the
   optimizer helpers keep those frozen); ``frozen_state`` holds the base
   params and all other state. ``nnx.merge(graphdef, adapter_params,
-  frozen_state)`` rebuilds the model, also inside ``jax.jit``.
+  frozen_state)`` rebuilds the model, also inside ``jax.jit``; inside
+  ``jax.grad`` pass ``copy=True`` (NNX transforms such as ``nnx.scan`` refuse
+  variables created outside the trace they run in). State the forward pass
+  writes (LoRA dropout counters) stays in the rebuilt model: return
+  ``nnx.state(model, LoraRngKey)`` from the step to keep it.
   """
   return nnx.split(model, LoraParam, ...)
 

@@ -101,9 +101,14 @@ def name_matches(patterns, name: str) -> bool:
 
 
 def layer_index(name: str, layers_pattern) -> int | None:
-  """The layer index PEFT reads from a module name, or None."""
+  """The layer index PEFT reads from a module name, or None.
+
+  As PEFT: the *first* numbered segment (``layers.1.experts.0.w`` is layer 1),
+  after one of ``layers_pattern`` when given.
+  """
   patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-  regexes = [r".*\.[^.]*\.(\d+)\."] if not patterns else [rf".*\.{p}\.(\d+)\." for p in patterns]
+  regexes = ([r".*?\.[^.]*\.(\d+)\."] if not patterns
+             else [rf"(?:^|.*?\.){p}\.(\d+)\." for p in patterns])
   for regex in regexes:
     found = re.match(regex, name)
     if found:

@@ -1,0 +1,275 @@
+"""jlora vs PEFT on one GPU: training tokens/s, MFU, peak memory, compile time, forward cost.
+
+Both frameworks run the same work in the same call: a TinyLlama-1.1B-shaped
+Llama (random init, bf16 base), LoRA r=16 / alpha=32 on all 7 linear
+projections, AdamW, causal-LM loss. Each measurement runs in its own
+subprocess so peak-memory figures do not mix.
+
+    python bench/bench.py run --suite train --batches 4,8 --out $OUT/results.jsonl
+    python bench/bench.py report $OUT/results.jsonl > bench/RESULTS.md
+
+MFU uses the usual 6·N·tokens training FLOPs (N = all base parameters) over
+989 TFLOP/s (H100 SXM dense bf16), the convention behind the issue's anchor
+numbers. LoRA training does no base weight-gradient matmuls, so the work done
+is nearer 4·N·tokens; the table states both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEAK_FLOPS = 989e12
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def make_checkpoint(path: str, layers: int) -> None:
+  """A random-init Llama of TinyLlama's shape, saved as HF safetensors (bf16)."""
+  if os.path.exists(os.path.join(path, "config.json")):
+    return
+  import torch
+  import transformers
+  config = transformers.LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", **TINYLLAMA)
+  torch.manual_seed(0)
+  with torch.device("cuda"):
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+  model.save_pretrained(path, safe_serialization=True)
+
+
+def param_count(path: str) -> int:
+  from safetensors import safe_open
+  import glob
+  total = 0
+  for file in glob.glob(os.path.join(path, "*.safetensors")):
+    with safe_open(file, "np") as f:
+      for key in f.keys():
+        total += int(__import__("math").prod(f.get_slice(key).get_shape()))
+  return total
+
+
+# ---------------------------------------------------------------- PEFT side
+
+def run_peft(args) -> dict:
+  import torch
+  import transformers
+  import peft
+
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      args.ckpt, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+  config_cls = peft.LoraConfig
+  model = peft.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS))
+  if args.merged:
+    model.merge_adapter()
+  step_model = torch.compile(model) if args.framework == "peft-compile" else model
+  ids = torch.randint(0, TINYLLAMA["vocab_size"], (args.batch, args.seq), device="cuda")
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+  def train_step():
+    out = step_model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss
+
+  def forward():
+    with torch.no_grad():
+      return step_model(input_ids=ids).logits
+
+  if args.task == "forward" and args.base_only:
+    with model.disable_adapter():
+      return _time_torch(forward, args)
+  return _time_torch(train_step if args.task == "train" else forward, args)
+
+
+def _time_torch(fn, args) -> dict:
+  import torch
+  torch.cuda.synchronize()
+  start = time.perf_counter()
+  fn()
+  torch.cuda.synchronize()
+  first = time.perf_counter() - start
+  for _ in range(args.warmup):
+    fn()
+  torch.cuda.synchronize()
+  torch.cuda.reset_peak_memory_stats()
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+  return dict(first_step_s=first, step_s=sorted(times)[len(times) // 2],
+              peak_bytes=torch.cuda.max_memory_allocated())
+
+
+# --------------------------------------------------------------- jlora side
+
+def run_jlora(args) -> dict:
+  sys.path.insert(0, ROOT)
+  sys.path.insert(0, HERE)
+  import jax_compat
+  jax_compat.patch_hijax()
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  import jlora
+
+  model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
+  config_cls = jlora.MoSLoraConfig if args.adapter == "moslora" else jlora.LoraConfig
+  if not args.base_only:
+    jlora.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS,
+                                           init_lora_weights=False))
+  if args.merged:
+    jlora.merge_and_unload(model)
+  ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, TINYLLAMA["vocab_size"])
+
+  if args.task == "forward":
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids):
+      return nnx.merge(graphdef, state)(ids)
+
+    return _time_jax(lambda: forward(state, ids), args)
+
+  graphdef, params, rest = jlora.split_adapter(model)
+  tx = jlora.adapter_optimizer(model, optax.adamw(1e-4))
+  opt_state = tx.init(params)
+
+  def loss_fn(params, rest, ids):
+    logits = nnx.merge(graphdef, params, rest)(ids)
+    logits = logits[:, :-1].astype(jnp.float32)
+    labels = ids[:, 1:]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def train_step(params, opt_state, rest, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, ids)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  carry = [params, opt_state]
+
+  def step():
+    carry[0], carry[1], loss = train_step(carry[0], carry[1], rest, ids)
+    return loss
+
+  return _time_jax(step, args)
+
+
+def _time_jax(fn, args) -> dict:
+  import jax
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  for _ in range(args.warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(first_step_s=first, step_s=sorted(times)[len(times) // 2],
+              peak_bytes=stats.get("peak_bytes_in_use", 0))
+
+
+# ------------------------------------------------------------ orchestration
+
+def worker(args) -> None:
+  result = run_jlora(args) if args.framework == "jlora" else run_peft(args)
+  tokens = args.batch * args.seq
+  result.update(framework=args.framework, task=args.task, batch=args.batch, seq=args.seq,
+                layers=args.layers, adapter=args.adapter, merged=args.merged,
+                base_only=args.base_only, tokens_per_s=tokens / result["step_s"])
+  if args.task == "train":
+    n = param_count(args.ckpt)
+    result["mfu_6n"] = 6 * n * result["tokens_per_s"] / PEAK_FLOPS
+    result["params"] = n
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(args, **overrides) -> dict | None:
+  opts = dict(framework="jlora", task="train", batch=4, seq=2048, layers=22, adapter="lora",
+              merged=False, base_only=False, steps=args.steps, warmup=args.warmup)
+  opts.update(overrides)
+  ckpt = f"/dev/shm/tinyllama-{opts['layers']}"
+  make_checkpoint(ckpt, opts["layers"])
+  cmd = [sys.executable, __file__, "worker", "--ckpt", ckpt]
+  for key, value in opts.items():
+    if isinstance(value, bool):
+      cmd += [f"--{key.replace('_', '-')}"] if value else []
+    else:
+      cmd += [f"--{key.replace('_', '-')}", str(value)]
+  print("#", " ".join(cmd[2:]), flush=True)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if not lines:
+    print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
+    return dict(opts, error=(proc.stderr or proc.stdout)[-500:])
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+SUITES = {
+    "train": lambda b: [dict(framework=f, task="train", batch=n)
+                        for n in b for f in ("jlora", "peft", "peft-compile")],
+    "moslora": lambda b: [dict(framework="jlora", task="train", batch=n, adapter="moslora") for n in b],
+    "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s, merged=m, base_only=base, adapter=a)
+                          for (n, s) in ((1, 128), (8, 1024))
+                          for f in ("jlora", "peft")
+                          for (m, base, a) in ((False, False, "lora"), (True, False, "lora"),
+                                               (False, True, "lora"), (False, False, "moslora"))
+                          if not (f == "peft" and a == "moslora")],
+    "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n)
+                          for n in (11, 22)],
+}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("mode", choices=["run", "worker", "report"])
+  parser.add_argument("results", nargs="?")
+  parser.add_argument("--suite", default="train")
+  parser.add_argument("--batches", default="4,8")
+  parser.add_argument("--out", default="results.jsonl")
+  parser.add_argument("--framework", default="jlora")
+  parser.add_argument("--task", default="train")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--seq", type=int, default=2048)
+  parser.add_argument("--layers", type=int, default=22)
+  parser.add_argument("--adapter", default="lora")
+  parser.add_argument("--merged", action="store_true")
+  parser.add_argument("--base-only", action="store_true")
+  parser.add_argument("--ckpt")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--timeout", type=int, default=400)
+  args = parser.parse_args()
+  if args.mode == "worker":
+    worker(args)
+  elif args.mode == "run":
+    batches = [int(b) for b in args.batches.split(",")]
+    for suite in args.suite.split(","):
+      for overrides in SUITES[suite](batches):
+        result = spawn(args, **overrides)
+        with open(args.out, "a") as f:
+          f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+  else:
+    from report import render
+    print(render([json.loads(l) for l in open(args.results)]))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,309 @@
+"""``TrainConfig``: one frozen dataclass for the whole job, from defaults, YAML and ``--set``.
+
+Every field has a default that works, so ``TrainConfig()`` is the embedded demo
+job. ``load_config(path, overrides)`` reads a YAML file of nested mappings
+(``model: {name: ...}``) and applies ``"section.key=value"`` overrides; values
+are parsed as YAML scalars and type-checked against the field annotations.
+Unknown keys and wrong types raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config key that does not exist or a value of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The base model.
+
+  Attributes:
+    name: a preset name (``"tiny"``: a small randomly initialised Llama-style
+      model, no download) or a local Hugging Face checkpoint directory.
+    dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``).
+    seed: PRNG seed for presets (their weights are random).
+  """
+
+  name: str = "tiny"
+  dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """The adapter to train (mapped onto ``jlora.LoraConfig`` / ``MoSLoraConfig`` / ``WLoraConfig``).
+
+  ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only.
+  """
+
+  kind: Literal["lora", "moslora", "wlora"] = "lora"
+  r: int = 8
+  lora_alpha: float = 16.0
+  target_modules: Union[str, tuple[str, ...]] = "all-linear"
+  lora_dropout: float = 0.0
+  use_rslora: bool = False
+  mixer_init: Literal["orthogonal", "kaiming"] = "kaiming"
+  upstream_loras: tuple[str, ...] = ()
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training and held-out data.
+
+  Attributes:
+    path: a ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` file or a
+      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the
+      embedded demo corpus.
+    eval_path: held-out data in the same forms; ``""`` holds out
+      ``eval_fraction`` of the training sequences instead.
+    format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /
+      ``completion``), ``"chat"`` (``messages``), or ``"auto"`` (per record).
+    seq_len: tokens per training sequence.
+    packing: pack several records into one sequence (else one per row, padded).
+    tokenizer: ``""`` uses the model's (its checkpoint dir's tokenizer files
+      for local models, bytes for presets); ``"bytes"`` forces the byte tokenizer.
+    seed: shuffling seed (each epoch is a fresh deterministic permutation).
+  """
+
+  path: str = ""
+  eval_path: str = ""
+  format: Literal["auto", "text", "instruction", "chat"] = "auto"
+  text_field: str = "text"
+  seq_len: int = 64
+  packing: bool = True
+  eval_fraction: float = 0.1
+  tokenizer: str = ""
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup then cosine decay, global-norm clipping and accumulation."""
+
+  learning_rate: float = 1e-2
+  warmup_steps: int = 10
+  end_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh ``(data, fsdp, tensor)``; ``data=-1`` takes every device the others leave."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpoints under ``<output_dir>/checkpoints``: every N optimizer steps, keep the last K."""
+
+  every: int = 50
+  keep: int = 2
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The whole training job. ``TrainConfig()`` is a tiny demo that runs on a CPU in minutes.
+
+  Attributes:
+    steps: optimizer steps (each is ``optim.grad_accum`` micro-batches).
+    batch_size: sequences per micro-batch (global, over all devices).
+    eval_every: held-out evaluation every N steps (and at the end).
+    eval_batches: micro-batches per evaluation (``0``: the whole held-out set).
+    samples: generated samples written at the end (when ``jlora.generate`` exists).
+    save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
+    overwrite: start afresh in an ``output_dir`` that holds a different run.
+    progress: show a progress bar.
+  """
+
+  model: ModelConfig = ModelConfig()
+  adapter: AdapterConfig = AdapterConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  output_dir: str = "jlora-run"
+  steps: int = 300
+  batch_size: int = 8
+  eval_every: int = 50
+  eval_batches: int = 4
+  log_every: int = 10
+  samples: int = 3
+  save_merged: bool = False
+  overwrite: bool = False
+  progress: bool = True
+  seed: int = 0
+
+  def __post_init__(self):
+    _check_values(self)
+
+  def to_dict(self) -> dict:
+    """Nested plain dict (YAML/JSON-ready; tuples become lists)."""
+    return _plain(dataclasses.asdict(self))
+
+  def replace(self, **overrides: Any) -> "TrainConfig":
+    """A copy with dotted-key overrides: ``cfg.replace(**{"optim.learning_rate": 1e-3})``."""
+    return from_dict(_merge(self.to_dict(), {k: v for k, v in overrides.items()}, flat=True))
+
+
+def _plain(x):
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def _check_values(cfg: TrainConfig) -> None:
+  positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
+              "log_every": cfg.log_every, "data.seq_len": cfg.data.seq_len, "adapter.r": cfg.adapter.r,
+              "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
+              "checkpoint.keep": cfg.checkpoint.keep}
+  for key, value in positive.items():
+    if value < 1:
+      raise ConfigError(f"{key} must be >= 1, got {value}.")
+  for key, value in {"eval_batches": cfg.eval_batches, "samples": cfg.samples,
+                     "optim.warmup_steps": cfg.optim.warmup_steps}.items():
+    if value < 0:
+      raise ConfigError(f"{key} must be >= 0, got {value}.")
+  if not 0.0 <= cfg.data.eval_fraction < 1.0:
+    raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}.")
+  if cfg.optim.learning_rate <= 0:
+    raise ConfigError(f"optim.learning_rate must be > 0, got {cfg.optim.learning_rate}.")
+  for axis in ("fsdp", "tensor"):
+    if getattr(cfg.mesh, axis) < 1:
+      raise ConfigError(f"mesh.{axis} must be >= 1, got {getattr(cfg.mesh, axis)}.")
+  if cfg.mesh.data < 1 and cfg.mesh.data != -1:
+    raise ConfigError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {cfg.mesh.data}.")
+  if cfg.adapter.kind == "wlora" and not cfg.adapter.upstream_loras:
+    raise ConfigError("adapter.kind=wlora needs adapter.upstream_loras: a list of PEFT adapter directories.")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def from_dict(values: Mapping[str, Any], cls: type = TrainConfig, prefix: str = ""):
+  """Build ``cls`` from a nested mapping, checking every key and type."""
+  if not isinstance(values, Mapping):
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(values).__name__}.")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(
+        f"Unknown config key {prefix}{unknown[0]!r}; valid keys under "
+        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}.")
+  kwargs = {}
+  for name, value in values.items():
+    hint = hints[name]
+    key = prefix + name
+    if dataclasses.is_dataclass(hint):
+      kwargs[name] = from_dict(value, hint, key + ".")
+    else:
+      kwargs[name] = _coerce(value, hint, key)
+  return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+  """``TrainConfig`` from an optional YAML file plus ``"a.b=value"`` overrides."""
+  values: dict = {}
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
+      values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+      raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys, got {type(values).__name__}.")
+  flat = {}
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+      raise ConfigError(f"Override {item!r} must look like key=value (e.g. optim.learning_rate=1e-3).")
+    flat[key.strip()] = _parse_scalar(raw)
+  return from_dict(_merge(values, flat, flat=True))
+
+
+def _parse_scalar(raw: str):
+  try:
+    return yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError:
+    return raw
+
+
+def _merge(base: dict, updates: Mapping[str, Any], flat: bool) -> dict:
+  out = _plain(dict(base))
+  for key, value in updates.items():
+    parts = key.split(".") if flat else [key]
+    node = out
+    for i, part in enumerate(parts[:-1]):
+      child = node.setdefault(part, {})
+      if not isinstance(child, dict):
+        raise ConfigError(f"Unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section.")
+      node = child
+    node[parts[-1]] = value
+  return out
+
+
+def _coerce(value, hint, key: str):
+  """``value`` checked against ``hint`` (int->float widening, list->tuple); ConfigError if it does not fit."""
+  origin = typing.get_origin(hint)
+  if origin in (Union, types.UnionType):
+    for option in typing.get_args(hint):
+      try:
+        return _coerce(value, option, key)
+      except ConfigError:
+        pass
+    raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}.")
+  if origin is Literal:
+    if value in typing.get_args(hint) and type(value) is type(typing.get_args(hint)[0]):
+      return value
+    raise ConfigError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}.")
+  if origin is tuple:
+    if isinstance(value, (list, tuple)):
+      (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+      return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}.")
+  if hint is bool:
+    if isinstance(value, bool):
+      return value
+  elif hint is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif hint is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif hint is str:
+    if isinstance(value, str):
+      return value
+  raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r} ({type(value).__name__}).")
+
+
+def _describe(hint) -> str:
+  origin = typing.get_origin(hint)
+  if origin in (Union, types.UnionType):
+    return " or ".join(_describe(a) for a in typing.get_args(hint))
+  if origin is tuple:
+    return f"a list of {_describe(typing.get_args(hint)[0])}"
+  if origin is Literal:
+    return f"one of {list(typing.get_args(hint))}"
+  return {bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(hint, str(hint))

@@ -1,0 +1,265 @@
+"""Training data: read records, tokenize with a loss mask, pack, shuffle, batch.
+
+Records come from ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` files or a
+``datasets`` directory (``save_to_disk``; needs the optional ``datasets``
+package). A record is one of
+
+- text: ``{"text": ...}`` (``data.text_field``); every token is trained;
+- instruction: ``{"prompt": ..., "completion": ...}``; prompt tokens are masked
+  out of the loss;
+- chat: ``{"messages": [{"role": ..., "content": ...}, ...]}``; only
+  ``assistant`` turns are trained.
+
+Each record becomes ids ending in EOS plus a 0/1 loss mask over the same
+positions. Packing concatenates records and cuts the stream into rows of
+``seq_len`` (the last row padded); without packing each record is one row.
+Batches are drawn with ``grain``: a seeded permutation per epoch, random access
+by batch index, so the iterator's whole state is one integer (checkpointed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+EMBEDDED_CORPUS = Path(__file__).parent / "data" / "tiny_stories.jsonl"
+
+
+class DataError(ValueError):
+  """A data file that cannot be read, or a record without the fields its format needs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """Packed sequences: ``tokens``, ``loss_mask`` and ``attention_mask``, each ``[N, seq_len]``.
+
+  ``loss_mask[n, t] == 1`` when token ``t`` is a training target (predicted
+  from position ``t - 1``); ``attention_mask`` is 0 on padding.
+  """
+
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  attention_mask: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def take(self, index) -> "Rows":
+    return Rows(self.tokens[index], self.loss_mask[index], self.attention_mask[index])
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_records(path: str | Path) -> list[tuple[Any, str]]:
+  """``(record, where)`` pairs; ``where`` (e.g. ``"data.jsonl:12"``) locates errors."""
+  path = Path(path)
+  if path.is_dir():
+    return _read_saved_dataset(path)
+  if not path.is_file():
+    raise DataError(f"Data path {str(path)!r} does not exist; point data.path at a file or a saved dataset.")
+  suffix = path.suffix.lower()
+  if suffix == ".jsonl":
+    records = []
+    with path.open(encoding="utf-8") as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          records.append((json.loads(line), f"{path.name}:{lineno}"))
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object.") from e
+    return records
+  if suffix == ".json":
+    try:
+      data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from e
+    if not isinstance(data, list):
+      raise DataError(f"{path}: a .json data file must hold a list of records.")
+    return [(r, f"{path.name}[{i}]") for i, r in enumerate(data)]
+  if suffix in (".txt", ".text", ".md"):
+    return [({"text": path.read_text(encoding="utf-8")}, path.name)]
+  if suffix == ".parquet":
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    return [(r, f"{path.name} row {i}") for i, r in enumerate(rows)]
+  raise DataError(f"Unsupported data file {path.name!r}: use .jsonl, .json, .txt, .parquet or a saved dataset dir.")
+
+
+def _read_saved_dataset(path: Path) -> list[tuple[Any, str]]:
+  try:
+    import datasets
+  except ImportError as e:
+    raise DataError(
+        f"{path} is a directory: reading a saved dataset needs `pip install datasets`, "
+        "or export it to .jsonl / .parquet.") from e
+  ds = datasets.load_from_disk(str(path))
+  if isinstance(ds, datasets.DatasetDict):
+    if "train" not in ds:
+      raise DataError(f"{path} holds splits {list(ds)}; point data.path at one split's directory.")
+    ds = ds["train"]
+  return [(r, f"{path.name} row {i}") for i, r in enumerate(ds)]
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def record_kind(record: Any, fmt: str, text_field: str) -> str:
+  if fmt != "auto":
+    return fmt
+  if isinstance(record, dict):
+    if "messages" in record:
+      return "chat"
+    if "prompt" in record and "completion" in record:
+      return "instruction"
+  return "text"
+
+
+def encode_record(record: Any, where: str, tokenizer, fmt: str = "auto",
+                  text_field: str = "text") -> tuple[list[int], list[int]]:
+  """``(ids, loss_mask)`` for one record, EOS appended (and trained)."""
+  if not isinstance(record, dict):
+    raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}.")
+  kind = record_kind(record, fmt, text_field)
+  if kind == "text":
+    text = _field(record, text_field, where, f"(a text record; set data.text_field if it is named otherwise)")
+    ids = tokenizer.encode(text)
+    return ids + [tokenizer.eos_id], [1] * (len(ids) + 1)
+  if kind == "instruction":
+    prompt = tokenizer.encode(_field(record, "prompt", where, "(an instruction record)"))
+    answer = tokenizer.encode(_field(record, "completion", where, "(an instruction record)"))
+    return prompt + answer + [tokenizer.eos_id], [0] * len(prompt) + [1] * (len(answer) + 1)
+  return _encode_chat(record, where, tokenizer)
+
+
+def _encode_chat(record: dict, where: str, tokenizer) -> tuple[list[int], list[int]]:
+  messages = record.get("messages")
+  if not isinstance(messages, list) or not messages:
+    raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
+  ids, mask = [], []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+      raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'.")
+    header = tokenizer.encode(f"<|{m['role']}|>\n")
+    body = tokenizer.encode(m["content"] + "\n")
+    trained = int(m["role"] == "assistant")
+    ids += header + body
+    mask += [0] * len(header) + [trained] * len(body)
+  if not any(mask):
+    raise DataError(f"{where}: the conversation has no assistant turn, so nothing to train on.")
+  return ids + [tokenizer.eos_id], mask + [1]
+
+
+def _field(record: dict, name: str, where: str, what: str) -> str:
+  value = record.get(name)
+  if not isinstance(value, str):
+    have = ", ".join(sorted(map(str, record))) or "none"
+    raise DataError(f"{where}: missing string field {name!r} {what}; the record has fields: {have}.")
+  return value
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
+         packing: bool = True) -> Rows:
+  """Rows of ``seq_len`` tokens: one stream cut into rows (packing) or one record per row."""
+  if packing:
+    ids = np.fromiter((t for e, _ in examples for t in e), np.int32)
+    mask = np.fromiter((m for _, ms in examples for m in ms), np.int32)
+    chunks = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+  else:
+    chunks = [(np.asarray(e[:seq_len], np.int32), np.asarray(m[:seq_len], np.int32)) for e, m in examples]
+  n = len(chunks)
+  tokens = np.full((n, seq_len), pad_id, np.int32)
+  loss_mask = np.zeros((n, seq_len), np.int32)
+  attention = np.zeros((n, seq_len), np.int32)
+  for row, (t, m) in enumerate(chunks):
+    tokens[row, :len(t)] = t
+    loss_mask[row, :len(m)] = m
+    attention[row, :len(t)] = 1
+  loss_mask[:, 0] = 0  # nothing predicts the first token of a row
+  return Rows(tokens, loss_mask, attention)
+
+
+def load_rows(path: str | Path, tokenizer, seq_len: int, fmt: str = "auto", text_field: str = "text",
+              packing: bool = True) -> Rows:
+  """Read, validate and pack one data source (every record checked before any compute)."""
+  records = read_records(path)
+  if not records:
+    raise DataError(f"{path} holds no records.")
+  examples = [encode_record(r, where, tokenizer, fmt, text_field) for r, where in records]
+  return pack(examples, seq_len, tokenizer.pad_id, packing)
+
+
+def split_rows(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
+  """A seeded ``(train, held_out)`` split of rows; ``held_out`` is empty when the fraction is 0."""
+  n_eval = int(round(len(rows) * eval_fraction))
+  if eval_fraction > 0:
+    n_eval = max(n_eval, 1)
+  order = np.random.default_rng(seed).permutation(len(rows))
+  return rows.take(np.sort(order[n_eval:])), rows.take(np.sort(order[:n_eval]))
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+class BatchStream:
+  """Batches of ``batch_size`` rows, reshuffled every epoch, addressed by a step index.
+
+  ``state()`` / ``restore(state)`` give and take the position; a restored
+  stream yields exactly the batches the original would have yielded next.
+  """
+
+  def __init__(self, rows: Rows, batch_size: int, seed: int, shuffle: bool = True):
+    if len(rows) < batch_size:
+      raise DataError(
+          f"The training data packs into {len(rows)} sequences of data.seq_len tokens, fewer than "
+          f"batch_size={batch_size}; add data, or lower batch_size or data.seq_len.")
+    self.rows = rows
+    self.batch_size = batch_size
+    ds = grain.MapDataset.range(len(rows))
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    self._indices = ds.repeat(None).batch(batch_size, drop_remainder=True)
+    self.position = 0
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.batch_at(self.position)
+    self.position += 1
+    return batch
+
+  def batch_at(self, index: int) -> dict[str, np.ndarray]:
+    rows = self.rows.take(np.asarray(self._indices[index]))
+    return {"tokens": rows.tokens, "loss_mask": rows.loss_mask, "attention_mask": rows.attention_mask}
+
+  def state(self) -> dict[str, int]:
+    return {"position": int(self.position)}
+
+  def restore(self, state: dict[str, int]) -> None:
+    self.position = int(state["position"])
+
+
+def eval_batches(rows: Rows, batch_size: int, limit: int = 0) -> list[dict[str, np.ndarray]]:
+  """Held-out rows in order, in batches of ``batch_size`` (the last one padded with loss-free rows)."""
+  out = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows.take(slice(start, start + batch_size))
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = Rows(*(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+                     for a in (chunk.tokens, chunk.loss_mask, chunk.attention_mask)))
+    out.append({"tokens": chunk.tokens, "loss_mask": chunk.loss_mask, "attention_mask": chunk.attention_mask})
+    if limit and len(out) >= limit:
+      break
+  return out

@@ -1,0 +1,29 @@
+"""Shared fixtures. Model builders live in ``jlora.testing`` so examples can use them too."""
+
+from __future__ import annotations
+
+import pytest
+
+from jlora import testing
+from jlora.nn import _registry
+
+
+@pytest.fixture
+def ids():
+  """Token ids ``[2, 5]`` for ``testing.TinyLM``."""
+  return testing.token_ids()
+
+
+@pytest.fixture
+def images():
+  """Images ``[2, 7, 7, 3]`` for ``testing.TinyConvNet``."""
+  return testing.images()
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry():
+  """Layer types a test registers do not leak into other tests."""
+  saved = dict(_registry._REGISTRY)
+  yield
+  _registry._REGISTRY.clear()
+  _registry._REGISTRY.update(saved)

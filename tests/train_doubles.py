@@ -1,0 +1,91 @@
+"""A tiny causal LM with the ``jlora.models`` call interface, for the training-job tests.
+
+``CausalLM(ids [B, T], attention_mask=None, positions=None) -> logits [B, T, V]``
+with Hugging Face module names (``model.layers.N.self_attn.q_proj``), stacked
+blocks run by ``nnx.scan``, real causal softmax attention and a
+``config.max_position_embeddings``: what the job needs from a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jlora
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vocab_size: int = 258
+  hidden_size: int = 16
+  intermediate_size: int = 32
+  num_hidden_layers: int = 2
+  num_attention_heads: int = 2
+  max_position_embeddings: int = 64
+
+
+class Block(nnx.Module):
+  def __init__(self, c: Config, *, rngs: nnx.Rngs):
+    h, m = c.hidden_size, c.intermediate_size
+    self.heads = c.num_attention_heads
+    self.input_layernorm = nnx.RMSNorm(h, rngs=rngs)
+    self.self_attn = nnx.Module()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      setattr(self.self_attn, name, nnx.Linear(h, h, use_bias=False, rngs=rngs))
+    self.post_attention_layernorm = nnx.RMSNorm(h, rngs=rngs)
+    self.mlp = nnx.Module()
+    self.mlp.gate_proj = nnx.Linear(h, m, use_bias=False, rngs=rngs)
+    self.mlp.up_proj = nnx.Linear(h, m, use_bias=False, rngs=rngs)
+    self.mlp.down_proj = nnx.Linear(m, h, use_bias=False, rngs=rngs)
+
+  def __call__(self, x, bias):
+    a = self.self_attn
+    y = self.input_layernorm(x)
+    split = lambda t: t.reshape(t.shape[:2] + (self.heads, -1))
+    q, k, v = split(a.q_proj(y)), split(a.k_proj(y)), split(a.v_proj(y))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]) + bias
+    att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v).reshape(x.shape)
+    x = x + a.o_proj(att)
+    y = self.post_attention_layernorm(x)
+    return x + self.mlp.down_proj(jax.nn.silu(self.mlp.gate_proj(y)) * self.mlp.up_proj(y))
+
+
+class Backbone(nnx.Module):
+  def __init__(self, c: Config, *, rngs: nnx.Rngs):
+    self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, rngs=rngs)
+    self.embed_positions = nnx.Embed(c.max_position_embeddings, c.hidden_size, rngs=rngs)
+
+    @nnx.split_rngs(splits=c.num_hidden_layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+      return Block(c, rngs=rngs)
+
+    self.layers = jlora.mark_stacked(make(rngs), c.num_hidden_layers)
+    self.norm = nnx.RMSNorm(c.hidden_size, rngs=rngs)
+
+
+class CausalLM(nnx.Module):
+  def __init__(self, config: Config = Config(), *, seed: int = 0):
+    self.config = config
+    rngs = nnx.Rngs(seed)
+    self.model = Backbone(config, rngs=rngs)
+    self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None):
+    b, t = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = self.model.embed_tokens(input_ids) + self.model.embed_positions(positions)
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    if attention_mask is not None:
+      allowed = allowed & (attention_mask[:, None, None, :] > 0)
+    bias = jnp.where(allowed, 0.0, -1e9).astype(x.dtype)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+    def run(h, block, bias):
+      return block(h, bias)
+
+    return self.lm_head(self.model.norm(run(x, self.model.layers, bias)))
