@@ -34,6 +34,11 @@ from jlora.nn import (
     unmerge,
     unmerge_adapter,
 )
+from jlora._api import get_peft_model  # noqa: F811  (also takes PEFT dirs as WLoRA upstreams)
+from jlora.io import load_peft, save_peft
 from jlora.train import adapter_optimizer, trainable_mask
+from jlora.train import TrainConfig, train  # noqa: E402  (`jlora.train` is the function; use `from jlora.train import ...` for the package)
+from jlora.io import from_pretrained, save_pretrained
+from jlora.models import generate
 
 __version__ = "0.1.0"

@@ -110,7 +110,8 @@ def test_embedding_init_is_zero_a_and_normal_b():
 
 
 def test_embedding_delta_looks_up_rows_of_a(ids):
-  model = jlora.get_peft_model(testing.TinyLM(), jlora.LoraConfig(r=3, lora_alpha=6, target_modules=["embed_tokens"]))
+  config = jlora.LoraConfig(r=3, lora_alpha=6, target_modules=["embed_tokens"])
+  model = jlora.get_peft_model(testing.TinyLM(), config)
   testing.randomize_adapters(model)
   layer = module_at(model, "model.embed_tokens")
   adapter = layer.adapters["default"]
@@ -119,7 +120,8 @@ def test_embedding_delta_looks_up_rows_of_a(ids):
 
 
 def test_conv_adapter_equals_convolution_with_the_merged_kernel(images):
-  model = jlora.get_peft_model(testing.TinyConvNet(), jlora.LoraConfig(r=2, target_modules=["conv1", "conv2"]))
+  config = jlora.LoraConfig(r=2, target_modules=["conv1", "conv2"])
+  model = jlora.get_peft_model(testing.TinyConvNet(), config)
   testing.randomize_adapters(model)
   before = model(images)
   jlora.merge_adapter(model)
@@ -224,3 +226,42 @@ def test_every_adapter_param_gets_a_gradient(ids):
 
   grads = jax.grad(loss)(params)
   assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_load_adapter_state_keeps_the_models_dtypes(ids):
+  trained, fresh = adapted_lm(r=2), adapted_lm(r=2)
+  testing.randomize_adapters(trained)
+  as_bf16 = jax.tree.map(lambda v: np.asarray(v.astype(jnp.bfloat16)), jlora.adapter_state(trained))
+  jlora.load_adapter_state(fresh, as_bf16)
+  adapter = module_at(fresh, Q0).adapters["default"]
+  assert adapter.lora_A[...].dtype == jnp.float32 and isinstance(adapter.lora_A[...], jax.Array)
+  rounded = module_at(trained, Q0).adapters["default"].lora_A[...].astype(jnp.bfloat16)
+  np.testing.assert_array_equal(adapter.lora_A[...], rounded.astype(jnp.float32))
+
+
+class HeadsNet(nnx.Module):
+  """LinearGeneral and Einsum in the layouts attention uses: [B, T, D] -> heads -> [B, T, D]."""
+
+  def __init__(self):
+    rngs = nnx.Rngs(0)
+    self.qkv = nnx.LinearGeneral(6, (2, 3), rngs=rngs)  # D -> (heads, head_dim)
+    self.per_head = nnx.Einsum("btnh,nhk->btnk", (2, 3, 4), rngs=rngs)  # heads shared
+    self.out = nnx.Einsum("btnk,nkd->btd", (2, 4, 6), rngs=rngs)  # heads contracted
+    self.merge_heads = nnx.LinearGeneral((2, 4), 6, axis=(-2, -1), rngs=rngs)
+
+  def __call__(self, x):
+    h = self.per_head(self.qkv(x))
+    return self.out(h) + self.merge_heads(h)
+
+
+@pytest.mark.parametrize("target", ["qkv", "per_head", "out", "merge_heads"])
+def test_general_layers_forward_equals_their_merged_kernel(target):
+  x = jax.random.normal(jax.random.key(0), (2, 3, 6))
+  model = jlora.get_peft_model(HeadsNet(), jlora.LoraConfig(r=2, target_modules=[target]))
+  testing.randomize_adapters(model)
+  with jlora.disable_adapters(model):
+    base = model(x)
+  before = model(x)
+  assert not np.allclose(before, base)
+  jlora.merge_adapter(model)
+  np.testing.assert_allclose(model(x), before, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -89,3 +90,16 @@ def test_merge_and_unload_keeps_the_moslora_output(ids):
   before = model(ids)
   jlora.merge_and_unload(model)
   np.testing.assert_allclose(model(ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_from_default_init_the_mixer_trains_after_the_first_step(ids):
+  model = moslora_lm(r=2)
+  graphdef, params, rest = jlora.split_adapter(model)
+  tx = jlora.adapter_optimizer(model, optax.adam(1e-2))
+  loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2)
+  mixer_grad = lambda g: g["model"]["layers"][0]["self_attn"]["q_proj"]["adapters"]["default"]["lora_mixer"][...]
+  grads = jax.grad(loss)(params)
+  assert float(jnp.abs(mixer_grad(grads)).max()) == 0.0  # B = 0 at init, as for A in plain LoRA
+  updates, _ = tx.update(grads, tx.init(params), params)
+  grads = jax.grad(loss)(optax.apply_updates(params, updates))
+  assert float(jnp.abs(mixer_grad(grads)).max()) > 0

@@ -47,9 +47,6 @@ class LoraTorchStyleDense(jnn.LoraLayer):
   def factors_to_weight(self, a, b):
     return (a @ b).T
 
-  def svd_compatible(self):
-    return False  # the kernel is [out, in], not [*A dims, *B dims]
-
 
 class Net(nnx.Module):
   def __init__(self, seed: int = 0):
@@ -176,3 +173,21 @@ def test_only_lora_layer_subclasses_can_be_registered():
 def test_only_nnx_modules_can_be_wrapped():
   with pytest.raises(TypeError, match="nnx.Module subclass"):
     jlora.register_lora_layer(int, LoraTorchStyleDense)
+
+
+def test_builtin_lookup_goes_through_the_same_registry():
+  jnn.unregister_lora_layer(nnx.Linear)
+  model = jlora.get_peft_model(testing.TinyLM(), jlora.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+  assert [layer.module_names for _, layer in jlora.lora_layers(model)] == [("model.embed_tokens",)]
+
+
+def test_svd_combination_works_for_a_layer_whose_kernel_is_out_by_in():
+  jlora.register_lora_layer(TorchStyleDense, LoraTorchStyleDense)
+  model = Net()
+  jlora.add_adapter(model, "a", CONFIG)
+  jlora.add_adapter(model, "b", CONFIG)
+  testing.randomize_adapters(model)
+  expected = {p: 0.5 * l.delta_weight("a") + 2.0 * l.delta_weight("b") for p, l in jlora.lora_layers(model)}
+  jlora.add_weighted_adapter(model, ["a", "b"], [0.5, 2.0], "ab", combination_type="svd", svd_rank=4)
+  for path, layer in jlora.lora_layers(model):
+    np.testing.assert_allclose(layer.delta_weight("ab"), expected[path], rtol=1e-4, atol=1e-5)

@@ -19,7 +19,8 @@ def with_upstreams(names=("u1", "u2", "u3"), scanned=False, targets=TARGETS):
   """A TinyLM holding random LoRA adapters ``names`` (none active)."""
   model = testing.TinyLM(scanned=scanned)
   for seed, name in enumerate(names):
-    jlora.add_adapter(model, name, jlora.LoraConfig(r=2 + seed, lora_alpha=4, target_modules=targets, seed=seed))
+    config = jlora.LoraConfig(r=2 + seed, lora_alpha=4, target_modules=targets, seed=seed)
+    jlora.add_adapter(model, name, config)
   testing.randomize_adapters(model, scale=0.3)
   return model
 
@@ -149,3 +150,11 @@ def test_targets_outside_the_upstreams_are_an_error():
   model = with_upstreams()
   with pytest.raises(ValueError, match="selects no layer"):
     jlora.add_adapter(model, "w", jlora.WLoraConfig(upstream_loras=["u1", "u2"], target_modules=["o_proj"]))
+
+
+def test_target_modules_can_restrict_single_layers_of_a_stack():
+  model = wlora_lm(scanned=True, target_modules=r"model\.layers\.1\.self_attn\.q_proj")
+  layer = module_at(model, "model.layers.self_attn.q_proj")
+  delta = np.asarray(layer.delta_weight("w"))
+  assert np.all(delta[0] == 0) and np.all(delta[2] == 0) and np.any(delta[1] != 0)
+  assert "w" not in module_at(model, "model.layers.self_attn.v_proj").adapters

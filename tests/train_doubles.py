@@ -89,3 +89,21 @@ class CausalLM(nnx.Module):
       return block(h, bias)
 
     return self.lm_head(self.model.norm(run(x, self.model.layers, bias)))
+
+
+def tiny_job(output_dir, **overrides):
+  """A ``TrainConfig`` for a few-second job on ``CausalLM`` (dotted-key overrides)."""
+  from jlora.train import TrainConfig
+
+  base = {"output_dir": str(output_dir), "steps": 12, "batch_size": 4, "eval_every": 6, "eval_batches": 2,
+          "checkpoint.every": 4, "checkpoint.async_save": False, "data.seq_len": 32, "progress": False,
+          "samples": 0, "optim.learning_rate": 3e-2, "optim.warmup_steps": 2, "adapter.r": 4}
+  base.update(overrides)
+  return TrainConfig().replace(**base)
+
+
+def run_tiny_job(output_dir, **overrides):
+  """``jlora.train`` on a fresh ``CausalLM`` with the byte tokenizer."""
+  from jlora.train import ByteTokenizer, train
+
+  return train(tiny_job(output_dir, **overrides), model=CausalLM(), tokenizer=ByteTokenizer())

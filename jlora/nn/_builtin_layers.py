@@ -201,7 +201,8 @@ class LoraConv(LoraLayer):
     n = len(base.kernel_size)
     as_tuple = lambda v: (v,) * n if isinstance(v, int) or v is None else tuple(v)
     batch_shape = x.shape[: x.ndim - (n + 1)]
-    flat = x.reshape((-1,) + x.shape[x.ndim - (n + 1):])
+    # lax.conv needs one dtype; like nnx.Conv, compute in the factors' (the layer's) dtype.
+    flat = x.reshape((-1,) + x.shape[x.ndim - (n + 1):]).astype(a.dtype)
     spatial = "".join("HWDXYZ"[i] for i in range(n))
     dims = jax.lax.conv_dimension_numbers(
         flat.shape, a.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))

@@ -40,8 +40,9 @@ class LoraConfig:
     lora_dropout: dropout rate on the adapter input (training mode only).
     use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
     init_lora_weights: ``True`` (A Kaiming-uniform, B zero; embeddings the
-      reverse), ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``False`` (both
-      random: a debugging aid whose output differs from the base model).
+      reverse), ``"gaussian"`` (A normal with std 1/r, as PEFT; B zero) or
+      ``False`` (both random: a debugging aid whose output differs from the
+      base model).
     rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``,
       keyed by a regex that is searched (suffix-anchored) in the module path.
     layers_to_transform: only these layer indices get the adapter.

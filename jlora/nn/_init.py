@@ -43,8 +43,9 @@ def lora_factors(
 ) -> tuple[jax.Array, jax.Array]:
   """Initial (A, B) for one adapter; ``mode`` is ``LoraConfig.init_lora_weights``.
 
-  Linear-like layers (PEFT): A Kaiming-uniform (``True``) or ``N(0, 1/r)``
-  (``"gaussian"``), B zero. Embeddings (PEFT): A zero, B standard normal.
+  Linear-like layers (PEFT): A Kaiming-uniform (``True``) or normal with std
+  ``1/r`` (``"gaussian"``, PEFT's ``normal_(std=1/r)``), B zero. Embeddings
+  (PEFT): A zero, B standard normal.
   ``False`` draws both at random, a debugging aid: the adapted model then
   differs from the base model from the first step.
   """

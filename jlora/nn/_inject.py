@@ -138,8 +138,9 @@ def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:
           f"WLoRA upstreams must adapt the same modules, but {layer.module_names[0]} has "
           f"{present} and not {absent}."
       )
-    if config.target_modules is not None and not any(
-        name_matches(config.target_modules, n) for n in layer.module_names):
+    keep = [config.target_modules is None or name_matches(config.target_modules, n)
+            for n in layer.module_names]
+    if not any(keep):
       continue
     upstreams = []
     for name in config.upstream_loras:
@@ -147,14 +148,18 @@ def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:
       if not isinstance(adapter, LoraAdapter):
         raise ValueError(f"WLoRA upstream {name!r} must be a LoRA/MoSLoRA adapter, not WLoRA.")
       upstreams.append(adapter)
-    plans.append((layer, upstreams))
+    plans.append((layer, upstreams, keep))
   if not plans:
     raise ValueError(
         f"WLoRA adapter {adapter_name!r} selects no layer: target_modules="
         f"{config.target_modules!r} matches none of the upstreams' layers."
     )
-  for layer, upstreams in plans:
+  for layer, upstreams, keep in plans:
     frozen = [frozen_copy(adapter, UpstreamLoraParam) for adapter in upstreams]
+    if not all(keep):  # stacked layers the targets leave out get no update
+      mask = jnp.asarray(keep, jnp.float32).reshape(layer.stack_shape)
+      for upstream in frozen:
+        upstream.scaling[...] = upstream.scaling[...] * mask
     layer.add(adapter_name, new_wlora_adapter(layer, frozen))
 
 
@@ -206,10 +211,15 @@ def active_adapters(model: nnx.Module) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nnx.Module):
-  """Within the block the model computes its base output only."""
+  """Within the block the model computes its base output only.
+
+  Merged adapters are unmerged first (and stay unmerged, as in PEFT): the
+  base output needs the base kernels back.
+  """
   layers = [layer for _, layer in lora_layers(model)]
   previous = [layer.disabled for layer in layers]
   for layer in layers:
+    layer.unmerge()
     layer.disabled = True
   try:
     yield model

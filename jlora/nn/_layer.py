@@ -105,9 +105,10 @@ class LoraLayer(nnx.Module):
     return math.prod(a_shape[:-1])
 
   def svd_compatible(self) -> bool:
-    """Whether the kernel is laid out as ``[*A dims, *B dims]`` (``A·B`` is a tensordot).
+    """Whether ``A·B`` is a plain tensordot over the rank (B's rank axis first).
 
-    ``add_weighted_adapter(..., "svd")`` needs this to reshape an update into a matrix.
+    ``add_weighted_adapter(..., "svd")`` needs this to see an update as an
+    ``[A dims, B dims]`` matrix; the kernel's own layout does not matter.
     """
     return self.b_rank_axis == 0
 
@@ -164,7 +165,7 @@ class LoraLayer(nnx.Module):
       rank_in_b = tuple(max_rank if i == self.b_rank_axis else 1 for i in range(len(b_shape)))
       b = b * rank_mask.reshape(stack + rank_in_b).astype(dtype)
       if init_lora_weights == "gaussian" and not self.embedding_init:
-        # A ~ N(0, 1/r) with each stacked layer's own r, not the stack's largest one.
+        # A with std 1/r for each stacked layer's own r, not the stack's largest one.
         per_layer = (max_rank / np.maximum(ranks, 1)).astype(np.float32)
         a = a * jnp.asarray(per_layer.reshape(stack + (1,) * len(a_shape))).astype(dtype)
     mixer = None

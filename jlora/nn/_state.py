@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jlora.nn._variables import LoraBuffer, LoraParam, LoraRngKey
@@ -44,6 +45,7 @@ def load_adapter_state(model: nnx.Module, state: nnx.State) -> None:
         f"Adapter state does not fit the model: missing {_fmt(missing)}, unexpected "
         f"{_fmt(unexpected)}. Inject the same adapters (names, targets) before loading."
     )
+  values = []
   for path, value in incoming.items():
     have = current[path]
     if tuple(have.shape) != tuple(value.shape):
@@ -51,7 +53,10 @@ def load_adapter_state(model: nnx.Module, state: nnx.State) -> None:
           f"Adapter state {'.'.join(map(str, path))} has shape {tuple(value.shape)}, the model "
           f"needs {tuple(have.shape)}: a rank or layer-shape mismatch."
       )
-  nnx.update(model, state)
+    # Keep the model's dtypes (a bf16 or numpy checkpoint must not change them).
+    array = value[...] if isinstance(value, nnx.Variable) else value
+    values.append((path, jnp.asarray(array, have[...].dtype)))
+  nnx.update(model, nnx.from_flat_state(values))
 
 
 def _fmt(paths) -> str:

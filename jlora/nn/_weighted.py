@@ -12,7 +12,6 @@ The new adapter has ``lora_alpha = r``, i.e. scaling 1.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
@@ -153,10 +152,11 @@ def _svd(layer: LoraLayer, factors, new_rank: int):
   stack_ndim = len(layer.stack_shape)
 
   def one(factor_list, weights):
-    delta = sum(w * layer.factors_to_weight(a, b) * s for (a, b, s), w in zip(factor_list, weights))
     a_dims = factor_list[0][0].shape[:-1]
     b_dims = factor_list[0][1].shape[1:]
-    matrix = delta.reshape(math.prod(a_dims), math.prod(b_dims))
+    # A·B as an [A dims, B dims] matrix straight from the factors, whatever the kernel layout.
+    as_matrix = lambda a, b: a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)
+    matrix = sum(w * as_matrix(a, b) * s for (a, b, s), w in zip(factor_list, weights))
     u, sv, vh = jnp.linalg.svd(matrix, full_matrices=False)
     rank = min(new_rank, sv.shape[0])
     a = _pad_rank(u[:, :rank] * sv[:rank], 1, new_rank)

@@ -1,3 +1,22 @@
-"""Training: optimizers now; config, data, sharding, checkpointing and the loop follow."""
+"""Training: config, data, optimizer, sharding, checkpointing and the job loop (``jlora.train``)."""
 
+from jlora.train._checkpoint import Checkpointer
+from jlora.train._config import (
+    AdapterConfig,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    load_config,
+)
+from jlora.train._data import BatchStream, DataError, Rows, encode_record, load_rows, pack, read_records
+from jlora.train._model import register_preset
 from jlora.train._optimizer import adapter_optimizer, trainable_mask
+from jlora.train._run_dir import OutputDirError
+from jlora.train._sharding import MeshError, make_mesh, param_spec
+from jlora.train._steps import masked_nll
+from jlora.train._tokenizer import ByteTokenizer
+from jlora.train._train import NonFiniteLossError, TrainResult, train

@@ -38,17 +38,24 @@ class ModelConfig:
   seed: int = 0
 
 
+DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
+                "lm_head")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
   """The adapter to train (mapped onto ``jlora.LoraConfig`` / ``MoSLoraConfig`` / ``WLoraConfig``).
 
   ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only.
+  The default targets include the embedding and output head because the demo
+  model's weights are random; for a pretrained model ``"all-linear"`` or the
+  attention projections are the usual choice.
   """
 
   kind: Literal["lora", "moslora", "wlora"] = "lora"
-  r: int = 8
+  r: int = 16
   lora_alpha: float = 16.0
-  target_modules: Union[str, tuple[str, ...]] = "all-linear"
+  target_modules: Union[str, tuple[str, ...]] = DEMO_TARGETS
   lora_dropout: float = 0.0
   use_rslora: bool = False
   mixer_init: Literal["orthogonal", "kaiming"] = "kaiming"
@@ -90,7 +97,7 @@ class DataConfig:
 class OptimConfig:
   """AdamW with linear warmup then cosine decay, global-norm clipping and accumulation."""
 
-  learning_rate: float = 1e-2
+  learning_rate: float = 2e-2
   warmup_steps: int = 10
   end_lr_ratio: float = 0.1
   weight_decay: float = 0.0
@@ -142,7 +149,7 @@ class TrainConfig:
   output_dir: str = "jlora-run"
   steps: int = 300
   batch_size: int = 8
-  eval_every: int = 50
+  eval_every: int = 25
   eval_batches: int = 4
   log_every: int = 10
   samples: int = 3
@@ -208,7 +215,7 @@ def from_dict(values: Mapping[str, Any], cls: type = TrainConfig, prefix: str = 
   unknown = sorted(set(values) - set(fields))
   if unknown:
     raise ConfigError(
-        f"Unknown config key {prefix}{unknown[0]!r}; valid keys under "
+        f"Unknown config key {(prefix + unknown[0])!r}; valid keys under "
         f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}.")
   kwargs = {}
   for name, value in values.items():
@@ -292,6 +299,11 @@ def _coerce(value, hint, key: str):
   elif hint is float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
   elif hint is str:
     if isinstance(value, str):
       return value

@@ -94,6 +94,8 @@ def _logical_axes(module_path: str) -> tuple[str, str] | None:
 
 def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
   """The ``PartitionSpec`` of one variable, from its path and shape (see the module doc)."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+    path = path[:-1]  # an nnx.Variable's ``.value``
   keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
   name = keys[-1] if keys else ""
   module = keys[:-1]

@@ -1,0 +1,131 @@
+"""Writes the colab/*.ipynb notebooks from the cell sources below (edit here, then run this).
+
+Every notebook starts with a cell tagged ``parameters``: ``MODEL`` is a Hugging
+Face hub id in Colab; CI (tests/test_notebooks.py) replaces the cell to point
+at a tiny local checkpoint and a few steps, then runs the notebook top to bottom.
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+SETUP = '''import sys
+from pathlib import Path
+
+if "google.colab" in sys.modules:  # Colab: install jlora (and the TPU/GPU jax the runtime provides)
+    get_ipython().run_line_magic("pip", "install -q jlora huggingface_hub")
+
+def local_model(name):
+    """A local checkpoint dir: ``name`` itself, or a hub download of it."""
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name)
+
+model_dir = local_model(MODEL)
+print("model:", model_dir)'''
+
+QUICKSTART = [
+    new_markdown_cell("# jlora quickstart\n\nLoad a causal LM from the Hugging Face hub, fine-tune a "
+                      "LoRA (or MoSLoRA) adapter on a small corpus, look at the loss curve and samples, "
+                      "merge it, and export it in PEFT format."),
+    new_code_cell('MODEL = "HuggingFaceTB/SmolLM2-135M"  # hub id or local checkpoint dir\n'
+                  'KIND = "moslora"                      # "lora" or "moslora"\n'
+                  'STEPS = 200\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/quickstart"',
+                  metadata={"tags": ["parameters"]}),
+    new_code_cell(SETUP),
+    new_markdown_cell("The job is one frozen config. `data.path=''` uses the small corpus shipped with "
+                      "jlora; point it at your own `.jsonl` (`text`, `prompt`/`completion` or `messages` "
+                      "records), `.txt` or `.parquet` file."),
+    new_code_cell('import jlora\n\ncfg = jlora.TrainConfig().replace(**{\n'
+                  '    "model.name": model_dir, "adapter.kind": KIND, "adapter.r": 8,\n'
+                  '    "adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],\n'
+                  '    "data.seq_len": SEQ_LEN, "steps": STEPS, "eval_every": max(STEPS // 4, 1),\n'
+                  '    "optim.learning_rate": 2e-3, "output_dir": OUTPUT_DIR, "overwrite": True,\n'
+                  '})\ncfg'),
+    new_code_cell("result = jlora.train(cfg)\nresult.eval_losses"),
+    new_code_cell("from IPython.display import Image, display\n\ndisplay(Image(str(result.plot_path)))\n"
+                  "for s in result.samples:\n    print(repr(s))"),
+    new_markdown_cell("The adapter directory is a PEFT adapter (`adapter_config.json` + "
+                      "`adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads too. "
+                      "The job already checked that reloading it and merging it reproduce the trained "
+                      "model's logits:"),
+    new_code_cell("print(sorted(p.name for p in result.adapter_dir.iterdir()))\nprint(result.checks)\n"
+                  "assert result.checks['reload_max_abs_diff'] < 1e-4"),
+    new_code_cell("merged = jlora.merge_and_unload(result.model)  # a plain model again, adapter folded in\n"
+                  "type(merged).__name__"),
+]
+
+WLORA = [
+    new_markdown_cell("# WLoRA: a learned mix of two LoRA adapters\n\nTrain two LoRA adapters on two "
+                      "kinds of data, then train only the per-layer mixing weights of a WLoRA adapter "
+                      "over them (the upstream adapters stay frozen)."),
+    new_code_cell('MODEL = "HuggingFaceTB/SmolLM2-135M"\nSTEPS = 100\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/wlora"',
+                  metadata={"tags": ["parameters"]}),
+    new_code_cell(SETUP),
+    new_code_cell('import json\nfrom jlora.train._data import EMBEDDED_CORPUS, read_records\n\n'
+                  'records = [r for r, _ in read_records(EMBEDDED_CORPUS)]\n'
+                  'Path(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)\n'
+                  'parts = {"stories": [r for r in records if "text" in r],\n'
+                  '         "qa": [r for r in records if "prompt" in r]}\n'
+                  'for name, rows in parts.items():\n'
+                  '    Path(OUTPUT_DIR, f"{name}.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))\n'
+                  '{k: len(v) for k, v in parts.items()}'),
+    new_code_cell('import jlora\n\ndef job(name, **overrides):\n'
+                  '    base = {"model.name": model_dir, "data.seq_len": SEQ_LEN, "steps": STEPS,\n'
+                  '            "eval_every": max(STEPS // 2, 1), "samples": 0, "overwrite": True,\n'
+                  '            "adapter.target_modules": ["q_proj", "v_proj"],\n'
+                  '            "output_dir": f"{OUTPUT_DIR}/{name}"}\n'
+                  '    return jlora.TrainConfig().replace(**{**base, **overrides})\n\n'
+                  'upstream = {name: jlora.train(job(name, **{"data.path": f"{OUTPUT_DIR}/{name}.jsonl"}))\n'
+                  '            for name in ("stories", "qa")}\n'
+                  '{k: r.eval_losses[-1] for k, r in upstream.items()}'),
+    new_code_cell('mix = jlora.train(job("mix", **{\n'
+                  '    "adapter.kind": "wlora", "optim.learning_rate": 5e-2,\n'
+                  '    "adapter.upstream_loras": [str(upstream["stories"].adapter_dir), str(upstream["qa"].adapter_dir)],\n'
+                  '}))\nmix.eval_losses'),
+    new_code_cell("import jax\n\nfor path, layer in list(jlora.lora_layers(mix.model))[:2]:\n"
+                  "    adapter = layer.adapters['default']  # the WLoRA adapter the job trained\n"
+                  "    print('.'.join(map(str, path)), 'weights (stories, qa) per layer:')\n"
+                  "    print(jax.device_get(adapter.weights()))"),
+]
+
+SHARDING = [
+    new_markdown_cell("# Sharding over devices\n\nOne code path from one CPU to a TPU VM or a multi-GPU "
+                      "host: the job builds a `(data, fsdp, tensor)` mesh; the batch is split over "
+                      "`data` and `fsdp`, weights over `fsdp` and `tensor`, each adapter like its base "
+                      "layer. Without accelerators, `SIMULATE_DEVICES` CPU devices stand in."),
+    new_code_cell('MODEL = "HuggingFaceTB/SmolLM2-135M"\nSIMULATE_DEVICES = 8   # used only when no TPU/GPU\n'
+                  'FSDP = 2\nTENSOR = 2\nSTEPS = 50\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/sharding"',
+                  metadata={"tags": ["parameters"]}),
+    new_code_cell('import os\n\n# Must happen before jax starts: CPU devices to stand in for accelerators.\n'
+                  'if SIMULATE_DEVICES and not os.environ.get("TPU_NAME") and not os.path.exists("/dev/nvidia0"):\n'
+                  '    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={SIMULATE_DEVICES}"\n'
+                  '    os.environ.setdefault("JAX_PLATFORMS", "cpu")\n'
+                  'import jax\njax.devices()'),
+    new_code_cell(SETUP),
+    new_code_cell('import jlora\n\nbatch = 2 * jax.device_count() // TENSOR\ncfg = jlora.TrainConfig().replace(**{\n'
+                  '    "model.name": model_dir, "mesh.fsdp": FSDP, "mesh.tensor": TENSOR,  # data = the rest\n'
+                  '    "batch_size": batch, "data.seq_len": SEQ_LEN, "steps": STEPS, "samples": 0,\n'
+                  '    "eval_every": max(STEPS // 2, 1), "output_dir": OUTPUT_DIR, "overwrite": True,\n'
+                  '})\nresult = jlora.train(cfg)\nresult.eval_losses'),
+    new_code_cell("from jlora.train._sharding import make_mesh, param_spec\nfrom flax import nnx\n\n"
+                  "mesh = make_mesh((jax.device_count() // (FSDP * TENSOR), FSDP, TENSOR))\n"
+                  "for path, v in list(nnx.to_flat_state(nnx.state(result.model, nnx.Param)))[:8]:\n"
+                  "    print('.'.join(map(str, path)), v[...].shape, param_spec(path, v[...].shape, mesh))"),
+]
+
+
+def main() -> None:
+  for name, cells in (("quickstart", QUICKSTART), ("wlora", WLORA), ("sharding", SHARDING)):
+    nb = new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "colab": {"provenance": []}})
+    nbformat.write(nb, HERE / f"{name}.ipynb")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,162 @@
+"""``save_peft``: one jlora adapter as a PEFT LoRA adapter directory.
+
+Every adapter kind exports as plain PEFT LoRA with the same outputs:
+MoSLoRA with its mixer folded into A (``A' = A·M``), WLoRA by PEFT's ``cat``
+construction (rank = sum of the upstream ranks, ``lora_alpha = r``), both
+exact. The config names each adapted module explicitly (``target_modules``
+lists full module names, ``rank_pattern`` / ``alpha_pattern`` give the
+modules whose rank or scaling differ from the default), so PEFT rebuilds
+exactly these modules whatever targeting rules produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jlora.io import _peft_layout as layout
+from jlora.io import _safetensors
+from jlora.io._peft_config import CONFIG_NAME, to_peft_dict
+from jlora.io._peft_load import WEIGHTS_NAME
+from jlora.nn import LoraAdapter, LoraConfig, LoraLayer, lora_layers, peft_config
+
+
+def _np(x) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
+
+
+def _flat(x: np.ndarray, stack: tuple) -> np.ndarray:
+  return x.reshape((max(1, math.prod(stack)),) + x.shape[len(stack):])
+
+
+def layer_factors(layer: LoraLayer, adapter) -> list[tuple[str, np.ndarray, np.ndarray, float] | None]:
+  """Per stacked layer: ``(module name, A [.., r_i], B [r_i, ..], scaling)``, None where the
+  adapter leaves that layer out. Exact plain-LoRA factors for LoRA, MoSLoRA and WLoRA."""
+  stack = layer.stack_shape
+  size = max(1, math.prod(stack))
+  if isinstance(adapter, LoraAdapter):
+    ranks = (np.full(size, adapter.rank) if adapter.rank_mask is None
+             else _flat(_np(adapter.rank_mask[...]), stack).sum(-1).astype(int))
+    live = ranks > 0
+    if adapter.lora_mixer is not None and adapter.rank_mask is not None:
+      # (A ⊙ mask)·M·B: keep A's live columns and fold the mixer into B's matching rows.
+      a = _flat(_np(adapter.lora_A[...]), stack)
+      mixer = _flat(_np(adapter.lora_mixer[...]), stack)
+      b = _flat(_np(adapter.lora_B[...]), stack)
+      b = np.stack([np.tensordot(mixer[i], b[i], axes=([1], [layer.b_rank_axis])) for i in range(size)])
+      scaling = _flat(_np(adapter.scaling[...]), stack)
+    else:
+      a, b, scaling = (_flat(_np(x), stack) for x in adapter.lora_factors(layer))
+      b = np.moveaxis(b, 1 + layer.b_rank_axis, 1)
+  else:  # WLoRA: cat of the upstreams; a stacked layer is live if any upstream adapts it
+    a, b, scaling = (_flat(_np(x), stack) for x in adapter.lora_factors(layer))
+    b = np.moveaxis(b, 1 + layer.b_rank_axis, 1)
+    ups = np.stack([_flat(_np(u.scaling[...]), stack) for u in adapter.upstreams], -1)
+    live = (ups != 0).any(-1)
+    ranks = np.full(size, a.shape[-1])
+  out = []
+  for i, module in enumerate(layer.module_names):
+    r = int(ranks[i])
+    out.append((module, a[i][..., :r], b[i][:r], float(scaling.reshape(size)[i])) if live[i] else None)
+  return out
+
+
+def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+  """Write adapter ``adapter_name`` as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+  ``PeftModel.from_pretrained(hf_model, out_dir)`` then gives the same
+  outputs as the jlora model with this adapter active. The directory is
+  written to a temporary sibling and renamed into place, so a crash never
+  leaves a half-written adapter; an existing directory is replaced only if it
+  is empty or already a PEFT adapter.
+
+  Returns:
+    The output directory.
+  """
+  configs = peft_config(model)
+  if adapter_name not in configs:
+    raise ValueError(f"The model has no adapter {adapter_name!r} (it has {list(configs) or 'none'}); "
+                     "pass one of those names.")
+  out = Path(out_dir).expanduser()
+  _check_target(out)
+  config = configs[adapter_name]
+  tensors, modules = {}, {}
+  for _, layer in lora_layers(model):
+    if adapter_name not in layer.adapters:
+      continue
+    kind = layout.kind_of(layer)
+    window = len(layer.base_layer.kernel_size) if kind == "conv" else 0
+    for entry in layer_factors(layer, layer.adapters[adapter_name]):
+      if entry is None:
+        continue
+      module, a, b, scaling = entry
+      key_a, key_b = layout.factor_keys(kind, module)
+      tensors[key_a] = layout.a_to_peft(kind, a)
+      tensors[key_b] = layout.b_to_peft(kind, b, window)
+      modules[module] = (a.shape[-1], scaling)
+  if not modules:
+    raise ValueError(f"Adapter {adapter_name!r} adapts no layer; nothing to save.")
+  peft = _peft_config(config, modules, _fan_in_fan_out(model, config))
+  _write_dir(out, tensors, peft)
+  return out
+
+
+def _peft_config(config, modules: dict, fan_in_fan_out: bool) -> dict:
+  if isinstance(config, LoraConfig):
+    default = config
+  else:  # WLoRA or a weighted combination: scaling folded in, alpha = r
+    rank = max(r for r, _ in modules.values())
+    default = LoraConfig(r=rank, lora_alpha=rank)
+  rank_pattern, alpha_pattern = {}, {}
+  for module, (rank, scaling) in sorted(modules.items()):
+    if rank == default.rank_for(module) and np.isclose(scaling, default.scaling_for(module), rtol=1e-6):
+      alpha = default.alpha_for(module)
+    else:
+      alpha = scaling * (math.sqrt(rank) if default.use_rslora else rank)
+    if rank != default.r:
+      rank_pattern[re.escape(module)] = rank
+    if alpha != default.lora_alpha:
+      alpha_pattern[re.escape(module)] = alpha
+  return to_peft_dict(default, list(modules), rank_pattern, alpha_pattern, fan_in_fan_out)
+
+
+def _fan_in_fan_out(model: nnx.Module, config) -> bool:
+  model_type = getattr(getattr(model, "config", None), "model_type", None)
+  return model_type == "gpt2" or bool(getattr(config, "fan_in_fan_out", False))
+
+
+def _check_target(out: Path) -> None:
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"{out} exists and is not a directory; choose another output path.")
+  if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
+    raise ValueError(
+        f"{out} is a non-empty directory without {CONFIG_NAME}, i.e. not a PEFT adapter; refusing "
+        "to overwrite it. Choose a new or empty directory."
+    )
+
+
+def _write_dir(out: Path, tensors: dict, config: dict) -> None:
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+  try:
+    _safetensors.write(tensors, tmp / WEIGHTS_NAME)
+    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+      os.replace(out, old / "adapter")
+      os.replace(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,181 @@
+"""Llama-family decoder (llama incl. Llama-3 rope scaling, mistral, qwen2, qwen3).
+
+Attribute names mirror HF's ``LlamaForCausalLM`` so PEFT target names and
+checkpoint keys carry over: ``model.embed_tokens``,
+``model.layers.N.self_attn.{q,k,v,o}_proj``, ``model.layers.N.mlp.{gate,up,down}_proj``,
+``model.norm``, ``lm_head``. The N layers are one module built with
+``nnx.vmap`` (every parameter has a leading layer axis) and run with
+``nnx.scan``, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.models import _cache
+from jlora.models._attention import RMSNorm, activation, attend, attention_mask as build_mask
+from jlora.models._cache import KVCache
+from jlora.models._config import ModelConfig
+from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
+from jlora.nn import mark_stacked
+
+
+def linear(d_in: int, d_out: int, bias: bool, dtypes: dict, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=bias, rngs=rngs,
+                    kernel_init=nnx.initializers.normal(0.02), **dtypes)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """``num_layers`` copies of ``make(rngs)`` stacked on a leading axis, marked for targeting."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return make(rngs)
+
+  return mark_stacked(build(rngs), num_layers)
+
+
+def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args):
+  """Run the stacked ``layers`` over ``h``; each layer is called ``layer(h, kv, *args)``.
+
+  ``kv`` is that layer's ``(k, v)`` slice of the cache (None without one).
+  Returns ``(h, (k, v) stacked over layers or None)``.
+  """
+  kv = None if cache is None else (cache.k, cache.v)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0) + (None,) * len(args), out_axes=(nnx.Carry, 0))
+  def run(h, layer, kv, *args):
+    return layer(h, kv, *args)
+
+  return run(h, layers, kv, *args)
+
+
+def self_attention(q, k, v, kv, mask, index, scale=None):
+  """Attend with ``q, k, v [B, T, heads, D]``, first writing k, v into the cache slice ``kv``."""
+  if kv is not None:
+    k, v = kv = _cache.write(kv[0], kv[1], k, v, index)
+  return attend(q, k, v, mask, scale), kv
+
+
+class Attention(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    self.q_proj = linear(c.hidden_size, heads * d, c.attention_bias, dtypes, rngs)
+    self.k_proj = linear(c.hidden_size, kv_heads * d, c.attention_bias, dtypes, rngs)
+    self.v_proj = linear(c.hidden_size, kv_heads * d, c.attention_bias, dtypes, rngs)
+    self.o_proj = linear(heads * d, c.hidden_size, c.o_proj_bias, dtypes, rngs)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(d, c.norm_eps, **dtypes)
+      self.k_norm = RMSNorm(d, c.norm_eps, **dtypes)
+    self.qk_norm = c.qk_norm
+    self.shape = (heads, kv_heads, d)
+
+  def __call__(self, h, kv, mask, cos, sin, index):
+    heads, kv_heads, d = self.shape
+    b, t, _ = h.shape
+    q = self.q_proj(h).reshape(b, t, heads, d)
+    k = self.k_proj(h).reshape(b, t, kv_heads, d)
+    v = self.v_proj(h).reshape(b, t, kv_heads, d)
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out, kv = self_attention(q, k, v, kv, mask, index)
+    return self.o_proj(out.reshape(b, t, heads * d)), kv
+
+
+class Mlp(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    self.gate_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtypes, rngs)
+    self.up_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtypes, rngs)
+    self.down_proj = linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtypes, rngs)
+    self.act = c.hidden_act
+
+  def __call__(self, h):
+    return self.down_proj(activation(self.act)(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    self.self_attn = Attention(c, dtypes, rngs)
+    self.mlp = Mlp(c, dtypes, rngs)
+    self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
+    self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
+
+  def __call__(self, h, kv, mask, cos, sin, index):
+    attn, kv = self.self_attn(self.input_layernorm(h), kv, mask, cos, sin, index)
+    h = h + attn
+    return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class DecoderModel(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, rngs=rngs,
+                                  embedding_init=nnx.initializers.normal(0.02), **dtypes)
+    self.layers = stacked(lambda r: DecoderLayer(c, dtypes, r), c.num_hidden_layers, rngs)
+    self.norm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
+
+
+def base_embed(embed: nnx.Module) -> nnx.Embed:
+  """The ``nnx.Embed`` itself, also when a LoRA layer wraps it."""
+  return getattr(embed, "base_layer", embed)
+
+
+def prepare(input_ids, attention_mask, positions, cache):
+  """Default mask/positions and the ``(key_valid, query_slots, new valid, index)`` of this call."""
+  b, t = input_ids.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), bool)
+  if positions is None:
+    start = 0 if cache is None else cache.index
+    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+  key_valid, query_slots, new_valid = _cache.step_inputs(cache, attention_mask, t)
+  index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+  return positions, key_valid, query_slots, new_valid, index
+
+
+def with_cache(cache: KVCache | None, kv, new_valid, length: int):
+  if cache is None:
+    return None
+  return KVCache(kv[0], kv[1], new_valid, cache.index + length)
+
+
+class CausalLM(nnx.Module):
+  """Llama-family causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]``.
+
+  ``model(ids, attention_mask=None, positions=None)`` returns logits;
+  with ``cache=`` (a ``KVCache``) it returns ``(logits, new_cache)``.
+  Positions default to ``0..T-1`` (continuing from the cache), like HF's
+  forward; pass ``positions`` for left-padded batches.
+  """
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    rngs = rngs or nnx.Rngs(0)
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+    self.config = config
+    self.dtype = dtype
+    self.model = DecoderModel(config, dtypes, rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
+    self.inv_freq = tuple(float(f) for f in inverse_frequencies(config.head_dim, config.rope_parameters))
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
+    c = self.config
+    positions, key_valid, slots, new_valid, index = prepare(input_ids, attention_mask, positions, cache)
+    mask = build_mask(key_valid, slots, key_valid.shape[1], c.sliding_window)
+    cos, sin = cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
+    h = self.model.embed_tokens(input_ids)
+    h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index)
+    h = self.model.norm(h)
+    if c.tie_word_embeddings:
+      logits = base_embed(self.model.embed_tokens).attend(h)
+    else:
+      logits = self.lm_head(h)
+    if cache is None:
+      return logits
+    return logits, with_cache(cache, kv, new_valid, input_ids.shape[1])

@@ -1,0 +1,93 @@
+"""Autoregressive generation with a KV cache: one prefill, then a scanned decode step.
+
+Everything after the prompt runs inside one ``jax.jit``: the prompt fills the
+cache, then ``lax.scan`` samples a token and feeds it back
+``max_new_tokens`` times. Greedy decoding (``temperature=0``) equals
+transformers' ``generate(do_sample=False)``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.models._cache import KVCache
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """Next token ``[B]`` from logits ``[B, V]``: argmax at temperature 0, else nucleus sampling."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_token_id"))
+def _generate(graphdef, state, ids, mask, key, *, max_new_tokens, temperature, top_p, eos_token_id):
+  model = nnx.merge(graphdef, state)
+  model.eval()  # inference: no LoRA dropout (this copy only; the caller's model is untouched)
+  batch, length = ids.shape
+  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+  cache = KVCache.zeros(model.config, batch, length + max_new_tokens, model.dtype)
+  logits, cache = model(ids, attention_mask=mask, positions=positions, cache=cache)
+  ones = jnp.ones((batch, 1), jnp.int32)
+
+  def step(carry, step_key):
+    state, last_logits, cache, position, done = carry
+    token = sample_token(last_logits, step_key, temperature, top_p)
+    if eos_token_id is not None:
+      token = jnp.where(done, eos_token_id, token)
+      done = done | (token == eos_token_id)
+    position = position + 1
+    model = nnx.merge(graphdef, state)  # carried, so its variables live at this trace level
+    model.eval()
+    logits, cache = model(token[:, None], attention_mask=ones, positions=position[:, None], cache=cache)
+    return (state, logits[:, -1], cache, position, done), token
+
+  init = (state, logits[:, -1], cache, positions[:, -1], jnp.zeros((batch,), bool))
+  _, tokens = jax.lax.scan(step, init, jax.random.split(key, max_new_tokens))
+  return jnp.concatenate([ids, tokens.T], axis=1)
+
+
+def generate(model: nnx.Module, input_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, attention_mask=None,
+             eos_token_id: int | None = None) -> jax.Array:
+  """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens.
+
+  Args:
+    model: a ``jlora.models`` model (LoRA-adapted or not).
+    input_ids: int prompt ids ``[B, T]``; left-pad ragged prompts.
+    temperature: 0 for greedy, else the softmax temperature.
+    top_p: nucleus sampling mass (1.0 keeps every token).
+    seed: PRNG seed; the same seed gives the same samples.
+    attention_mask: ``[B, T]`` 1 for real tokens, 0 for (left) padding.
+    eos_token_id: once a row emits it, the row's remaining tokens are it too.
+
+  Returns:
+    ``[B, T + max_new_tokens]`` int32: the prompt followed by the new tokens.
+  """
+  ids = jnp.asarray(input_ids, jnp.int32)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}.")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+  if temperature < 0 or not 0.0 < top_p <= 1.0:
+    raise ValueError(f"Need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
+  if not hasattr(model, "config") or not hasattr(model.config, "num_key_value_heads"):
+    raise ValueError(f"generate needs a jlora.models model (from jlora.from_pretrained), got {type(model).__name__}.")
+  mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  if mask.shape != ids.shape:
+    raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, ids, mask, jax.random.key(seed), max_new_tokens=int(max_new_tokens),
+                   temperature=float(temperature), top_p=float(top_p), eos_token_id=eos_token_id)

@@ -1,0 +1,84 @@
+"""GPT-2 with HF's names: ``transformer.{wte, wpe, h.N.{ln_1, attn.{c_attn, c_proj}, ln_2,
+mlp.{c_fc, c_proj}}, ln_f}`` and a tied ``lm_head``.
+
+HF's ``Conv1D`` stores weights ``[in, out]``, which is ``nnx.Linear``'s kernel
+layout, so checkpoints load without a transpose.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.models._attention import LayerNorm, activation, attention_mask as build_mask
+from jlora.models._config import ModelConfig
+from jlora.models._decoder import base_embed, linear, prepare, scan_layers, self_attention, stacked, with_cache
+from jlora.models._cache import KVCache
+
+
+class Gpt2Attention(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    self.c_attn = linear(c.hidden_size, 3 * c.hidden_size, True, dtypes, rngs)
+    self.c_proj = linear(c.hidden_size, c.hidden_size, True, dtypes, rngs)
+    self.shape = (c.num_attention_heads, c.head_dim)
+
+  def __call__(self, h, kv, mask, index):
+    heads, d = self.shape
+    b, t, _ = h.shape
+    q, k, v = (x.reshape(b, t, heads, d) for x in jnp.split(self.c_attn(h), 3, axis=-1))
+    out, kv = self_attention(q, k, v, kv, mask, index)
+    return self.c_proj(out.reshape(b, t, heads * d)), kv
+
+
+class Gpt2Mlp(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    self.c_fc = linear(c.hidden_size, c.intermediate_size, True, dtypes, rngs)
+    self.c_proj = linear(c.intermediate_size, c.hidden_size, True, dtypes, rngs)
+    self.act = c.hidden_act
+
+  def __call__(self, h):
+    return self.c_proj(activation(self.act)(self.c_fc(h)))
+
+
+class Gpt2Block(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    self.ln_1 = LayerNorm(c.hidden_size, c.norm_eps, **dtypes)
+    self.attn = Gpt2Attention(c, dtypes, rngs)
+    self.ln_2 = LayerNorm(c.hidden_size, c.norm_eps, **dtypes)
+    self.mlp = Gpt2Mlp(c, dtypes, rngs)
+
+  def __call__(self, h, kv, mask, index):
+    attn, kv = self.attn(self.ln_1(h), kv, mask, index)
+    h = h + attn
+    return h + self.mlp(self.ln_2(h)), kv
+
+
+class Gpt2Transformer(nnx.Module):
+  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.wte = nnx.Embed(c.vocab_size, c.hidden_size, embedding_init=init, rngs=rngs, **dtypes)
+    self.wpe = nnx.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init, rngs=rngs, **dtypes)
+    self.h = stacked(lambda r: Gpt2Block(c, dtypes, r), c.num_hidden_layers, rngs)
+    self.ln_f = LayerNorm(c.hidden_size, c.norm_eps, **dtypes)
+
+
+class Gpt2LMHeadModel(nnx.Module):
+  """GPT-2 causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]`` (same call as ``CausalLM``)."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    rngs = rngs or nnx.Rngs(0)
+    self.config = config
+    self.dtype = dtype
+    self.transformer = Gpt2Transformer(config, dict(dtype=dtype, param_dtype=param_dtype), rngs)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
+    positions, key_valid, slots, new_valid, index = prepare(input_ids, attention_mask, positions, cache)
+    mask = build_mask(key_valid, slots, key_valid.shape[1])
+    t = self.transformer
+    h = t.wte(input_ids) + t.wpe(positions)
+    h, kv = scan_layers(t.h, h, cache, mask, index)
+    logits = base_embed(t.wte).attend(t.ln_f(h))
+    if cache is None:
+      return logits
+    return logits, with_cache(cache, kv, new_valid, input_ids.shape[1])

@@ -1,0 +1,97 @@
+"""The job's model side: base model, tokenizer and adapter, from ``TrainConfig``.
+
+``cfg.model.name`` is a preset (``register_preset``; ``"tiny"`` ships with
+jlora) or a local Hugging Face checkpoint directory, which
+``jlora.models.from_pretrained`` loads. Models are called as
+``model(input_ids [B, T], attention_mask=None) -> logits [B, T, V]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
+from jlora.train._config import AdapterConfig, ModelConfig
+from jlora.train._tokenizer import load_tokenizer
+
+_PRESETS: dict[str, Callable[[ModelConfig], nnx.Module]] = {}
+
+
+def register_preset(name: str, factory: Callable[[ModelConfig], nnx.Module]) -> None:
+  """Make ``model.name = name`` build ``factory(model_config)`` (a model with random weights).
+
+  Registering a built-in name (``"tiny"``) replaces it.
+  """
+  _load_builtin_presets()
+  _PRESETS[name] = factory
+
+
+def presets() -> list[str]:
+  _load_builtin_presets()
+  return sorted(_PRESETS)
+
+
+def _load_builtin_presets() -> None:
+  from jlora.train import _presets  # noqa: F401  (registers "tiny" and friends)
+
+
+def load_model(cfg: ModelConfig):
+  """``(model, model_dir or None)`` for a preset name or a local checkpoint directory."""
+  _load_builtin_presets()
+  if cfg.name in _PRESETS:
+    return _PRESETS[cfg.name](cfg), None
+  path = Path(cfg.name).expanduser()
+  if path.is_dir():
+    try:
+      from jlora.models import from_pretrained
+    except ImportError as e:
+      raise ValueError("Loading a checkpoint directory needs jlora.models, which is not installed.") from e
+    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype)), str(path)
+  raise ValueError(
+      f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
+      "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")
+
+
+def tokenizer_for(spec: str, model_dir: str | None):
+  return load_tokenizer(spec, model_dir)
+
+
+def max_length(model: nnx.Module) -> int | None:
+  """The longest sequence the model supports (``config.max_position_embeddings``), if it says."""
+  config = getattr(model, "config", None)
+  for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+    value = getattr(config, name, None) if config is not None else None
+    if value is None:
+      value = getattr(model, name, None)
+    if isinstance(value, int):
+      return value
+  return None
+
+
+def vocab_size(model: nnx.Module) -> int | None:
+  config = getattr(model, "config", None)
+  value = getattr(config, "vocab_size", None)
+  return value if isinstance(value, int) else None
+
+
+def adapter_config(cfg: AdapterConfig):
+  """The ``jlora`` adapter config for the job's ``adapter`` section."""
+  target = cfg.target_modules if isinstance(cfg.target_modules, str) else tuple(cfg.target_modules)
+  common = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=cfg.lora_dropout,
+                use_rslora=cfg.use_rslora, seed=cfg.seed)
+  if cfg.kind == "lora":
+    return LoraConfig(**common)
+  if cfg.kind == "moslora":
+    return MoSLoraConfig(mixer_init=cfg.mixer_init, **common)
+  return WLoraConfig(upstream_loras=tuple(cfg.upstream_loras), seed=cfg.seed)
+
+
+def add_adapter(model: nnx.Module, cfg: AdapterConfig, name: str = "default") -> nnx.Module:
+  """Inject the configured adapter (WLoRA upstream directories are loaded by ``jlora.get_peft_model``)."""
+  import jlora
+
+  return jlora.get_peft_model(model, adapter_config(cfg), adapter_name=name)

@@ -1,0 +1,102 @@
+"""The jitted pieces of training: masked causal-LM loss, optimizer, train and eval steps.
+
+The model is split once into ``(graphdef, params, rng, frozen)``: ``params`` are
+the ``LoraParam`` arrays (the only thing differentiated), ``rng`` the LoRA
+dropout counters (they advance every step), ``frozen`` everything else (the
+base model). Steps are pure functions of those pytrees.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jlora.nn import LoraParam
+from jlora.nn._variables import LoraRngKey
+from jlora.train._optimizer import adapter_optimizer
+
+
+class Parts(NamedTuple):
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  rng: nnx.State
+  frozen: nnx.State
+
+
+def split_model(model: nnx.Module) -> Parts:
+  """``model`` as ``(graphdef, LoraParam state, LoraRngKey state, the rest)``."""
+  return Parts(*nnx.split(model, LoraParam, LoraRngKey, ...))
+
+
+def masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sum of -log p(token t | < t) over masked t, number of masked t)`` in float32.
+
+  logits ``[B, T, V]``, tokens and loss_mask ``[B, T]``; position ``t-1``
+  predicts token ``t``, so ``loss_mask[:, 0]`` is ignored.
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  target = tokens[:, 1:]
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float, steps: int,
+                   warmup_steps: int, end_lr_ratio: float, weight_decay: float, b1: float, b2: float,
+                   grad_clip: float, grad_accum: int) -> optax.GradientTransformation:
+  """AdamW on a warmup-then-cosine schedule with global-norm clipping, every ``grad_accum`` micro-steps.
+
+  Only trainable adapter params get state (``jlora.adapter_optimizer``).
+  """
+  warmup = min(warmup_steps, max(steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else learning_rate, peak_value=learning_rate, warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1), end_value=learning_rate * end_lr_ratio)
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+  tx = adapter_optimizer(model, optax.chain(*parts), params)
+  return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def _forward(graphdef, params, rng, frozen, batch):
+  model = nnx.merge(graphdef, params, rng, frozen, copy=True)
+  logits = model(batch["tokens"], attention_mask=batch["attention_mask"])
+  total, count = masked_nll(logits, batch["tokens"], batch["loss_mask"])
+  return total, count, nnx.state(model, LoraRngKey)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+  """``(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``, jitted.
+
+  ``loss`` is the mean over the batch's trained tokens; arrays keep the
+  shardings they come in with. Nothing is donated: adapter-sized state is
+  small, WLoRA upstreams may share buffers, and async checkpoints still
+  read the previous step's arrays.
+  """
+
+  def step(params, opt_state, rng, frozen, batch):
+    def loss_fn(p):
+      total, count, new_rng = _forward(graphdef, p, rng, frozen, batch)
+      return total / jnp.maximum(count, 1.0), (count, new_rng)
+
+    (loss, (count, new_rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, new_rng, loss, count
+
+  return jax.jit(step)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+  """``(params, rng, frozen, batch) -> (sum nll, trained tokens)``, jitted; dropout off."""
+
+  def step(params, rng, frozen, batch):
+    model = nnx.merge(graphdef, params, rng, frozen, copy=True)
+    model.eval()
+    logits = model(batch["tokens"], attention_mask=batch["attention_mask"])
+    return masked_nll(logits, batch["tokens"], batch["loss_mask"])
+
+  return jax.jit(step)

@@ -1,0 +1,209 @@
+"""``jlora.train(cfg)``: the whole job, from config to a saved PEFT adapter.
+
+Order matters: every input is validated (config, output dir, model, data,
+mesh) before anything is compiled, so bad input fails in seconds with one
+message. Then: inject the adapter, shard, resume from the newest checkpoint
+if there is one, train (checkpointing every ``checkpoint.every`` steps and at
+the end), evaluate held-out loss, and write the adapter, metrics, loss curve
+and samples under ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jlora.train import _data, _sharding, _steps
+from jlora.train._checkpoint import Checkpointer
+from jlora.train._config import TrainConfig
+from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
+from jlora.train._report import Metrics, Progress, greedy_samples, plot_losses
+from jlora.train._run_dir import check_output_dir, claim_output_dir
+from jlora.train._export import export_adapter
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run produced.
+
+  Attributes:
+    model: the model with the trained adapter (not merged).
+    history: every metrics record of the run (``metrics.jsonl``), resumed parts included.
+    eval_losses: ``[(step, held-out loss)]``.
+    resumed_from: the checkpoint step the run resumed from, or None.
+    adapter_dir: the adapter as written by ``jlora.save_peft``.
+    checks: reload/merge checks: max |logit difference| of the reloaded and merged models.
+  """
+
+  model: nnx.Module
+  output_dir: Path
+  history: list[dict]
+  eval_losses: list[tuple[int, float]]
+  resumed_from: int | None
+  adapter_dir: Path | None
+  merged_dir: Path | None
+  metrics_path: Path
+  plot_path: Path | None
+  samples: list[str]
+  checks: dict[str, float]
+
+  @property
+  def losses(self) -> list[float]:
+    """Train loss of every optimizer step, in order."""
+    return [r["loss"] for r in self.history if "loss" in r]
+
+
+def _prepare_data(cfg: TrainConfig, tokenizer):
+  path = cfg.data.path or str(_data.EMBEDDED_CORPUS)
+  load = lambda p: _data.load_rows(p, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field,
+                                   cfg.data.packing)
+  rows = load(path)
+  if cfg.data.eval_path:
+    return rows, load(cfg.data.eval_path)
+  return _data.split_rows(rows, cfg.data.eval_fraction, cfg.data.seed)
+
+
+def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, tokenizer=None) -> TrainResult:
+  """Run (or resume) the training job ``cfg``; returns a ``TrainResult``.
+
+  ``model`` / ``tokenizer`` override ``cfg.model`` / ``cfg.data.tokenizer``
+  with objects built in code (a model without adapters).
+  Raises ConfigError, OutputDirError, DataError, MeshError or ValueError on
+  bad input before any compute, and NonFiniteLossError if the loss diverges.
+  """
+  if not isinstance(cfg, TrainConfig):
+    raise TypeError(f"train() takes a jlora.TrainConfig, got {type(cfg).__name__}.")
+  _sharding.initialize_distributed()
+  out = Path(cfg.output_dir)
+  config_dict = cfg.to_dict()
+  decision = check_output_dir(out, config_dict, cfg.overwrite)
+  mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
+  model_dir = None
+  if model is None:
+    model, model_dir = load_model(cfg.model)
+  tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
+  limit = max_length(model)
+  if limit is not None and cfg.data.seq_len > limit:
+    raise ValueError(f"data.seq_len={cfg.data.seq_len} is over the model's maximum of {limit} positions; "
+                     f"set data.seq_len <= {limit}.")
+  vocab = vocab_size(model)
+  if vocab is not None and tokenizer.vocab_size > vocab:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
+                     "model's own tokenizer (data.tokenizer='').")
+  train_rows, eval_rows = _prepare_data(cfg, tokenizer)
+  stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed)
+  held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
+
+  add_adapter(model, cfg.adapter)
+  if jax.process_index() == 0:
+    claim_output_dir(out, config_dict, decision)
+  mesh = _sharding.make_mesh(mesh_shape)
+  graphdef, params, rng, frozen = _steps.split_model(model)
+  params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
+  o = cfg.optim
+  tx = _steps.make_optimizer(
+      model, params, learning_rate=o.learning_rate, steps=cfg.steps, warmup_steps=o.warmup_steps,
+      end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip,
+      grad_accum=o.grad_accum)
+  opt_state = jax.jit(tx.init)(params)
+
+  ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+  start = ckpt.latest_step() if decision == "resume" else None
+  if start is not None:
+    (params, opt_state, rng), meta = ckpt.restore(start, (params, opt_state, rng))
+    stream.restore(meta["data"])
+  step = start or 0
+  metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=jax.process_index() == 0)
+  train_step = _steps.make_train_step(graphdef, tx)
+  eval_step = _steps.make_eval_step(graphdef)
+
+  def evaluate():
+    totals = [eval_step(params, rng, frozen, _sharding.put_batch(b, mesh)) for b in held_out]
+    nll = sum(float(t) for t, _ in totals)
+    count = sum(float(c) for _, c in totals)
+    return nll / max(count, 1.0)
+
+  progress = Progress(cfg.steps, step, cfg.progress and jax.process_index() == 0)
+  try:
+    if step == 0 and held_out:
+      loss0 = evaluate()
+      metrics.log({"step": 0, "eval_loss": loss0, "eval_ppl": math.exp(min(loss0, 50))})
+    while step < cfg.steps:
+      micro_losses, tokens = [], 0
+      for _ in range(o.grad_accum):
+        batch = _sharding.put_batch(next(stream), mesh)
+        params, opt_state, rng, loss, count = train_step(params, opt_state, rng, frozen, batch)
+        micro_losses.append(loss)
+        tokens += int(count)
+      step += 1
+      loss = float(np.mean([float(x) for x in micro_losses]))
+      if not math.isfinite(loss):
+        ckpt.wait()
+        last = ckpt.latest_step()
+        raise NonFiniteLossError(
+            f"The training loss became {loss} at step {step}. The last good checkpoint is "
+            f"{f'step {last}' if last is not None else 'none'} in {ckpt.directory} (kept). Lower "
+            "optim.learning_rate or raise optim.warmup_steps, or check the data for bad records, "
+            "and start again with a new output_dir (or overwrite=true).")
+      record = {"step": step, "loss": loss, "tokens": tokens}
+      eval_loss = None
+      if held_out and (step % cfg.eval_every == 0 or step == cfg.steps):
+        eval_loss = evaluate()
+        record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+      record["tokens_per_s"] = progress.update(loss, tokens, eval_loss)
+      metrics.log(record)
+      if not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
+        progress.write(f"step {step}: loss {loss:.4f}" + (f", held-out {eval_loss:.4f}" if eval_loss else ""))
+      if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+        ckpt.save(step, (params, opt_state, rng), {"step": step, "data": stream.state()})
+  finally:
+    progress.close()
+    metrics.close()
+    ckpt.close()
+
+  nnx.update(model, params, rng)
+  return _finish(cfg, model, tokenizer, out, metrics.records, start, held_out)
+
+
+def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> TrainResult:
+  """Write the adapter (and merged model), check reload and merge, plot, sample."""
+  primary = jax.process_index() == 0
+  adapter_dir, merged_dir, checks = None, None, {}
+  probe = held_out[0]["tokens"][:1] if held_out else None
+  if primary:
+    adapter_dir, merged_dir, checks = export_adapter(model, out, probe, cfg.save_merged)
+  plot = plot_losses(history, out / "loss_curve.png") if primary and history else None
+  samples = []
+  if primary and cfg.samples:
+    prompts = _sample_prompts(tokenizer, held_out, cfg.samples)
+    samples = greedy_samples(model, tokenizer, prompts, max_new_tokens=min(32, cfg.data.seq_len // 2),
+                             seq_len=cfg.data.seq_len)
+    (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
+  eval_losses = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+  return TrainResult(model=model, output_dir=out, history=history, eval_losses=eval_losses,
+                     resumed_from=start, adapter_dir=adapter_dir, merged_dir=merged_dir,
+                     metrics_path=out / "metrics.jsonl", plot_path=plot, samples=samples, checks=checks)
+
+
+def _sample_prompts(tokenizer, held_out, n: int) -> list[str]:
+  """The first few tokens of a record (after an EOS in a packed row) of held-out rows, as prompts."""
+  prompts = []
+  for batch in held_out:
+    for row, mask in zip(batch["tokens"], batch["attention_mask"]):
+      row = [int(t) for t, m in zip(row, mask) if m]
+      start = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row[:-12] else 0
+      ids = [t for t in row[start:start + 12] if t != tokenizer.eos_id]
+      if ids:
+        prompts.append(tokenizer.decode(ids))
+      if len(prompts) == n:
+        return prompts
+  return prompts or ["Once upon a time"][:n]
