@@ -143,26 +143,19 @@ def run_jlora(args) -> dict:
 
     return _time_jax(lambda: forward(state, ids), args)
 
-  graphdef, params, rest = jlora.split_adapter(model)
-  tx = jlora.adapter_optimizer(model, optax.adamw(1e-4))
-  opt_state = tx.init(params)
-
-  def loss_fn(params, rest, ids):
-    logits = nnx.merge(graphdef, params, rest)(ids)
-    logits = logits[:, :-1].astype(jnp.float32)
-    labels = ids[:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  @jax.jit
-  def train_step(params, opt_state, rest, ids):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, ids)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  carry = [params, opt_state]
+  # The training step users run (jlora.train): masked causal-LM loss, AdamW on the LoRA params only.
+  from jlora.train import _steps
+  parts = _steps.split_model(model)
+  tx = _steps.make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
+                             end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0,
+                             grad_accum=1)
+  train_step = _steps.make_train_step(parts.graphdef, tx)
+  batch = dict(tokens=ids, attention_mask=None if args.no_mask else jnp.ones_like(ids),
+               loss_mask=jnp.ones_like(ids))
+  carry = [parts.params, tx.init(parts.params), parts.rng]
 
   def step():
-    carry[0], carry[1], loss = train_step(carry[0], carry[1], rest, ids)
+    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], parts.frozen, batch)
     return loss
 
   return _time_jax(step, args)
@@ -252,6 +245,7 @@ def main() -> None:
   parser.add_argument("--merged", action="store_true")
   parser.add_argument("--base-only", action="store_true")
   parser.add_argument("--ckpt")
+  parser.add_argument("--no-mask", action="store_true", help="jlora: attention_mask=None (packed data)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=int, default=400)

@@ -2,8 +2,21 @@
 
 Adapters are Flax NNX modules whose parameters form their own pytree, apart
 from the frozen base model; merging is a pure function on those pytrees.
+
+The user API, by concern:
+
+* adapters (``jlora.nn``): configs, injection, multi-adapter control, merging;
+* checkpoints (``jlora.io``): HF safetensors models and PEFT adapters, both ways;
+* models (``jlora.models``): generation with a KV cache;
+* training (``jlora.train``): the job and its optimizer helpers.
+
+``jlora.train`` is the training *function*; import the package's other names
+with ``from jlora.train import ...``.
 """
 
+from jlora._api import get_peft_model
+from jlora.io import from_pretrained, load_peft, save_peft, save_pretrained
+from jlora.models import generate
 from jlora.nn import (
     ADAPTER_STATE,
     LoraConfig,
@@ -18,7 +31,6 @@ from jlora.nn import (
     adapter_state,
     delete_adapter,
     disable_adapters,
-    get_peft_model,
     load_adapter_state,
     lora_layers,
     mark_stacked,
@@ -34,11 +46,6 @@ from jlora.nn import (
     unmerge,
     unmerge_adapter,
 )
-from jlora._api import get_peft_model  # noqa: F811  (also takes PEFT dirs as WLoRA upstreams)
-from jlora.io import load_peft, save_peft
-from jlora.train import adapter_optimizer, trainable_mask
-from jlora.train import TrainConfig, train  # noqa: E402  (`jlora.train` is the function; use `from jlora.train import ...` for the package)
-from jlora.io import from_pretrained, save_pretrained
-from jlora.models import generate
+from jlora.train import TrainConfig, adapter_optimizer, train, trainable_mask
 
 __version__ = "0.1.0"

@@ -11,9 +11,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-if not hasattr(pytest.importorskip("jlora.models"), "from_pretrained"):
-  pytest.skip("the notebooks load checkpoints with jlora.models.from_pretrained (not there yet)",
-              allow_module_level=True)
 
 COLAB = Path(__file__).parent.parent / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))

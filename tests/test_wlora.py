@@ -128,7 +128,7 @@ def test_duplicate_upstreams_is_an_error():
 
 def test_unknown_upstream_is_an_error():
   model = with_upstreams(("u1",))
-  with pytest.raises(ValueError, match=r"\['nope'\] are not in the model"):
+  with pytest.raises(ValueError, match=r"'nope' is neither an adapter of the model"):
     jlora.get_peft_model(model, jlora.WLoraConfig(upstream_loras=["u1", "nope"]), "w")
 
 

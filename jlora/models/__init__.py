@@ -1,7 +1,7 @@
 """Model families (Llama-family decoder and GPT-2) with HF-compatible names.
 
-``from_pretrained`` / ``save_pretrained`` live in ``jlora.io`` and are
-re-exported here lazily (``jlora.io`` depends on this package, not the reverse).
+Loading and saving checkpoints (``from_pretrained`` / ``save_pretrained``)
+lives in ``jlora.io``, which depends on this package, not the reverse.
 """
 
 from jlora.models._cache import KVCache
@@ -20,12 +20,5 @@ def model_class(config: ModelConfig):
   raise ValueError(f"model_type={config.model_type!r} is not supported; use one of {', '.join(SUPPORTED)}.")
 
 
-def __getattr__(name):
-  if name in ("from_pretrained", "save_pretrained"):
-    from jlora.io import _hf
-    return getattr(_hf, name)
-  raise AttributeError(f"module 'jlora.models' has no attribute {name!r}")
-
-
 __all__ = ["CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "SUPPORTED", "from_hf_config",
-           "generate", "model_class", "sample_token", "from_pretrained", "save_pretrained"]
+           "generate", "model_class", "sample_token"]

@@ -30,11 +30,33 @@ def attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: int,
   return mask[:, None]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
            scale: float | None = None) -> jax.Array:
-  """``q [B, T, H, D]``, ``k, v [B, S, K, D]`` → ``[B, T, H, D]``."""
-  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                      scale=scale)
+  """``q [B, T, H, D]``, ``k, v [B, S, K, D]`` → ``[B, T, H, D]``.
+
+  ``mask=None`` means plain causal attention over unpadded rows, which runs
+  as cuDNN's fused flash attention on GPU (bf16/fp16); an explicit mask
+  (padding, a cache, a sliding window) takes XLA's path.
+  """
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  if mask is None:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                        implementation=_fused_implementation(q))
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+def _fused_implementation(q: jax.Array) -> str | None:
+  """``"cudnn"`` where cuDNN's flash attention takes these inputs, else None (XLA)."""
+  head_dim = q.shape[-1]
+  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+      and head_dim <= 128 and head_dim % 8 == 0):
+    return "cudnn"
+  return None
+
+
+def needs_mask(attention_mask, cache, sliding_window: int | None) -> bool:
+  """Whether a call needs an explicit mask, or plain causal attention will do."""
+  return attention_mask is not None or cache is not None or sliding_window is not None
 
 
 ACTIVATIONS = {

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.models import _cache
-from jlora.models._attention import RMSNorm, activation, attend, attention_mask as build_mask
+from jlora.models._attention import RMSNorm, activation, attend, needs_mask, attention_mask as build_mask
 from jlora.models._cache import KVCache
 from jlora.models._config import ModelConfig
 from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
@@ -167,7 +167,8 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
     c = self.config
     positions, key_valid, slots, new_valid, index = prepare(input_ids, attention_mask, positions, cache)
-    mask = build_mask(key_valid, slots, key_valid.shape[1], c.sliding_window)
+    mask = (build_mask(key_valid, slots, key_valid.shape[1], c.sliding_window)
+            if needs_mask(attention_mask, cache, c.sliding_window) else None)
     cos, sin = cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
     h = self.model.embed_tokens(input_ids)
     h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora.models._attention import LayerNorm, activation, attention_mask as build_mask
+from jlora.models._attention import LayerNorm, activation, needs_mask, attention_mask as build_mask
 from jlora.models._config import ModelConfig
 from jlora.models._decoder import base_embed, linear, prepare, scan_layers, self_attention, stacked, with_cache
 from jlora.models._cache import KVCache
@@ -74,7 +74,8 @@ class Gpt2LMHeadModel(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
     positions, key_valid, slots, new_valid, index = prepare(input_ids, attention_mask, positions, cache)
-    mask = build_mask(key_valid, slots, key_valid.shape[1])
+    mask = (build_mask(key_valid, slots, key_valid.shape[1])
+            if needs_mask(attention_mask, cache, None) else None)
     t = self.transformer
     h = t.wte(input_ids) + t.wpe(positions)
     h, kv = scan_layers(t.h, h, cache, mask, index)

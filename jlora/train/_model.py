@@ -2,7 +2,7 @@
 
 ``cfg.model.name`` is a preset (``register_preset``; ``"tiny"`` ships with
 jlora) or a local Hugging Face checkpoint directory, which
-``jlora.models.from_pretrained`` loads. Models are called as
+``jlora.io.from_pretrained`` loads. Models are called as
 ``model(input_ids [B, T], attention_mask=None) -> logits [B, T, V]``.
 """
 
@@ -14,6 +14,7 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from jlora.io import from_pretrained
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.train._config import AdapterConfig, ModelConfig
 from jlora.train._tokenizer import load_tokenizer
@@ -46,10 +47,6 @@ def load_model(cfg: ModelConfig):
     return _PRESETS[cfg.name](cfg), None
   path = Path(cfg.name).expanduser()
   if path.is_dir():
-    try:
-      from jlora.models import from_pretrained
-    except ImportError as e:
-      raise ValueError("Loading a checkpoint directory needs jlora.models, which is not installed.") from e
     return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype)), str(path)
   raise ValueError(
       f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "

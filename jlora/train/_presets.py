@@ -7,6 +7,11 @@ minutes with the byte tokenizer.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.models import CausalLM
+from jlora.models import ModelConfig as ArchConfig
 from jlora.train._config import ModelConfig
 from jlora.train._model import register_preset
 
@@ -15,24 +20,7 @@ TINY = dict(model_type="llama", vocab_size=258, hidden_size=64, intermediate_siz
             rope=(("rope_theta", 10000.0), ("rope_type", "default")))
 
 
-def _model_classes():
-  try:
-    from jlora.models import CausalLM, ModelConfig as ArchConfig
-  except ImportError:
-    try:  # jlora.models without its public __init__ yet
-      from jlora.models._config import ModelConfig as ArchConfig
-      from jlora.models._decoder import CausalLM
-    except ImportError as e:
-      raise ValueError("The 'tiny' preset needs jlora.models, which is not installed; pass a model to "
-                       "jlora.train(cfg, model=...) or register_preset() your own.") from e
-  return CausalLM, ArchConfig
-
-
 def _tiny(cfg: ModelConfig):
-  import jax.numpy as jnp
-  from flax import nnx
-
-  CausalLM, ArchConfig = _model_classes()
   return CausalLM(ArchConfig(**TINY), dtype=getattr(jnp, cfg.dtype), rngs=nnx.Rngs(cfg.seed))
 
 

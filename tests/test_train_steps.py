@@ -1,0 +1,34 @@
+"""The jitted training and evaluation steps."""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jlora
+from jlora.train._config import ModelConfig
+from jlora.train._data import pack
+from jlora.train._model import load_model
+from jlora.train._steps import make_eval_step, masked_nll, split_model
+
+
+def right_padded_batch():
+  """Two packed rows, the second holding padding after its last token."""
+  rows = pack([(list(range(3, 40)), [1] * 37), (list(range(50, 60)), [1] * 10)], seq_len=32, pad_id=0,
+              packing=False)
+  return {"tokens": jnp.asarray(rows.tokens), "loss_mask": jnp.asarray(rows.loss_mask),
+          "attention_mask": jnp.asarray(rows.attention_mask)}
+
+
+def test_eval_step_loss_equals_the_loss_under_the_padding_mask():
+  model, _ = load_model(ModelConfig(name="tiny", dtype="float32"))
+  jlora.get_peft_model(model, jlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+  batch = right_padded_batch()
+  assert int(batch["attention_mask"].sum()) < batch["attention_mask"].size  # the batch really pads
+  expected_total, expected_count = masked_nll(
+      model(batch["tokens"], attention_mask=batch["attention_mask"]), batch["tokens"], batch["loss_mask"])
+
+  graphdef, params, rng, frozen = split_model(model)
+  total, count = make_eval_step(graphdef)(params, rng, frozen, batch)
+
+  assert float(count) == float(expected_count)
+  np.testing.assert_allclose(float(total), float(expected_total), rtol=1e-6)
