@@ -68,8 +68,6 @@ def run_peft(args) -> dict:
       args.ckpt, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
   config_cls = peft.LoraConfig
   model = peft.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS))
-  if args.merged:
-    model.merge_adapter()
   step_model = torch.compile(model) if args.framework == "peft-compile" else model
   ids = torch.randint(0, TINYLLAMA["vocab_size"], (args.batch, args.seq), device="cuda")
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -85,10 +83,14 @@ def run_peft(args) -> dict:
     with torch.no_grad():
       return step_model(input_ids=ids).logits
 
-  if args.task == "forward" and args.base_only:
-    with model.disable_adapter():
-      return _time_torch(forward, args)
-  return _time_torch(train_step if args.task == "train" else forward, args)
+  if args.task == "train":
+    return [_time_torch(train_step, args)]
+  with model.disable_adapter():
+    results = [dict(_time_torch(forward, args), base_only=True)]
+  results.append(_time_torch(forward, args))
+  model.merge_adapter()
+  results.append(dict(_time_torch(forward, args), merged=True))
+  return results
 
 
 def _time_torch(fn, args) -> dict:
@@ -114,51 +116,102 @@ def _time_torch(fn, args) -> dict:
 
 # --------------------------------------------------------------- jlora side
 
-def run_jlora(args) -> dict:
+def _import_jax():
   sys.path.insert(0, ROOT)
   sys.path.insert(0, HERE)
   import jax_compat
   jax_compat.patch_hijax()
-  import jax
+
+
+def _jlora_model(args, adapter: str | None):
   import jax.numpy as jnp
-  import optax
+  import jlora
+  model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
+  if adapter:
+    config_cls = jlora.MoSLoraConfig if adapter == "moslora" else jlora.LoraConfig
+    jlora.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS,
+                                           init_lora_weights=False))
+  return model
+
+
+def run_jlora_forward(args) -> list[dict]:
+  """Base, unmerged LoRA, merged LoRA and unmerged MoSLoRA forward passes, in that order."""
+  _import_jax()
+  import jax
   from flax import nnx
   import jlora
 
-  model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
-  config_cls = jlora.MoSLoraConfig if args.adapter == "moslora" else jlora.LoraConfig
-  if not args.base_only:
-    jlora.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS,
-                                           init_lora_weights=False))
-  if args.merged:
-    jlora.merge_and_unload(model)
   ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, TINYLLAMA["vocab_size"])
 
-  if args.task == "forward":
+  def time_forward(model):
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, ids):
-      return nnx.merge(graphdef, state)(ids)
-
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
     return _time_jax(lambda: forward(state, ids), args)
 
-  # The training step users run (jlora.train): masked causal-LM loss, AdamW on the LoRA params only.
-  from jlora.train import _steps
+  results = [dict(time_forward(_jlora_model(args, None)), base_only=True, merged=False, adapter="lora")]
+  model = _jlora_model(args, "lora")
+  results.append(dict(time_forward(model), base_only=False, merged=False, adapter="lora"))
+  jlora.merge_and_unload(model)
+  results.append(dict(time_forward(model), base_only=False, merged=True, adapter="lora"))
+  del model
+  results.append(dict(time_forward(_jlora_model(args, "moslora")), base_only=False, merged=False,
+                      adapter="moslora"))
+  return results
+
+
+def _jlora_train_step(model, mesh=None):
+  """The step ``jlora.train`` runs (masked causal-LM loss, AdamW on the adapter only), placed on ``mesh``."""
+  from jlora.train import _sharding, _steps
   parts = _steps.split_model(model)
   tx = _steps.make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
                              end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0,
                              grad_accum=1)
-  train_step = _steps.make_train_step(parts.graphdef, tx)
-  batch = dict(tokens=ids, attention_mask=None if args.no_mask else jnp.ones_like(ids),
-               loss_mask=jnp.ones_like(ids))
-  carry = [parts.params, tx.init(parts.params), parts.rng]
+  params, rng, frozen = parts.params, parts.rng, parts.frozen
+  if mesh is not None:
+    params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
+  return _steps.make_train_step(parts.graphdef, tx), [params, tx.init(params), rng], frozen
+
+
+def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jlora.train import _sharding
+  train_step, carry, frozen = _jlora_train_step(model, mesh)
+  ids = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq), 0, TINYLLAMA["vocab_size"]))
+  host = dict(tokens=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids))
+  inputs = _sharding.put_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
 
   def step():
-    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], parts.frozen, batch)
+    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, inputs)
     return loss
 
   return _time_jax(step, args)
+
+
+def run_jlora_train(args) -> list[dict]:
+  _import_jax()
+  return [_time_train(_jlora_model(args, args.adapter), args.batch, args.seq, args)]
+
+
+def run_jlora_scaling(args) -> list[dict]:
+  """Weak scaling: ``args.batch`` rows per GPU on 1 GPU, then on all of them (data, then FSDP mesh)."""
+  _import_jax()
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  from jlora.train import _sharding
+  n = jax.device_count()
+  meshes = [(1, (1, 1, 1)), (n, (n, 1, 1)), (n, (1, n, 1))]
+  results = []
+  for devices, shape in meshes:
+    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), _sharding.AXES)
+    result = _time_train(_jlora_model(args, "lora"), args.batch * devices, args.seq, args, mesh)
+    stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
+    result.update(devices=devices, mesh=dict(zip(_sharding.AXES, shape)), batch=args.batch * devices,
+                  peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats))
+    results.append(result)
+  return results
 
 
 def _time_jax(fn, args) -> dict:
@@ -181,49 +234,51 @@ def _time_jax(fn, args) -> dict:
 # ------------------------------------------------------------ orchestration
 
 def worker(args) -> None:
-  result = run_jlora(args) if args.framework == "jlora" else run_peft(args)
-  tokens = args.batch * args.seq
-  result.update(framework=args.framework, task=args.task, batch=args.batch, seq=args.seq,
-                layers=args.layers, adapter=args.adapter, merged=args.merged,
-                base_only=args.base_only, tokens_per_s=tokens / result["step_s"])
-  if args.task == "train":
-    n = param_count(args.ckpt)
-    result["mfu_6n"] = 6 * n * result["tokens_per_s"] / PEAK_FLOPS
-    result["params"] = n
-  print("RESULT " + json.dumps(result), flush=True)
+  if args.framework == "jlora":
+    run = {"train": run_jlora_train, "forward": run_jlora_forward, "scaling": run_jlora_scaling}[args.task]
+    results = run(args)
+  else:
+    results = run_peft(args)
+  n = param_count(args.ckpt)
+  for result in results:
+    result = dict(dict(framework=args.framework, task=args.task, batch=args.batch, seq=args.seq,
+                       layers=args.layers, adapter=args.adapter, merged=False, base_only=False), **result)
+    result["tokens_per_s"] = result["batch"] * result["seq"] / result["step_s"]
+    if args.task in ("train", "scaling"):
+      result["mfu_6n"] = 6 * n * result["tokens_per_s"] / PEAK_FLOPS / result.get("devices", 1)
+      result["params"] = n
+    print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(args, **overrides) -> dict | None:
+def spawn(args, **overrides) -> list[dict]:
   opts = dict(framework="jlora", task="train", batch=4, seq=2048, layers=22, adapter="lora",
-              merged=False, base_only=False, steps=args.steps, warmup=args.warmup)
+              steps=args.steps, warmup=args.warmup)
   opts.update(overrides)
   ckpt = f"/dev/shm/tinyllama-{opts['layers']}"
   make_checkpoint(ckpt, opts["layers"])
   cmd = [sys.executable, __file__, "worker", "--ckpt", ckpt]
   for key, value in opts.items():
-    if isinstance(value, bool):
-      cmd += [f"--{key.replace('_', '-')}"] if value else []
-    else:
-      cmd += [f"--{key.replace('_', '-')}", str(value)]
+    cmd += [f"--{key.replace('_', '-')}", str(value)]
   print("#", " ".join(cmd[2:]), flush=True)
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+  except subprocess.TimeoutExpired:
+    return [dict(opts, error=f"timed out after {args.timeout} s")]
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if not lines:
+  if not lines or proc.returncode:
     print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
-    return dict(opts, error=(proc.stderr or proc.stdout)[-500:])
-  return json.loads(lines[-1][len("RESULT "):])
+  if not lines:
+    return [dict(opts, error=(proc.stderr or proc.stdout)[-500:])]
+  return [json.loads(l[len("RESULT "):]) for l in lines]
 
 
 SUITES = {
     "train": lambda b: [dict(framework=f, task="train", batch=n)
                         for n in b for f in ("jlora", "peft", "peft-compile")],
     "moslora": lambda b: [dict(framework="jlora", task="train", batch=n, adapter="moslora") for n in b],
-    "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s, merged=m, base_only=base, adapter=a)
-                          for (n, s) in ((1, 128), (8, 1024))
-                          for f in ("jlora", "peft")
-                          for (m, base, a) in ((False, False, "lora"), (True, False, "lora"),
-                                               (False, True, "lora"), (False, False, "moslora"))
-                          if not (f == "peft" and a == "moslora")],
+    "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s)
+                          for (n, s) in ((1, 128), (8, 1024)) for f in ("jlora", "peft")],
+    "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n) for n in b],
     "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n)
                           for n in (11, 22)],
 }
@@ -242,10 +297,7 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--layers", type=int, default=22)
   parser.add_argument("--adapter", default="lora")
-  parser.add_argument("--merged", action="store_true")
-  parser.add_argument("--base-only", action="store_true")
   parser.add_argument("--ckpt")
-  parser.add_argument("--no-mask", action="store_true", help="jlora: attention_mask=None (packed data)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=int, default=400)
@@ -256,10 +308,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for suite in args.suite.split(","):
       for overrides in SUITES[suite](batches):
-        result = spawn(args, **overrides)
-        with open(args.out, "a") as f:
-          f.write(json.dumps(result) + "\n")
-        print(json.dumps(result), flush=True)
+        for result in spawn(args, **overrides):
+          with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+          print(json.dumps(result), flush=True)
   else:
     from report import render
     print(render([json.loads(l) for l in open(args.results)]))

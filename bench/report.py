@@ -15,7 +15,7 @@ def render(results: list[dict]) -> str:
   ok = [r for r in results if "error" not in r]
   failed = [r for r in results if "error" in r]
   out = []
-  train = [r for r in ok if r["task"] == "train" and r.get("layers", 22) == 22]
+  train = [r for r in ok if r["task"] == "train" and r.get("layers", 22) == 22 and r["batch"] > 1]
   if train:
     out += ["### Training step (TinyLlama-1.1B shape, bf16 base, LoRA r=16 on 7 projections, AdamW)", "",
             _row(["framework", "adapter", "batch", "tokens/s", "MFU (6N)", "MFU (4N)", "peak GiB",
