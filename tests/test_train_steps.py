@@ -32,3 +32,17 @@ def test_eval_step_loss_equals_the_loss_under_the_padding_mask():
 
   assert float(count) == float(expected_count)
   np.testing.assert_allclose(float(total), float(expected_total), rtol=1e-6)
+
+
+def test_masked_nll_is_the_mean_free_sum_of_next_token_cross_entropy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  tokens = rng.integers(0, 7, size=(2, 5))
+  loss_mask = np.array([[0, 1, 1, 0, 1], [0, 0, 1, 1, 1]])
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected = -sum(logp[b, t - 1, tokens[b, t]] for b in range(2) for t in range(1, 5) if loss_mask[b, t])
+
+  total, count = masked_nll(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(loss_mask))
+
+  assert float(count) == loss_mask[:, 1:].sum()
+  np.testing.assert_allclose(float(total), expected, rtol=1e-6)

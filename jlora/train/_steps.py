@@ -36,13 +36,18 @@ def masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tu
   """``(sum of -log p(token t | < t) over masked t, number of masked t)`` in float32.
 
   logits ``[B, T, V]``, tokens and loss_mask ``[B, T]``; position ``t-1``
-  predicts token ``t``, so ``loss_mask[:, 0]`` is ignored.
+  predicts token ``t``, so ``loss_mask[:, 0]`` is ignored. Written as
+  reductions over the full logits (no ``[B, T-1, V]`` slice, no materialised
+  log-softmax) so XLA fuses the float32 upcast into them: the loss adds no
+  logits-sized buffer beyond the logits' gradient.
   """
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  target = tokens[:, 1:]
-  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  mask = loss_mask[:, 1:].astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  weights = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float, steps: int,
