@@ -128,6 +128,7 @@ def _jlora_model(args, adapter: str | None):
   import jax.numpy as jnp
   import jlora
   model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
+  model.remat = args.remat
   if adapter:
     config_cls = jlora.MoSLoraConfig if adapter == "moslora" else jlora.LoraConfig
     jlora.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS,
@@ -243,7 +244,7 @@ def worker(args) -> None:
   n = param_count(args.ckpt)
   for result in results:
     result = dict(dict(framework=args.framework, task=args.task, batch=args.batch, seq=args.seq,
-                       layers=args.layers, adapter=args.adapter, merged=False, base_only=False), **result)
+                       layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False), **result)
     result["tokens_per_s"] = result["batch"] * result["seq"] / result["step_s"]
     if args.task in ("train", "scaling"):
       result["mfu_6n"] = 6 * n * result["tokens_per_s"] / PEAK_FLOPS / result.get("devices", 1)
@@ -253,7 +254,7 @@ def worker(args) -> None:
 
 def spawn(args, **overrides) -> list[dict]:
   opts = dict(framework="jlora", task="train", batch=4, seq=2048, layers=22, adapter="lora",
-              steps=args.steps, warmup=args.warmup)
+              remat=args.remat, steps=args.steps, warmup=args.warmup)
   opts.update(overrides)
   ckpt = f"/dev/shm/tinyllama-{opts['layers']}"
   make_checkpoint(ckpt, opts["layers"])
@@ -299,6 +300,7 @@ def main() -> None:
   parser.add_argument("--layers", type=int, default=22)
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")
+  parser.add_argument("--remat", default="matmuls", help="jlora: what the backward pass keeps per layer")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=int, default=400)

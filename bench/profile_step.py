@@ -44,6 +44,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--adapter", default="lora")
+  parser.add_argument("--remat", default="matmuls")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--out", default=".")

@@ -1,5 +1,6 @@
 """The jitted training and evaluation steps."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -46,3 +47,23 @@ def test_masked_nll_is_the_mean_free_sum_of_next_token_cross_entropy():
 
   assert float(count) == loss_mask[:, 1:].sum()
   np.testing.assert_allclose(float(total), expected, rtol=1e-6)
+
+
+def test_every_remat_policy_gives_the_same_gradients():
+  model, _ = load_model(ModelConfig(name="tiny", dtype="float32"))
+  jlora.get_peft_model(model, jlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+  batch = right_padded_batch()
+
+  def grads(remat):
+    model.remat = remat
+    graphdef, params, rest = nnx.split(model, jlora.LoraParam, ...)
+
+    def loss(p):
+      logits = nnx.merge(graphdef, p, rest, copy=True)(batch["tokens"])
+      return masked_nll(logits, batch["tokens"], batch["loss_mask"])[0]
+
+    return jax.grad(loss)(params)
+
+  reference = grads("none")
+  for remat in ("matmuls", "full"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads(remat), reference)

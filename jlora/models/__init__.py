@@ -9,6 +9,7 @@ from jlora.models._config import SUPPORTED, ModelConfig, from_hf_config
 from jlora.models._decoder import CausalLM
 from jlora.models._generate import generate, sample_token
 from jlora.models._gpt2 import Gpt2LMHeadModel
+from jlora.models._remat import REMAT_POLICIES
 
 
 def model_class(config: ModelConfig):
@@ -20,5 +21,5 @@ def model_class(config: ModelConfig):
   raise ValueError(f"model_type={config.model_type!r} is not supported; use one of {', '.join(SUPPORTED)}.")
 
 
-__all__ = ["CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "SUPPORTED", "from_hf_config",
+__all__ = ["CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED", "from_hf_config",
            "generate", "model_class", "sample_token"]

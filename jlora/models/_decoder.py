@@ -20,6 +20,7 @@ from jlora.models import _cache
 from jlora.models._attention import RMSNorm, activation, attend, needs_mask, attention_mask as build_mask
 from jlora.models._cache import KVCache
 from jlora.models._config import ModelConfig
+from jlora.models._remat import check_remat, rematerialized
 from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
 from jlora.nn import mark_stacked
 
@@ -40,17 +41,19 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.R
   return mark_stacked(build(rngs), num_layers)
 
 
-def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args):
+def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args, remat: str = "none"):
   """Run the stacked ``layers`` over ``h``; each layer is called ``layer(h, kv, *args)``.
 
-  ``kv`` is that layer's ``(k, v)`` slice of the cache (None without one).
+  ``kv`` is that layer's ``(k, v)`` slice of the cache (None without one);
+  ``remat`` names what the backward pass keeps (``jlora.models.REMAT_POLICIES``).
   Returns ``(h, (k, v) stacked over layers or None)``.
   """
   kv = None if cache is None else (cache.k, cache.v)
+  call = rematerialized(lambda layer, h, kv, *args: layer(h, kv, *args), remat)
 
   @nnx.scan(in_axes=(nnx.Carry, 0, 0) + (None,) * len(args), out_axes=(nnx.Carry, 0))
   def run(h, layer, kv, *args):
-    return layer(h, kv, *args)
+    return call(layer, h, kv, *args)
 
   return run(h, layers, kv, *args)
 
@@ -150,15 +153,18 @@ class CausalLM(nnx.Module):
   ``model(ids, attention_mask=None, positions=None)`` returns logits;
   with ``cache=`` (a ``KVCache``) it returns ``(logits, new_cache)``.
   Positions default to ``0..T-1`` (continuing from the cache), like HF's
-  forward; pass ``positions`` for left-padded batches.
+  forward; pass ``positions`` for left-padded batches. ``remat`` (an
+  attribute, settable later) names what training keeps for the backward
+  pass: ``"none"``, ``"matmuls"`` or ``"full"`` (see ``jlora.models._remat``).
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+               rngs: nnx.Rngs | None = None, remat: str = "matmuls"):
     rngs = rngs or nnx.Rngs(0)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     self.config = config
     self.dtype = dtype
+    self.remat = check_remat(remat)
     self.model = DecoderModel(config, dtypes, rngs)
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
@@ -171,7 +177,7 @@ class CausalLM(nnx.Module):
             if needs_mask(attention_mask, cache, c.sliding_window) else None)
     cos, sin = cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
     h = self.model.embed_tokens(input_ids)
-    h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index)
+    h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index, remat=self.remat)
     h = self.model.norm(h)
     if c.tie_word_embeddings:
       logits = base_embed(self.model.embed_tokens).attend(h)

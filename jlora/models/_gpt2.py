@@ -12,6 +12,7 @@ from flax import nnx
 
 from jlora.models._attention import LayerNorm, activation, needs_mask, attention_mask as build_mask
 from jlora.models._config import ModelConfig
+from jlora.models._remat import check_remat
 from jlora.models._decoder import base_embed, linear, prepare, scan_layers, self_attention, stacked, with_cache
 from jlora.models._cache import KVCache
 
@@ -66,10 +67,11 @@ class Gpt2LMHeadModel(nnx.Module):
   """GPT-2 causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]`` (same call as ``CausalLM``)."""
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+               rngs: nnx.Rngs | None = None, remat: str = "matmuls"):
     rngs = rngs or nnx.Rngs(0)
     self.config = config
     self.dtype = dtype
+    self.remat = check_remat(remat)
     self.transformer = Gpt2Transformer(config, dict(dtype=dtype, param_dtype=param_dtype), rngs)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
@@ -78,7 +80,7 @@ class Gpt2LMHeadModel(nnx.Module):
             if needs_mask(attention_mask, cache, None) else None)
     t = self.transformer
     h = t.wte(input_ids) + t.wpe(positions)
-    h, kv = scan_layers(t.h, h, cache, mask, index)
+    h, kv = scan_layers(t.h, h, cache, mask, index, remat=self.remat)
     logits = base_embed(t.wte).attend(t.ln_f(h))
     if cache is None:
       return logits

@@ -31,11 +31,16 @@ class ModelConfig:
       model, no download) or a local Hugging Face checkpoint directory.
     dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``).
     seed: PRNG seed for presets (their weights are random).
+    remat: what the backward pass keeps per layer: ``"matmuls"`` (matmul and
+      attention outputs; elementwise work is recomputed), ``"none"``
+      (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
+      only; least memory, one extra forward pass).
   """
 
   name: str = "tiny"
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   seed: int = 0
+  remat: Literal["none", "matmuls", "full"] = "matmuls"
 
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",

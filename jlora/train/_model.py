@@ -42,6 +42,13 @@ def _load_builtin_presets() -> None:
 
 def load_model(cfg: ModelConfig):
   """``(model, model_dir or None)`` for a preset name or a local checkpoint directory."""
+  model, model_dir = _base_model(cfg)
+  if hasattr(model, "remat"):
+    model.remat = cfg.remat
+  return model, model_dir
+
+
+def _base_model(cfg: ModelConfig):
   _load_builtin_presets()
   if cfg.name in _PRESETS:
     return _PRESETS[cfg.name](cfg), None
