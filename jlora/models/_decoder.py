@@ -20,7 +20,7 @@ from jlora.models import _cache
 from jlora.models._attention import RMSNorm, activation, attend, needs_mask, attention_mask as build_mask
 from jlora.models._cache import KVCache
 from jlora.models._config import ModelConfig
-from jlora.models._remat import check_remat, rematerialized
+from jlora.models._remat import check_remat, rematerialized, saved
 from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
 from jlora.nn import mark_stacked
 
@@ -81,9 +81,9 @@ class Attention(nnx.Module):
   def __call__(self, h, kv, mask, cos, sin, index):
     heads, kv_heads, d = self.shape
     b, t, _ = h.shape
-    q = self.q_proj(h).reshape(b, t, heads, d)
-    k = self.k_proj(h).reshape(b, t, kv_heads, d)
-    v = self.v_proj(h).reshape(b, t, kv_heads, d)
+    q = saved(self.q_proj(h)).reshape(b, t, heads, d)
+    k = saved(self.k_proj(h)).reshape(b, t, kv_heads, d)
+    v = saved(self.v_proj(h)).reshape(b, t, kv_heads, d)
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -99,7 +99,7 @@ class Mlp(nnx.Module):
     self.act = c.hidden_act
 
   def __call__(self, h):
-    return self.down_proj(activation(self.act)(self.gate_proj(h)) * self.up_proj(h))
+    return self.down_proj(activation(self.act)(saved(self.gate_proj(h))) * saved(self.up_proj(h)))
 
 
 class DecoderLayer(nnx.Module):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jlora.models._attention import LayerNorm, activation, needs_mask, attention_mask as build_mask
 from jlora.models._config import ModelConfig
-from jlora.models._remat import check_remat
+from jlora.models._remat import check_remat, saved
 from jlora.models._decoder import base_embed, linear, prepare, scan_layers, self_attention, stacked, with_cache
 from jlora.models._cache import KVCache
 
@@ -26,7 +26,7 @@ class Gpt2Attention(nnx.Module):
   def __call__(self, h, kv, mask, index):
     heads, d = self.shape
     b, t, _ = h.shape
-    q, k, v = (x.reshape(b, t, heads, d) for x in jnp.split(self.c_attn(h), 3, axis=-1))
+    q, k, v = (x.reshape(b, t, heads, d) for x in jnp.split(saved(self.c_attn(h)), 3, axis=-1))
     out, kv = self_attention(q, k, v, kv, mask, index)
     return self.c_proj(out.reshape(b, t, heads * d)), kv
 
@@ -38,7 +38,7 @@ class Gpt2Mlp(nnx.Module):
     self.act = c.hidden_act
 
   def __call__(self, h):
-    return self.c_proj(activation(self.act)(self.c_fc(h)))
+    return self.c_proj(activation(self.act)(saved(self.c_fc(h))))
 
 
 class Gpt2Block(nnx.Module):
