@@ -100,7 +100,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW with linear warmup then cosine decay, global-norm clipping and accumulation."""
+  """AdamW with linear warmup then cosine decay, global-norm clipping and accumulation.
+
+  ``loraplus_lr_ratio`` (e.g. 16) turns on LoRA+: B trains at that multiple of
+  ``learning_rate`` and embedding adapters at ``loraplus_lr_embedding``.
+  """
 
   learning_rate: float = 2e-2
   warmup_steps: int = 10
@@ -110,6 +114,8 @@ class OptimConfig:
   b2: float = 0.999
   grad_clip: float = 1.0
   grad_accum: int = 1
+  loraplus_lr_ratio: float | None = None
+  loraplus_lr_embedding: float = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +205,11 @@ def _check_values(cfg: TrainConfig) -> None:
     raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}.")
   if cfg.optim.learning_rate <= 0:
     raise ConfigError(f"optim.learning_rate must be > 0, got {cfg.optim.learning_rate}.")
+  if cfg.optim.loraplus_lr_ratio is not None and cfg.optim.loraplus_lr_ratio <= 0:
+    raise ConfigError(f"optim.loraplus_lr_ratio must be > 0 (PEFT suggests 16) or null (off), got "
+                      f"{cfg.optim.loraplus_lr_ratio}.")
+  if cfg.optim.loraplus_lr_embedding <= 0:
+    raise ConfigError(f"optim.loraplus_lr_embedding must be > 0, got {cfg.optim.loraplus_lr_embedding}.")
   for axis in ("fsdp", "tensor"):
     if getattr(cfg.mesh, axis) < 1:
       raise ConfigError(f"mesh.{axis} must be >= 1, got {getattr(cfg.mesh, axis)}.")
@@ -295,7 +306,10 @@ def _coerce(value, hint, key: str):
       (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
       return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}.")
-  if hint is bool:
+  if hint is type(None):
+    if value is None:
+      return None
+  elif hint is bool:
     if isinstance(value, bool):
       return value
   elif hint is int:
@@ -323,4 +337,4 @@ def _describe(hint) -> str:
     return f"a list of {_describe(typing.get_args(hint)[0])}"
   if origin is Literal:
     return f"one of {list(typing.get_args(hint))}"
-  return {bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(hint, str(hint))
+  return {type(None): "null", bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(hint, str(hint))

@@ -5,6 +5,12 @@ the base model is not in it and has no optimizer state. Within that pytree,
 WLoRA upstream factors and adapters that are not active are masked with
 ``optax.masked``: they get no optimizer state and a zero update, so they stay
 bit-identical (no weight decay creeps in either).
+
+LoRA+ (Hayou et al., 2024; PEFT's ``create_loraplus_optimizer``) trains B with
+a learning rate ``loraplus_lr_ratio`` times A's. optax optimizers apply the
+learning rate as a final scale of the update, so scaling B's update by the
+ratio is the same as giving B its own learning rate (weight decay included,
+schedules included).
 """
 
 from __future__ import annotations
@@ -13,7 +19,21 @@ import jax
 import optax
 from flax import nnx
 
-from jlora.nn import UpstreamLoraParam, active_adapters, split_adapter
+from jlora.nn import LoraEmbed, UpstreamLoraParam, active_adapters, lora_layers, split_adapter
+
+# Adapter params that LoRA+ trains at the higher (B) learning rate: PEFT's "lora_B" params and its
+# 1-d params (DoRA's magnitude vector).
+_B_GROUP = ("lora_B", "lora_magnitude_vector")
+
+
+def _keys(path) -> list:
+  return [getattr(k, "key", getattr(k, "name", k)) for k in path]
+
+
+def _map_variables(fn, params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, variable: fn(_keys(path), variable), params,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def trainable_mask(model: nnx.Module, params: nnx.State | None = None):
@@ -25,18 +45,71 @@ def trainable_mask(model: nnx.Module, params: nnx.State | None = None):
     _, params, _ = split_adapter(model)
   active = set(active_adapters(model))
 
-  def trainable(path, variable) -> bool:
-    keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+  def trainable(keys, variable) -> bool:
     names = {keys[i + 1] for i, k in enumerate(keys[:-1]) if k == "adapters"}
     return not isinstance(variable, UpstreamLoraParam) and bool(names & active)
 
-  return jax.tree_util.tree_map_with_path(
-      trainable, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return _map_variables(trainable, params)
+
+
+def loraplus_groups(model: nnx.Module, params: nnx.State | None = None):
+  """``"A"`` / ``"B"`` / ``"embedding"`` for every param, as PEFT's LoRA+ groups them.
+
+  Every factor of an embedding adapter is ``"embedding"``; elsewhere B and
+  DoRA's magnitude vector are ``"B"``, everything else (A, MoSLoRA mixers,
+  WLoRA logits) ``"A"``.
+  """
+  if params is None:
+    _, params, _ = split_adapter(model)
+  embeddings = {tuple(path) for path, layer in lora_layers(model) if isinstance(layer, LoraEmbed)}
+
+  def group(keys, variable) -> str:
+    layer_path = tuple(keys[:keys.index("adapters")]) if "adapters" in keys else None
+    if layer_path in embeddings:
+      return "embedding"
+    return "B" if any(k in _B_GROUP for k in keys) else "A"
+
+  return _map_variables(group, params)
 
 
 def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation,
-                      params: nnx.State | None = None) -> optax.GradientTransformation:
-  """``tx`` for the trainable adapter params; a zero update for the frozen ones."""
+                      params: nnx.State | None = None, *, loraplus_lr_ratio: float | None = None,
+                      learning_rate: float | None = None,
+                      loraplus_lr_embedding: float = 1e-6) -> optax.GradientTransformation:
+  """``tx`` for the trainable adapter params; a zero update for the frozen ones.
+
+  Args:
+    model: the adapted model (its active adapters are trained).
+    tx: the optimizer, built with A's learning rate (e.g. ``optax.adamw(lr)``).
+    params: the ``LoraParam`` state the optimizer sees (default: the model's).
+    loraplus_lr_ratio: LoRA+: B's learning rate over A's (PEFT suggests 16);
+      None for plain training.
+    learning_rate: with LoRA+ and embedding adapters, the (peak) learning rate
+      ``tx`` was built with, so that embedding adapters train at
+      ``loraplus_lr_embedding`` (PEFT's default 1e-6) on the same schedule.
+    loraplus_lr_embedding: the learning rate of embedding adapters under LoRA+.
+  """
   mask = trainable_mask(model, params)
   frozen = jax.tree.map(lambda m: not m, mask)
-  return optax.chain(optax.masked(tx, mask), optax.masked(optax.set_to_zero(), frozen))
+  parts = [optax.masked(tx, mask)]
+  if loraplus_lr_ratio is not None:
+    parts += _loraplus_scales(model, params, mask, loraplus_lr_ratio, learning_rate,
+                              loraplus_lr_embedding)
+  parts.append(optax.masked(optax.set_to_zero(), frozen))
+  return optax.chain(*parts)
+
+
+def _loraplus_scales(model, params, mask, ratio, learning_rate, lr_embedding) -> list:
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+    raise ValueError(f"loraplus_lr_ratio must be a positive number (PEFT suggests 16), got {ratio!r}.")
+  groups = loraplus_groups(model, params)
+  in_group = lambda name: jax.tree.map(lambda g, m: g == name and m, groups, mask)
+  parts = [optax.masked(optax.scale(float(ratio)), in_group("B"))]
+  has_embedding = any(jax.tree.leaves(in_group("embedding")))
+  if has_embedding:
+    if learning_rate is None or not learning_rate > 0:
+      raise ValueError(
+          "LoRA+ trains embedding adapters at loraplus_lr_embedding, which needs the learning rate "
+          f"tx was built with: pass learning_rate=<that rate> (got {learning_rate!r}).")
+    parts.append(optax.masked(optax.scale(lr_embedding / learning_rate), in_group("embedding")))
+  return parts

@@ -52,10 +52,12 @@ def masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tu
 
 def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float, steps: int,
                    warmup_steps: int, end_lr_ratio: float, weight_decay: float, b1: float, b2: float,
-                   grad_clip: float, grad_accum: int) -> optax.GradientTransformation:
+                   grad_clip: float, grad_accum: int, loraplus_lr_ratio: float | None = None,
+                   loraplus_lr_embedding: float = 1e-6) -> optax.GradientTransformation:
   """AdamW on a warmup-then-cosine schedule with global-norm clipping, every ``grad_accum`` micro-steps.
 
-  Only trainable adapter params get state (``jlora.adapter_optimizer``).
+  Only trainable adapter params get state (``jlora.adapter_optimizer``, which also applies
+  LoRA+ when ``loraplus_lr_ratio`` is set).
   """
   warmup = min(warmup_steps, max(steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
@@ -63,7 +65,8 @@ def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float
       decay_steps=max(steps, warmup + 1), end_value=learning_rate * end_lr_ratio)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-  tx = adapter_optimizer(model, optax.chain(*parts), params)
+  tx = adapter_optimizer(model, optax.chain(*parts), params, loraplus_lr_ratio=loraplus_lr_ratio,
+                         learning_rate=learning_rate, loraplus_lr_embedding=loraplus_lr_embedding)
   return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 

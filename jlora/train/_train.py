@@ -113,7 +113,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   tx = _steps.make_optimizer(
       model, params, learning_rate=o.learning_rate, steps=cfg.steps, warmup_steps=o.warmup_steps,
       end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip,
-      grad_accum=o.grad_accum)
+      grad_accum=o.grad_accum, loraplus_lr_ratio=o.loraplus_lr_ratio,
+      loraplus_lr_embedding=o.loraplus_lr_embedding)
   opt_state = jax.jit(tx.init)(params)
 
   ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
