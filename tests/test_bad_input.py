@@ -50,9 +50,9 @@ def test_alpha_must_be_a_number(alpha):
 
 
 def test_unknown_init_is_rejected_with_the_choices():
-  expected = "init_lora_weights='pissa' is not supported; use True, False or 'gaussian'"
+  expected = "init_lora_weights='loftq' is not supported; use True, False, 'gaussian', 'pissa'"
   with pytest.raises(ValueError, match=expected):
-    jlora.LoraConfig(init_lora_weights="pissa")
+    jlora.LoraConfig(init_lora_weights="loftq")
 
 
 def test_unknown_mixer_init_is_rejected():

@@ -3,14 +3,18 @@
 PEFT's LoRA fields map 1:1 onto ``LoraConfig`` (same names). Fields that only
 describe where the adapter came from are ignored; every other field must
 hold PEFT's default, because jlora does not implement it and ignoring it
-would give a different model (DoRA, LoRA biases, PiSSA/OLoRA/LoftQ base
-rewrites, modules_to_save, ...). The MoSLoRA authors' PEFT fork marks its
-adapters with ``lora_use_mixer: true``; those become ``MoSLoraConfig``.
+would give a different model (LoRA biases, LoftQ/CorDA base rewrites, ...).
+PiSSA / OLoRA adapters (``init_lora_weights="pissa"`` / ``"olora"``) load as
+PEFT loads them: the init runs on the given base (rewriting it to the
+residual), then the saved factors replace the initial ones. The MoSLoRA
+authors' PEFT fork marks its adapters with ``lora_use_mixer: true``; those
+become ``MoSLoraConfig``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from jlora.nn import LoraConfig, MoSLoraConfig
@@ -87,7 +91,8 @@ def from_peft_dict(raw: dict, path: Path) -> LoraConfig:
           "to ignore it. Remove it if it is inert."
       )
   init = raw.get("init_lora_weights", True)
-  if init not in (True, False, "gaussian"):
+  if not (init in (True, False, "gaussian", "pissa", "olora", "orthogonal")
+          or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
     raise ValueError(
         f"{path}: init_lora_weights={init!r} is not supported ({init!r} initialisation changes the "
         "base weights or is not implemented); merge the adapter with PEFT and load the merged model."

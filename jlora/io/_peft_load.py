@@ -21,6 +21,7 @@ from jlora.io import _safetensors
 from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
 from jlora.nn import (
     LoraConfig, LoraLayer, add_adapter, delete_adapter, lora_layer_type, lora_layers, set_adapter)
+from jlora.nn._init import rewrites_base
 from jlora.nn._targets import candidates
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,6 +88,11 @@ def load_peft(model: nnx.Module, adapter_dir: str | os.PathLike, adapter_name: s
   try:
     _fill(model, adapter_name, tensors, path / WEIGHTS_NAME)
   except BaseException:
+    if rewrites_base(config.init_lora_weights):  # PiSSA / OLoRA: give the base its weights back
+      for _, layer in lora_layers(model):
+        if adapter_name in layer.adapters:
+          kernel = layer.kernel()
+          kernel[...] = (kernel[...] + layer.delta_weight(adapter_name)).astype(kernel.dtype)
     delete_adapter(model, adapter_name)  # leave the model as it was
     raise
   if not is_trainable:

@@ -26,7 +26,7 @@ from flax import nnx
 from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
 from jlora.io._peft_config import CONFIG_NAME, to_peft_dict
-from jlora.io._peft_load import WEIGHTS_NAME
+from jlora.io._peft_load import WEIGHTS_NAME, read_adapter
 from jlora.nn import LoraAdapter, LoraConfig, LoraLayer, lora_layers, peft_config
 
 
@@ -70,7 +70,8 @@ def layer_factors(layer: LoraLayer, adapter) -> list[tuple[str, np.ndarray, np.n
   return out
 
 
-def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str = "default",
+              initial_adapter: str | os.PathLike | None = None) -> Path:
   """Write adapter ``adapter_name`` as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
   ``PeftModel.from_pretrained(hf_model, out_dir)`` then gives the same
@@ -78,6 +79,16 @@ def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str =
   written to a temporary sibling and renamed into place, so a crash never
   leaves a half-written adapter; an existing directory is replaced only if it
   is empty or already a PEFT adapter.
+
+  Args:
+    initial_adapter: for a PiSSA / OLoRA adapter, its factors at
+      initialisation: a PEFT adapter directory saved right after
+      ``get_peft_model`` (``save_peft`` or PEFT's ``save_pretrained``), or the
+      name of an adapter of ``model`` holding them. The adapter is then saved
+      as plain LoRA for the *original* base model, as PEFT's
+      ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does:
+      ``A' = [A | A0]``, ``B' = [B | -B0]`` (rank and alpha doubled), since
+      ``W_res + s·A·B = W + s·(A·B - A0·B0)``.
 
   Returns:
     The output directory.
@@ -89,6 +100,16 @@ def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str =
   out = Path(out_dir).expanduser()
   _check_target(out)
   config = configs[adapter_name]
+  tensors, modules = _peft_tensors(model, adapter_name)
+  if initial_adapter is not None:
+    config, tensors, modules = _to_plain_lora(model, config, tensors, modules, initial_adapter)
+  peft = _peft_config(config, modules, _fan_in_fan_out(model, config))
+  _write_dir(out, tensors, peft)
+  return out
+
+
+def _peft_tensors(model: nnx.Module, adapter_name: str) -> tuple[dict, dict]:
+  """``(PEFT key -> tensor, module -> (rank, scaling))`` of one adapter."""
   tensors, modules = {}, {}
   for _, layer in lora_layers(model):
     if adapter_name not in layer.adapters:
@@ -105,9 +126,40 @@ def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str =
       modules[module] = (a.shape[-1], scaling)
   if not modules:
     raise ValueError(f"Adapter {adapter_name!r} adapts no layer; nothing to save.")
-  peft = _peft_config(config, modules, _fan_in_fan_out(model, config))
-  _write_dir(out, tensors, peft)
-  return out
+  return tensors, modules
+
+
+def _to_plain_lora(model, config, tensors: dict, modules: dict, initial) -> tuple:
+  """PEFT's ``subtract_mutated_init``: the PiSSA/OLoRA adapter as LoRA on the original base."""
+  if not isinstance(config, LoraConfig):
+    raise ValueError("initial_adapter converts PiSSA / OLoRA LoRA adapters; this adapter is "
+                     f"{type(config).__name__}. Save it without initial_adapter.")
+  if isinstance(initial, str) and initial in peft_config(model):
+    initial_tensors, _ = _peft_tensors(model, initial)
+    where = f"adapter {initial!r}"
+  else:
+    path = Path(initial).expanduser()
+    initial_tensors = read_adapter(path)[1]
+    where = str(path)
+  if set(initial_tensors) != set(tensors):
+    odd = sorted(set(initial_tensors) ^ set(tensors))
+    raise ValueError(
+        f"initial_adapter {where} does not hold the same modules as the adapter being saved (e.g. "
+        f"{', '.join(odd[:3])}); pass the initial state of this very adapter.")
+  converted = {}
+  for key, value in tensors.items():
+    start = initial_tensors[key]
+    if start.shape != value.shape:
+      raise ValueError(f"initial_adapter {where}: tensor {key!r} has shape {start.shape}, the adapter "
+                       f"has {value.shape}; pass the initial state of this very adapter.")
+    is_a = key.endswith((".lora_A.weight", ".lora_embedding_A"))
+    converted[key] = (np.concatenate([value, start], axis=0) if is_a
+                      else np.concatenate([value, -start.astype(value.dtype)], axis=1))
+  modules = {m: (2 * rank, scaling) for m, (rank, scaling) in modules.items()}
+  factor = math.sqrt(2) if config.use_rslora else 2
+  plain = LoraConfig(r=2 * config.r, lora_alpha=config.lora_alpha * factor,
+                     use_rslora=config.use_rslora, target_modules=config.target_modules)
+  return plain, converted, modules
 
 
 def _peft_config(config, modules: dict, fan_in_fan_out: bool) -> dict:

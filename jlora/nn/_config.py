@@ -15,7 +15,8 @@ from typing import Literal, Mapping, Sequence
 
 from flax.core import FrozenDict
 
-InitLoraWeights = Literal[True, False, "gaussian"]
+InitLoraWeights = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<K>", "olora", "orthogonal"
+_INIT_CHOICES = "True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' or 'orthogonal'"
 MixerInit = Literal["orthogonal", "kaiming"]
 
 
@@ -40,9 +41,16 @@ class LoraConfig:
     lora_dropout: dropout rate on the adapter input (training mode only).
     use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
     init_lora_weights: ``True`` (A Kaiming-uniform, B zero; embeddings the
-      reverse), ``"gaussian"`` (A normal with std 1/r, as PEFT; B zero) or
-      ``False`` (both random: a debugging aid whose output differs from the
-      base model).
+      reverse), ``"gaussian"`` (A normal with std 1/r, as PEFT; B zero),
+      ``"orthogonal"`` (A and B from disjoint rows of a random orthogonal
+      matrix, so ``A·B = 0``; even ranks only), ``"pissa"`` (the top-r
+      singular triplets of the base weight, which keeps the residual
+      ``W - s·A·B``), ``"pissa_niter_<K>"`` (the same with a randomized SVD of K
+      power iterations), ``"olora"`` (a QR decomposition of the base weight,
+      residual kept likewise) or ``False`` (both random: a debugging aid whose
+      output differs from the base model). Embeddings take the ``True`` init
+      for every string mode, as in PEFT; PiSSA / OLoRA / orthogonal target
+      linear layers only.
     rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``,
       keyed by a regex that is searched (suffix-anchored) in the module path.
     layers_to_transform: only these layer indices get the adapter.
@@ -102,11 +110,13 @@ class LoraConfig:
       )
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-    if self.init_lora_weights not in (True, False, "gaussian"):
-      raise ValueError(
-          f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, "
-          "False or 'gaussian'."
-      )
+    _check_init(self.init_lora_weights)
+    if self.init_lora_weights == "orthogonal":
+      odd = [r for r in (self.r, *self.rank_pattern.values()) if r % 2]
+      if odd:
+        raise ValueError(
+            f"init_lora_weights='orthogonal' needs even ranks (as in PEFT), got r={odd[0]}; use an "
+            "even r and rank_pattern.")
     regex_target = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
     if regex_target and (self.layers_to_transform is not None or self.layers_pattern is not None):
       raise ValueError(
@@ -209,6 +219,14 @@ def _is_int(value) -> bool:
 def _check_rank(rank, what: str) -> None:
   if not _is_int(rank) or rank < 1:
     raise ValueError(f"{what} must be a positive integer rank, got {rank!r}.")
+
+
+def _check_init(mode) -> None:
+  if mode is True or mode is False or mode in ("gaussian", "pissa", "olora", "orthogonal"):
+    return
+  if isinstance(mode, str) and re.fullmatch(r"pissa_niter_\d+", mode):
+    return
+  raise ValueError(f"init_lora_weights={mode!r} is not supported; use {_INIT_CHOICES}.")
 
 
 def _check_alpha(alpha, what: str) -> None:

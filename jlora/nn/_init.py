@@ -61,3 +61,66 @@ def lora_factors(
   else:
     a = kaiming_uniform(key_a, a_shape, fan_in, dtype)
   return a, jnp.zeros(b_shape, dtype)
+
+
+# ---- data-driven and orthogonal inits (PEFT's pissa_init / olora_init / orthogonal_init) ------
+#
+# They see one layer's weight as PEFT does, ``W [out, in]`` (the Flax kernel transposed, the
+# kernel's input dims flattened into ``in``), and return jlora factors ``A [in, r]``,
+# ``B [r, out]`` with ``W ≈ scaling · (A·B)ᵀ`` (PiSSA) or ``W = QR`` columns (OLoRA). The
+# caller subtracts ``scaling · A·B`` from the kernel, as PEFT rewrites the base weight.
+
+BASE_REWRITING = ("pissa", "olora")
+
+
+def rewrites_base(mode) -> bool:
+  """Whether ``init_lora_weights=mode`` moves part of the base weight into the adapter."""
+  return isinstance(mode, str) and (mode in BASE_REWRITING or mode.startswith("pissa_niter_"))
+
+
+def pissa(weight: jax.Array, rank: int, scaling, *, niter: int | None = None,
+          key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """PiSSA: ``W [out, in] ≈ U S Vᵀ``; ``A = (√(S/s) Vᵀ)ᵀ``, ``B = (U √(S/s))ᵀ`` (top ``rank``).
+
+  ``niter=None`` uses the full SVD (``"pissa"``); an int uses torch's
+  randomized ``svd_lowrank`` algorithm with that many power iterations
+  (``"pissa_niter_K"``), which needs ``key``.
+  """
+  if niter is None:
+    u, s, vh = jnp.linalg.svd(weight, full_matrices=False)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+  else:
+    u, s, vh = _svd_lowrank(key, weight, rank, niter)
+  root = jnp.sqrt(s / scaling)
+  return (root[:, None] * vh).T, (u * root[None, :]).T
+
+
+def _svd_lowrank(key: jax.Array, m: jax.Array, q: int, niter: int):
+  """torch.svd_lowrank (Halko et al. 2009, Alg. 4.4 + 5.1): a rank-``q`` SVD of ``m``."""
+  omega = jax.random.normal(key, (m.shape[1], q), m.dtype)
+  basis = jnp.linalg.qr(m @ omega)[0]
+  for _ in range(niter):
+    basis = jnp.linalg.qr(m.T @ basis)[0]
+    basis = jnp.linalg.qr(m @ basis)[0]
+  u, s, vh = jnp.linalg.svd(basis.T @ m, full_matrices=False)
+  return basis @ u, s, vh
+
+
+def olora(weight: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+  """OLoRA: ``W [out, in] = QR``; ``A = R[:rank]ᵀ``, ``B = Q[:, :rank]ᵀ`` (no scaling)."""
+  q, r = jnp.linalg.qr(weight)
+  return r[:rank].T, q[:, :rank].T
+
+
+def orthogonal_factors(key: jax.Array, fan_in: int, fan_out: int, rank: int,
+                       dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """PEFT's ``"orthogonal"`` init: A and B from disjoint rows of one random orthogonal matrix.
+
+  ``A·B = 0`` (the model starts as the base model) while neither factor is
+  zero. ``rank`` must be even.
+  """
+  key_q, key_a, key_b = jax.random.split(key, 3)
+  q = jnp.linalg.qr(jax.random.normal(key_q, (rank, rank), jnp.float32))[0]
+  a = jax.random.normal(key_a, (fan_in, rank // 2), jnp.float32) @ q[0::2] / 10.0
+  b = q[1::2].T @ jax.random.normal(key_b, (rank // 2, fan_out), jnp.float32) / 10.0
+  return a.astype(dtype), b.astype(dtype)

@@ -18,6 +18,7 @@ from flax import nnx
 from jlora.nn._config import AdapterConfig, LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.nn._layer import LoraLayer, frozen_copy, new_wlora_adapter
 from jlora.nn._adapters import LoraAdapter
+from jlora.nn._init import rewrites_base
 from jlora.nn._registry import lora_layer_type
 from jlora.nn._targets import (
     Candidate, candidates, describe, is_selected, name_matches, output_head_name)
@@ -118,6 +119,10 @@ def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
     if layer is not cand.module:
       _replace(model, cand.path, layer)
     layer.add(adapter_name, adapter)
+    if rewrites_base(config.init_lora_weights):
+      # PiSSA / OLoRA: the base keeps the residual W - s·A·B, so the output starts unchanged.
+      kernel = layer.kernel()
+      kernel[...] = (kernel[...] - layer.delta_weight(adapter_name)).astype(kernel.dtype)
 
 
 def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:

@@ -154,9 +154,13 @@ class LoraLayer(nnx.Module):
       raise ValueError(f"{self.module_names[0]}: an adapter needs a positive rank.")
     a_shape, b_shape = self.factor_shapes(max_rank)
     key_factors, key_mixer, key_dropout = jax.random.split(key, 3)
-    a, b = _init.lora_factors(
-        key_factors, stack + a_shape, stack + b_shape, self.fan_in(a_shape),
-        init_lora_weights, dtype, embedding=self.embedding_init)
+    scaling = np.broadcast_to(np.asarray(scalings, np.float32), ranks.shape).reshape(stack)
+    if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian" and not self.embedding_init:
+      a, b = self._matrix_init(key_factors, init_lora_weights, max_rank, scaling, a_shape, b_shape, dtype)
+    else:  # embeddings take their own init for every string mode, as in PEFT
+      a, b = _init.lora_factors(
+          key_factors, stack + a_shape, stack + b_shape, self.fan_in(a_shape),
+          init_lora_weights, dtype, embedding=self.embedding_init)
     rank_mask = None
     if (ranks != max_rank).any():
       rank_mask = (np.arange(max_rank)[None, :] < ranks[:, None]).astype(np.float32)
@@ -175,11 +179,47 @@ class LoraLayer(nnx.Module):
       mixer = _init.kaiming_uniform(key_mixer, stack + (max_rank, max_rank), max_rank, dtype)
     elif mixer_init is not None:
       raise ValueError(f"Unknown mixer_init {mixer_init!r}; use 'orthogonal' or 'kaiming'.")
-    scaling = np.broadcast_to(np.asarray(scalings, np.float32), ranks.shape).reshape(stack)
     return LoraAdapter(
         a, b, jnp.asarray(scaling), rank_mask=rank_mask, mixer=mixer,
         dropout=dropout if self.supports_dropout() else 0.0,
         dropout_key=key_dropout, param_type=param_type)
+
+  def _matrix_init(self, key, mode: str, rank: int, scaling: np.ndarray, a_shape, b_shape, dtype):
+    """PiSSA / OLoRA / orthogonal factors ``(A, B)`` for every stacked layer, from the kernel.
+
+    Each layer's kernel is seen as PEFT's weight ``W [out, in]``; stacked
+    layers with scaling 0 (left out by ``layers_to_transform``) get zeros.
+    """
+    if not (self.linear_like and self.svd_compatible()):
+      raise ValueError(
+          f"init_lora_weights={mode!r} applies to linear layers only (PEFT computes it from a "
+          f"[out, in] weight), but {self.module_names[0]} is a {type(self).__name__}; leave this "
+          "module out of target_modules or use init_lora_weights=True.")
+    stack = self.stack_shape
+    fan_in, fan_out = math.prod(a_shape[:-1]), math.prod(b_shape[1:])
+    if mode != "orthogonal" and rank > min(fan_in, fan_out):
+      raise ValueError(
+          f"init_lora_weights={mode!r} takes the top r components of {self.module_names[0]}'s "
+          f"[{fan_out}, {fan_in}] weight, so r must be <= {min(fan_in, fan_out)}, got {rank}; lower "
+          "r (or its rank_pattern entry).")
+    kernel = jnp.asarray(self.kernel()[...], jnp.float32).reshape((-1, fan_in, fan_out))
+    flat_scaling = jnp.asarray(scaling.reshape(-1))
+    keys = jax.random.split(key, kernel.shape[0])
+
+    def one(k, weight_t, s):
+      live = s != 0
+      s = jnp.where(live, s, 1.0)
+      if mode == "olora":
+        a, b = _init.olora(weight_t.T, rank)
+      elif mode == "orthogonal":
+        a, b = _init.orthogonal_factors(k, fan_in, fan_out, rank)
+      else:
+        niter = None if mode == "pissa" else int(mode.removeprefix("pissa_niter_"))
+        a, b = _init.pissa(weight_t.T, rank, s, niter=niter, key=k)
+      return jnp.where(live, a, 0.0), jnp.where(live, b, 0.0)
+
+    a, b = jax.vmap(one)(keys, kernel, flat_scaling)
+    return (a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype))
 
   def supports_dropout(self) -> bool:
     """Dropout applies to real-valued inputs; embeddings take ids."""
