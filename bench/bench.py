@@ -68,7 +68,8 @@ def run_peft(args) -> dict:
   model = transformers.LlamaForCausalLM.from_pretrained(
       args.ckpt, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
   config_cls = peft.LoraConfig
-  model = peft.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS))
+  model = peft.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS,
+                                                use_dora=args.adapter == "dora"))
   step_model = torch.compile(model) if args.framework == "peft-compile" else model
   ids = torch.randint(0, TINYLLAMA["vocab_size"], (args.batch, args.seq), device="cuda")
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -131,8 +132,9 @@ def _jlora_model(args, adapter: str | None):
   model.remat = args.remat
   if adapter:
     config_cls = jlora.MoSLoraConfig if adapter == "moslora" else jlora.LoraConfig
+    dora = dict(use_dora=True) if adapter == "dora" else {}
     jlora.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS,
-                                           init_lora_weights=False))
+                                           init_lora_weights=False, **dora))
   return model
 
 
@@ -278,6 +280,8 @@ SUITES = {
     "train": lambda b: [dict(framework=f, task="train", batch=n)
                         for n in b for f in ("jlora", "peft", "peft-compile")],
     "moslora": lambda b: [dict(framework="jlora", task="train", batch=n, adapter="moslora") for n in b],
+    "dora": lambda b: [dict(framework=f, task="train", batch=n, adapter=a)
+                       for n in b for a in ("lora", "dora") for f in ("jlora", "peft")],
     "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s)
                           for (n, s) in ((1, 128), (8, 1024)) for f in ("jlora", "peft")],
     "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n) for n in b],

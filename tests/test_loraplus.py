@@ -132,3 +132,20 @@ def test_make_optimizer_applies_the_configured_ratio():
     updates.append(tx.update(grads, tx.init(params), params)[0])
   plain, plus = (u["lin"]["adapters"]["default"]["lora_B"][...] for u in updates)
   np.testing.assert_allclose(plus, RATIO * plain, rtol=1e-6)
+
+
+def test_dora_magnitudes_train_in_the_b_group_as_in_peft():
+  root, model = oracle.twins({"default": dict(r=2, lora_alpha=4, target_modules=["lin"], use_dora=True)})
+  opt = create_loraplus_optimizer(root, torch.optim.SGD, lr=LR, loraplus_lr_ratio=RATIO)
+  magnitude = root.lin.lora_magnitude_vector["default"].weight
+  model.lin.adapters["default"].lora_magnitude_vector[...] = oracle.to_np(magnitude)
+  before = oracle.to_np(magnitude).copy()
+  x = oracle.torch_inputs()[0]
+  (root.lin(x) ** 2).mean().backward()
+  opt.step()
+  graphdef, params, rest = nnx.split(model, jlora.LoraParam, ...)
+  grads = jax.grad(lambda p: (nnx.merge(graphdef, p, rest, copy=True).lin(oracle.to_np(x)) ** 2).mean())(params)
+  tx = jlora.adapter_optimizer(model, optax.sgd(LR), loraplus_lr_ratio=RATIO)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  got = updates["lin"]["adapters"]["default"]["lora_magnitude_vector"][...]
+  np.testing.assert_allclose(np.asarray(got), oracle.to_np(magnitude) - before, atol=1e-6)

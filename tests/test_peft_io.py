@@ -327,7 +327,7 @@ def test_target_module_the_model_lacks_is_named(tmp_path):
     jlora.load_peft(fresh(), adapter)
 
 
-@pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True),
+@pytest.mark.parametrize("field,value", [("use_qalora", True), ("lora_bias", True),
                                          ("modules_to_save", ["out"]), ("init_lora_weights", "loftq"),
                                          ("target_parameters", ["lin.weight"])])
 def test_unsupported_peft_feature_is_refused(tmp_path, field, value):

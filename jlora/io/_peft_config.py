@@ -24,15 +24,13 @@ CONFIG_NAME = "adapter_config.json"
 # Copied onto LoraConfig as they are.
 MAPPED = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora",
           "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform",
-          "layers_pattern", "fan_in_fan_out", "bias")
+          "layers_pattern", "fan_in_fan_out", "bias", "use_dora")
 # Provenance and bookkeeping that do not change the adapted model.
 IGNORED = ("peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode",
            "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "lora_use_mixer",
            "merge_weights", "enable_lora")
 # Fields that change the model, with the fix to suggest when one is set.
 UNSUPPORTED = {
-    "use_dora": "DoRA is not implemented; merge the adapter in PEFT (merge_and_unload) and load the "
-                "merged model instead",
     "lora_bias": "LoRA bias terms are not implemented; retrain without lora_bias",
     "modules_to_save": "fully trained extra modules are not supported; merge them into the base "
                        "checkpoint with PEFT first",
@@ -140,7 +138,7 @@ def to_peft_dict(config: LoraConfig, target_modules: list[str], rank_pattern: di
       "layers_pattern": None,
       "fan_in_fan_out": bool(fan_in_fan_out),
       "bias": "none",
-      "use_dora": False,
+      "use_dora": bool(getattr(config, "use_dora", False)),
       "lora_bias": False,
       "modules_to_save": None,
   }

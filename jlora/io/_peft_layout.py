@@ -12,6 +12,8 @@ Embed      ``lora_embedding_A``: ``[r, num]``     A ``[num, r]`` (transpose)
 Conv       ``lora_A.weight``: ``[r, in, *win]``   A ``[*win, in, r]``
            ``lora_B.weight``: ``[out, r, 1..]``   B ``[r, out]``
 MoSLoRA    ``lora_AB.weight``: ``[r, r]``         mixer M = W.T (``h @ M``)
+DoRA       ``lora_magnitude_vector``: ``[out]``   magnitude ``[out]``
+           (Conv: ``[1, out, 1, ..]``)
 =========  =====================================  ==============================
 
 GPT-2's ``Conv1D`` (``fan_in_fan_out=True``) needs nothing special: PEFT's
@@ -52,6 +54,17 @@ def factor_keys(kind: str, module_name: str) -> tuple[str, str]:
 
 def mixer_key(module_name: str) -> str:
   return f"{PREFIX}{module_name}.{MIXER}"
+
+
+def magnitude_key(module_name: str) -> str:
+  return f"{PREFIX}{module_name}.lora_magnitude_vector"
+
+
+def magnitude_to_peft(kind: str, m: np.ndarray, window_ndim: int = 0) -> np.ndarray:
+  """jlora DoRA magnitude ``[out]`` -> PEFT's (Conv: ``[1, out, 1, ...]``)."""
+  if kind == "conv":
+    return np.ascontiguousarray(m.reshape((1, -1) + (1,) * window_ndim))
+  return np.ascontiguousarray(m)
 
 
 def a_from_peft(kind: str, w: np.ndarray) -> np.ndarray:

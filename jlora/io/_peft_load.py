@@ -21,6 +21,7 @@ from jlora.io import _safetensors
 from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
 from jlora.nn import (
     LoraConfig, LoraLayer, add_adapter, delete_adapter, lora_layer_type, lora_layers, set_adapter)
+from jlora.nn._dora import DoraAdapter
 from jlora.nn._init import rewrites_base
 from jlora.nn._targets import candidates
 
@@ -124,11 +125,14 @@ def _fill(model: nnx.Module, name: str, tensors: dict, file: Path) -> None:
     a = np.zeros((size,) + adapter.lora_A.shape[len(layer.stack_shape):], np.float32)
     b = np.zeros((size,) + adapter.lora_B.shape[len(layer.stack_shape):], np.float32)
     mixer = None if adapter.lora_mixer is None else np.zeros((size, adapter.rank, adapter.rank), np.float32)
+    magnitude = (np.array(adapter.lora_magnitude_vector[...], np.float32).reshape(size, -1)
+                 if isinstance(adapter, DoraAdapter) else None)
     for i, module in enumerate(layer.module_names):
       if ranks[i] == 0:
         continue
       key_a, key_b = layout.factor_keys(kind, module)
       keys = [key_a, key_b] + ([layout.mixer_key(module)] if mixer is not None else [])
+      keys += [layout.magnitude_key(module)] if magnitude is not None else []
       absent = [k for k in keys if k not in tensors]
       if absent:
         missing += absent
@@ -150,11 +154,19 @@ def _fill(model: nnx.Module, name: str, tensors: dict, file: Path) -> None:
           raise ValueError(f"{file}: tensor {layout.mixer_key(module)!r} has shape {w.shape}, the "
                            f"MoSLoRA mixer of rank {r} needs {(r, r)}.")
         mixer[i, :r, :r] = w.T  # lora_AB(h) = h @ W.T, i.e. M = W.T
+      if magnitude is not None:
+        m = tensors.pop(layout.magnitude_key(module)).reshape(-1)
+        if m.shape != magnitude.shape[1:]:
+          raise ValueError(f"{file}: tensor {layout.magnitude_key(module)!r} holds {m.size} magnitudes, "
+                           f"the layer has {magnitude.shape[1]} output features.")
+        magnitude[i] = m
     stack = layer.stack_shape
     updates.append((adapter.lora_A, a.reshape(stack + a.shape[1:])))
     updates.append((adapter.lora_B, b.reshape(stack + b.shape[1:])))
     if mixer is not None:
       updates.append((adapter.lora_mixer, mixer.reshape(stack + mixer.shape[1:])))
+    if magnitude is not None:
+      updates.append((adapter.lora_magnitude_vector, magnitude.reshape(stack + magnitude.shape[1:])))
   if missing:
     raise ValueError(
         f"{file} lacks {len(missing)} tensor(s) that adapter_config.json implies, e.g. "

@@ -28,6 +28,7 @@ from jlora.io import _safetensors
 from jlora.io._peft_config import CONFIG_NAME, to_peft_dict
 from jlora.io._peft_load import WEIGHTS_NAME, read_adapter
 from jlora.nn import LoraAdapter, LoraConfig, LoraLayer, lora_layers, peft_config
+from jlora.nn._dora import DoraAdapter
 
 
 def _np(x) -> np.ndarray:
@@ -124,6 +125,12 @@ def _peft_tensors(model: nnx.Module, adapter_name: str) -> tuple[dict, dict]:
       tensors[key_a] = layout.a_to_peft(kind, a)
       tensors[key_b] = layout.b_to_peft(kind, b, window)
       modules[module] = (a.shape[-1], scaling)
+    adapter = layer.adapters[adapter_name]
+    if isinstance(adapter, DoraAdapter):
+      magnitude = _flat(_np(adapter.lora_magnitude_vector[...]), layer.stack_shape)
+      for i, module in enumerate(layer.module_names):
+        if module in modules:
+          tensors[layout.magnitude_key(module)] = layout.magnitude_to_peft(kind, magnitude[i], window)
   if not modules:
     raise ValueError(f"Adapter {adapter_name!r} adapts no layer; nothing to save.")
   return tensors, modules
@@ -152,13 +159,17 @@ def _to_plain_lora(model, config, tensors: dict, modules: dict, initial) -> tupl
     if start.shape != value.shape:
       raise ValueError(f"initial_adapter {where}: tensor {key!r} has shape {start.shape}, the adapter "
                        f"has {value.shape}; pass the initial state of this very adapter.")
+    if key.endswith(".lora_magnitude_vector"):  # DoRA: W_res + s·A·B = W + s·(A·B - A0·B0), same norm
+      converted[key] = value
+      continue
     is_a = key.endswith((".lora_A.weight", ".lora_embedding_A"))
     converted[key] = (np.concatenate([value, start], axis=0) if is_a
                       else np.concatenate([value, -start.astype(value.dtype)], axis=1))
   modules = {m: (2 * rank, scaling) for m, (rank, scaling) in modules.items()}
   factor = math.sqrt(2) if config.use_rslora else 2
   plain = LoraConfig(r=2 * config.r, lora_alpha=config.lora_alpha * factor,
-                     use_rslora=config.use_rslora, target_modules=config.target_modules)
+                     use_rslora=config.use_rslora, use_dora=config.use_dora,
+                     target_modules=config.target_modules)
   return plain, converted, modules
 
 

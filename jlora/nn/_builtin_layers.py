@@ -22,6 +22,8 @@ from jlora.nn._registry import register_lora_layer
 class LoraLinear(LoraLayer):
   """``nnx.Linear`` (kernel ``[in, out]``): A ``[in, r]``, B ``[r, out]``."""
 
+  supports_dora = True
+
   @classmethod
   def kernel_ndim(cls, base):
     return 2
@@ -143,6 +145,7 @@ class LoraEmbed(LoraLayer):
 
   linear_like = False
   embedding_init = True
+  supports_dora = True
 
   @classmethod
   def base_kernel(cls, base):
@@ -177,6 +180,7 @@ class LoraConv(LoraLayer):
   """
 
   linear_like = False
+  supports_dora = True
 
   def check_base_layer(self):
     base = self.base_layer

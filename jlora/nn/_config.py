@@ -58,6 +58,8 @@ class LoraConfig:
       that ``layers_to_transform`` indexes.
     fan_in_fan_out: PEFT's flag for layers that store weights as [in, out]
       (GPT-2's Conv1D). Used by checkpoint I/O only.
+    use_dora: DoRA: a trainable magnitude per output feature on top of the
+      LoRA update (Linear, Embed and Conv layers).
     seed: PRNG seed for the adapter's initialisation and dropout.
   """
 
@@ -74,6 +76,7 @@ class LoraConfig:
   layers_pattern: Sequence[str] | str | None = None
   fan_in_fan_out: bool = False
   bias: Literal["none"] = "none"
+  use_dora: bool = False
   seed: int = 0
 
   def __post_init__(self):
@@ -125,6 +128,8 @@ class LoraConfig:
       )
     if self.layers_pattern and self.layers_to_transform is None:
       raise ValueError("layers_pattern only applies with layers_to_transform; set both or neither.")
+    if not isinstance(self.use_dora, bool):
+      raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}.")
     if self.bias != "none":
       raise ValueError(f"bias={self.bias!r} is not supported; jlora adapters train no biases.")
     for name, pattern in (("target_modules", self.target_modules),
@@ -164,6 +169,10 @@ class MoSLoraConfig(LoraConfig):
 
   def _validate(self):
     super()._validate()
+    if self.use_dora:
+      raise ValueError(
+          "MoSLoRA with use_dora=True is not supported (the MoSLoRA PEFT fork has no DoRA either); "
+          "use LoraConfig(use_dora=True) or MoSLoraConfig without DoRA.")
     if self.mixer_init not in ("orthogonal", "kaiming"):
       raise ValueError(
           f"mixer_init={self.mixer_init!r} is not supported; use 'orthogonal' or 'kaiming'."

@@ -18,6 +18,7 @@ from flax import nnx
 from jlora.nn._config import AdapterConfig, LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.nn._layer import LoraLayer, frozen_copy, new_wlora_adapter
 from jlora.nn._adapters import LoraAdapter
+from jlora.nn._dora import DoraAdapter
 from jlora.nn._init import rewrites_base
 from jlora.nn._registry import lora_layer_type
 from jlora.nn._targets import (
@@ -112,7 +113,7 @@ def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
     layer = _wrapper_for(cand)
     adapter = layer.new_lora_adapter(
         jax.random.fold_in(root_key, index), ranks, scalings,
-        init_lora_weights=config.init_lora_weights, mixer_init=mixer_init,
+        init_lora_weights=config.init_lora_weights, mixer_init=mixer_init, use_dora=config.use_dora,
         dropout=config.lora_dropout)
     built.append((cand, layer, adapter))
   for cand, layer, adapter in built:
@@ -150,8 +151,8 @@ def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:
     upstreams = []
     for name in config.upstream_loras:
       adapter = layer.adapters[name]
-      if not isinstance(adapter, LoraAdapter):
-        raise ValueError(f"WLoRA upstream {name!r} must be a LoRA/MoSLoRA adapter, not WLoRA.")
+      if not isinstance(adapter, LoraAdapter) or isinstance(adapter, DoraAdapter):
+        raise ValueError(f"WLoRA upstream {name!r} must be a LoRA/MoSLoRA adapter, not WLoRA or DoRA.")
       upstreams.append(adapter)
     plans.append((layer, upstreams, keep))
   if not plans:
@@ -247,6 +248,9 @@ def per_sample_adapters(model: nnx.Module, adapter_names: Sequence[str]):
   _require(model, routes)
   layers = [layer for _, layer in lora_layers(model)]
   for layer in layers:
+    if any(isinstance(layer.adapters.get(n), DoraAdapter) for n in routes):
+      raise ValueError("per_sample_adapters cannot route DoRA adapters (PEFT: \"Cannot pass "
+                       "`adapter_names` when DoRA is enabled\"); run one adapter per batch instead.")
     if layer.merged_adapters:
       raise ValueError(
           f"per_sample_adapters cannot run with merged adapters {list(layer.merged_adapters)}; "

@@ -19,6 +19,7 @@ from flax import nnx
 
 from jlora.nn import _init
 from jlora.nn._adapters import Adapter, LoraAdapter, WLoraAdapter, delta_weight
+from jlora.nn._dora import DoraAdapter, along_output, column_norm
 from jlora.nn._variables import LoraBuffer, LoraParam
 
 
@@ -45,6 +46,8 @@ class LoraLayer(nnx.Module):
   """Use PEFT's embedding init (A zero, B normal) instead of A random, B zero."""
   b_rank_axis: ClassVar[int] = 0
   """Axis of the rank in (unstacked) B."""
+  supports_dora: ClassVar[bool] = False
+  """Whether DoRA applies: the kernel's last axis is the only output axis (Linear, Embed, Conv)."""
 
   def __init__(self, base_layer: nnx.Module, module_names: Sequence[str]):
     self.base_layer = base_layer
@@ -133,6 +136,7 @@ class LoraLayer(nnx.Module):
       *,
       init_lora_weights=True,
       mixer_init: str | None = None,
+      use_dora: bool = False,
       dropout: float = 0.0,
       param_type: type[LoraParam] = LoraParam,
       dtype=jnp.float32,
@@ -146,6 +150,7 @@ class LoraLayer(nnx.Module):
       scalings: scaling of each stacked layer, same length.
       init_lora_weights: ``LoraConfig.init_lora_weights``.
       mixer_init: ``"orthogonal"`` / ``"kaiming"`` for MoSLoRA, None for LoRA.
+      use_dora: a ``DoraAdapter`` (magnitudes from the current kernel).
     """
     stack = self.stack_shape
     ranks = np.broadcast_to(np.asarray(ranks, np.int32), (max(1, math.prod(stack)),))
@@ -179,10 +184,20 @@ class LoraLayer(nnx.Module):
       mixer = _init.kaiming_uniform(key_mixer, stack + (max_rank, max_rank), max_rank, dtype)
     elif mixer_init is not None:
       raise ValueError(f"Unknown mixer_init {mixer_init!r}; use 'orthogonal' or 'kaiming'.")
-    return LoraAdapter(
-        a, b, jnp.asarray(scaling), rank_mask=rank_mask, mixer=mixer,
-        dropout=dropout if self.supports_dropout() else 0.0,
-        dropout_key=key_dropout, param_type=param_type)
+    kwargs = dict(rank_mask=rank_mask, mixer=mixer, dropout=dropout if self.supports_dropout() else 0.0,
+                  dropout_key=key_dropout, param_type=param_type)
+    if not use_dora:
+      return LoraAdapter(a, b, jnp.asarray(scaling), **kwargs)
+    if not self.supports_dora:
+      raise ValueError(
+          f"use_dora=True: DoRA applies to Linear, Embed and Conv layers (as in PEFT), but "
+          f"{self.module_names[0]} is a {type(self).__name__}; leave it out of target_modules.")
+    adapter = DoraAdapter(a, b, jnp.asarray(scaling), jnp.zeros(stack + self.kernel().shape[-1:]), **kwargs)
+    # PiSSA/OLoRA then move s·A·B out of the kernel, so their W_res + s·A·B is today's kernel.
+    delta = 0.0 if _init.rewrites_base(init_lora_weights) else delta_weight(adapter, self)
+    weight = jnp.asarray(self.kernel()[...], jnp.float32) + delta
+    adapter.lora_magnitude_vector[...] = column_norm(weight, len(stack))
+    return adapter
 
   def _matrix_init(self, key, mode: str, rank: int, scaling: np.ndarray, a_shape, b_shape, dtype):
     """PiSSA / OLoRA / orthogonal factors ``(A, B)`` for every stacked layer, from the kernel.
@@ -260,7 +275,11 @@ class LoraLayer(nnx.Module):
       return y + self._routed_delta(x, y.dtype)
     for name in self.active_adapters:
       if name in self.adapters and name not in self.merged_adapters:
-        y = y + self.adapters[name].delta(self, x, y.dtype).astype(y.dtype)
+        adapter = self.adapters[name]
+        if isinstance(adapter, DoraAdapter):  # as PEFT, on the output so far (other adapters in it)
+          y = y + adapter.dora_delta(self, x, y, *args, **kwargs).astype(y.dtype)
+        else:
+          y = y + adapter.delta(self, x, y.dtype).astype(y.dtype)
     return y
 
   def _routed_delta(self, x, dtype):
@@ -285,22 +304,51 @@ class LoraLayer(nnx.Module):
     return delta_weight(self.adapters[name], self)
 
   def merge(self, names: Sequence[str]) -> None:
-    """Fold the named adapters into the base kernel (in place)."""
+    """Fold the named adapters into the base kernel (in place).
+
+    DoRA: ``W ← m/‖W₀ + ΔW‖ ⊙ (W + ΔW)``, the norm over the kernel without
+    any merged adapter (``W₀``), as PEFT; the norm is kept for unmerging.
+    """
     kernel = self.kernel()
     for name in names:
       if name in self.merged_adapters or name not in self.adapters:
         continue
-      kernel[...] = (kernel[...] + self.delta_weight(name)).astype(kernel.dtype)
+      adapter = self.adapters[name]
+      delta = self.delta_weight(name)
+      if isinstance(adapter, DoraAdapter):
+        norm = column_norm(self._unmerged_kernel() + delta, len(self.stack_shape))
+        adapter.merge_norm[...] = norm
+        merged = self._dora_factor(adapter) * (kernel[...] + delta)
+      else:
+        merged = kernel[...] + delta
+      kernel[...] = merged.astype(kernel.dtype)
       self.merged_adapters = self.merged_adapters + (name,)
 
   def unmerge(self, names: Sequence[str] | None = None) -> None:
-    """Subtract merged adapters from the base kernel, newest first."""
+    """Take merged adapters out of the base kernel, newest first."""
     kernel = self.kernel()
     for name in reversed(self.merged_adapters):
       if names is not None and name not in names:
         continue
-      kernel[...] = (kernel[...] - self.delta_weight(name)).astype(kernel.dtype)
+      kernel[...] = self._undo(name, kernel[...]).astype(kernel.dtype)
       self.merged_adapters = tuple(n for n in self.merged_adapters if n != name)
+
+  def _dora_factor(self, adapter: DoraAdapter) -> jax.Array:
+    factor = adapter.lora_magnitude_vector[...] / adapter.merge_norm[...]
+    return along_output(factor, len(self.kernel().shape) - len(self.stack_shape), len(self.stack_shape))
+
+  def _undo(self, name: str, kernel: jax.Array) -> jax.Array:
+    adapter = self.adapters[name]
+    if isinstance(adapter, DoraAdapter):
+      return kernel / self._dora_factor(adapter) - self.delta_weight(name)
+    return kernel - self.delta_weight(name)
+
+  def _unmerged_kernel(self) -> jax.Array:
+    """The kernel with every merged adapter taken out (not written back), float32."""
+    kernel = jnp.asarray(self.kernel()[...], jnp.float32)
+    for name in reversed(self.merged_adapters):
+      kernel = self._undo(name, kernel)
+    return kernel
 
 
 def new_wlora_adapter(layer: LoraLayer, upstreams: list[LoraAdapter]) -> WLoraAdapter:

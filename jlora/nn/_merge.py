@@ -11,6 +11,7 @@ from typing import Sequence
 
 from flax import nnx
 
+from jlora.nn._dora import DoraAdapter
 from jlora.nn._inject import _replace, _require, _set_configs, active_adapters, lora_layers
 
 
@@ -84,6 +85,11 @@ def unmerge(graphdef: nnx.GraphDef, base_state: nnx.State, *adapter_states: nnx.
   def subtract(model):
     names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
     for _, layer in lora_layers(model):
+      if any(isinstance(layer.adapters.get(n), DoraAdapter) for n in names):
+        raise ValueError(
+            "The pure unmerge cannot take a DoRA adapter out: undoing its merge needs the weight "
+            "norm of the merge, which the pure merge does not return. Keep the unmerged base "
+            "state, or use merge_adapter / unmerge_adapter in place.")
       layer.merged_adapters = tuple(n for n in names if n in layer.adapters)
       layer.unmerge()
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jlora.nn._adapters import LoraAdapter, over_stack
 from jlora.nn._config import LoraConfig
+from jlora.nn._dora import DoraAdapter
 from jlora.nn._inject import _require, _set_configs, lora_layers, peft_config
 from jlora.nn._layer import LoraLayer
 
@@ -51,6 +52,11 @@ def add_weighted_adapter(
     combination_type = "linear"
 
   layers = [layer for _, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
+  dora = sorted({a for l in layers for a in adapters if isinstance(l.adapters.get(a), DoraAdapter)})
+  if dora:
+    raise ValueError(
+        f"add_weighted_adapter combines LoRA factors, but {dora} are DoRA adapters, whose magnitude "
+        "vectors have no weighted combination; merge them (merge_and_unload) instead.")
   ranks = {a: max(l.adapters[a].rank for l in layers if a in l.adapters) for a in adapters}
   if combination_type in ("linear", "ties") and len(set(ranks.values())) != 1:
     raise ValueError(

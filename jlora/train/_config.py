@@ -51,7 +51,8 @@ DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class AdapterConfig:
   """The adapter to train (mapped onto ``jlora.LoraConfig`` / ``MoSLoraConfig`` / ``WLoraConfig``).
 
-  ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only.
+  ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only;
+  ``use_dora`` (DoRA's magnitude vectors) by ``kind="lora"`` only.
   The default targets include the embedding and output head because the demo
   model's weights are random; for a pretrained model ``"all-linear"`` or the
   attention projections are the usual choice.
@@ -64,6 +65,7 @@ class AdapterConfig:
   lora_dropout: float = 0.0
   use_rslora: bool = False
   mixer_init: Literal["orthogonal", "kaiming"] = "kaiming"
+  use_dora: bool = False
   upstream_loras: tuple[str, ...] = ()
   seed: int = 0
 
@@ -215,6 +217,9 @@ def _check_values(cfg: TrainConfig) -> None:
       raise ConfigError(f"mesh.{axis} must be >= 1, got {getattr(cfg.mesh, axis)}.")
   if cfg.mesh.data < 1 and cfg.mesh.data != -1:
     raise ConfigError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {cfg.mesh.data}.")
+  if cfg.adapter.use_dora and cfg.adapter.kind != "lora":
+    raise ConfigError(f"adapter.use_dora=true needs adapter.kind=lora (got {cfg.adapter.kind!r}); "
+                      "DoRA does not combine with MoSLoRA or WLoRA.")
   if cfg.adapter.kind == "wlora" and not cfg.adapter.upstream_loras:
     raise ConfigError("adapter.kind=wlora needs adapter.upstream_loras: a list of PEFT adapter directories.")
 

@@ -88,7 +88,7 @@ def adapter_config(cfg: AdapterConfig):
   common = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=cfg.lora_dropout,
                 use_rslora=cfg.use_rslora, seed=cfg.seed)
   if cfg.kind == "lora":
-    return LoraConfig(**common)
+    return LoraConfig(use_dora=cfg.use_dora, **common)
   if cfg.kind == "moslora":
     return MoSLoraConfig(mixer_init=cfg.mixer_init, **common)
   return WLoraConfig(upstream_loras=tuple(cfg.upstream_loras), seed=cfg.seed)

@@ -1,0 +1,70 @@
+"""DoRA (Liu et al., 2024): a LoRA adapter plus a learned magnitude per output feature.
+
+The adapted weight is ``m ⊙ (W + s·A·B) / ‖W + s·A·B‖``, the norm taken per
+output feature over everything else of the kernel (Flax layouts keep the
+output last: Linear ``[in, out]``, Embed ``[num, features]``, Conv
+``[*window, in, out]``), i.e. PEFT's ``DoraLinearLayer`` /
+``DoraEmbeddingLayer`` / ``_DoraConvNdLayer`` norm. As in PEFT (and the
+paper, §4.3) the norm is a constant in the backward pass, and the forward
+pass adds ``(m/‖·‖ - 1)·(x·W) + m/‖·‖ · s·x·A·B`` to the base output, where
+``x·W`` is the base output without bias (with LoRA dropout active: the base
+kernel applied to the dropped-out input, as PEFT does).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jlora.nn._adapters import LayerOps, LoraAdapter
+from jlora.nn._variables import LoraBuffer, LoraParam
+
+
+def column_norm(weight: jax.Array, stack_ndim: int = 0) -> jax.Array:
+  """L2 norm of ``weight [*stack, *kernel]`` per output feature (last axis): ``[*stack, out]``."""
+  axes = tuple(range(stack_ndim, weight.ndim - 1))
+  return jnp.sqrt(jnp.sum(jnp.square(weight.astype(jnp.float32)), axis=axes))
+
+
+def along_output(values: jax.Array, kernel_ndim: int, stack_ndim: int = 0) -> jax.Array:
+  """``[*stack, out]`` reshaped to broadcast against a ``[*stack, *kernel]`` array."""
+  stack = values.shape[:stack_ndim]
+  return values.reshape(stack + (1,) * (kernel_ndim - 1) + values.shape[-1:])
+
+
+class DoraAdapter(LoraAdapter):
+  """A LoRA adapter with DoRA's magnitude vector.
+
+  Attributes:
+    lora_magnitude_vector: ``[*stack, out]`` trainable magnitudes; at init
+      the column norms of ``W + s·A·B``, so the output starts unchanged.
+    merge_norm: ``[*stack, out]``, the norm used by the last merge (unmerging
+      needs it, as PEFT caches it).
+  """
+
+  def __init__(self, lora_A, lora_B, scaling, magnitude: jax.Array, **kwargs):
+    super().__init__(lora_A, lora_B, scaling, **kwargs)
+    param_type = kwargs.get("param_type", LoraParam)
+    self.lora_magnitude_vector = param_type(jnp.asarray(magnitude, jnp.float32))
+    self.merge_norm = LoraBuffer(jnp.ones(magnitude.shape, jnp.float32))
+
+  def output_scale(self, ops: LayerOps, kernel: jax.Array) -> jax.Array:
+    """``m / ‖W + s·A·B‖`` for one (unstacked) layer, the norm a constant for autodiff: ``[out]``."""
+    a, b, scaling = self.lora_factors(ops)
+    delta = jax.lax.stop_gradient(ops.factors_to_weight(a, b) * scaling)
+    norm = jax.lax.stop_gradient(column_norm(kernel.astype(jnp.float32) + delta))
+    return self.lora_magnitude_vector[...] / norm
+
+  def dora_delta(self, layer, x: jax.Array, y: jax.Array, *args, **kwargs) -> jax.Array:
+    """What DoRA adds to the base output ``y`` of ``layer`` for input ``x`` (one layer)."""
+    dtype = y.dtype
+    bias = getattr(layer.base_layer, "bias", None)
+    dropped = self.dropout_key is not None and not self.deterministic
+    xd = self._dropout(x) if dropped else x
+    lora = self.delta(layer, xd, dtype, dropout=False)
+    # Without dropout the base output is already there; with it, PEFT recomputes x_dropped·W.
+    base = layer.base_layer(xd, *args, **kwargs) if dropped else y
+    if bias is not None:
+      base = base - bias[...].astype(dtype)
+    scale = self.output_scale(layer, layer.kernel()[...]).astype(dtype)
+    return (scale - 1) * base + scale * lora
