@@ -328,7 +328,7 @@ def test_target_module_the_model_lacks_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("use_qalora", True), ("lora_bias", True),
-                                         ("modules_to_save", ["out"]), ("init_lora_weights", "loftq"),
+                                         ("trainable_token_indices", [1]), ("init_lora_weights", "loftq"),
                                          ("target_parameters", ["lin.weight"])])
 def test_unsupported_peft_feature_is_refused(tmp_path, field, value):
   adapter, _ = save_peft_adapter(tmp_path, r=2, target_modules=["lin"])

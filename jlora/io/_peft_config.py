@@ -24,7 +24,7 @@ CONFIG_NAME = "adapter_config.json"
 # Copied onto LoraConfig as they are.
 MAPPED = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora",
           "init_lora_weights", "rank_pattern", "alpha_pattern", "layers_to_transform",
-          "layers_pattern", "fan_in_fan_out", "bias", "use_dora")
+          "layers_pattern", "fan_in_fan_out", "bias", "use_dora", "modules_to_save")
 # Provenance and bookkeeping that do not change the adapted model.
 IGNORED = ("peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode",
            "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "lora_use_mixer",
@@ -32,8 +32,6 @@ IGNORED = ("peft_type", "base_model_name_or_path", "revision", "task_type", "inf
 # Fields that change the model, with the fix to suggest when one is set.
 UNSUPPORTED = {
     "lora_bias": "LoRA bias terms are not implemented; retrain without lora_bias",
-    "modules_to_save": "fully trained extra modules are not supported; merge them into the base "
-                       "checkpoint with PEFT first",
     "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts) is not supported",
     "layer_replication": "layer replication is not supported",
     "trainable_token_indices": "trainable tokens are not supported; merge them with PEFT first",
@@ -140,7 +138,7 @@ def to_peft_dict(config: LoraConfig, target_modules: list[str], rank_pattern: di
       "bias": "none",
       "use_dora": bool(getattr(config, "use_dora", False)),
       "lora_bias": False,
-      "modules_to_save": None,
+      "modules_to_save": list(config.modules_to_save) if getattr(config, "modules_to_save", None) else None,
   }
 
 

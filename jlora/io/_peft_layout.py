@@ -23,6 +23,7 @@ LoRA factors there are plain ``nn.Linear`` weights, laid out as above.
 from __future__ import annotations
 
 import numpy as np
+from flax import nnx
 
 from jlora.nn import LoraConv, LoraEmbed, LoraLayer, LoraLinear
 
@@ -54,6 +55,35 @@ def factor_keys(kind: str, module_name: str) -> tuple[str, str]:
 
 def mixer_key(module_name: str) -> str:
   return f"{PREFIX}{module_name}.{MIXER}"
+
+
+def module_tensors(module: nnx.Module, name: str) -> dict[str, np.ndarray]:
+  """A ``modules_to_save`` copy as PEFT saves it: ``{PREFIX}{name}.weight`` (torch layout), ``.bias``."""
+  if isinstance(module, nnx.Embed):
+    weight = np.asarray(module.embedding[...])
+  elif isinstance(module, (nnx.Linear, nnx.Conv)):
+    kernel = np.asarray(module.kernel[...])
+    weight = kernel.T if kernel.ndim == 2 else np.moveaxis(kernel, (-1, -2), (0, 1))
+  else:
+    raise ValueError(
+        f"modules_to_save copy {name} is a {type(module).__name__}, which has no PEFT layout here "
+        "(Linear, Embed and Conv do); keep it in jlora's format (jlora.adapter_state).")
+  out = {f"{PREFIX}{name}.weight": np.ascontiguousarray(weight)}
+  if getattr(module, "bias", None) is not None:
+    out[f"{PREFIX}{name}.bias"] = np.asarray(module.bias[...])
+  return out
+
+
+def module_variables(module: nnx.Module, name: str) -> dict[str, tuple[nnx.Variable, callable]]:
+  """PEFT key -> (the copy's variable, PEFT tensor -> its value) for a ``modules_to_save`` copy."""
+  if isinstance(module, nnx.Embed):
+    out = {f"{PREFIX}{name}.weight": (module.embedding, lambda w: w)}
+  else:
+    to_kernel = lambda w: w.T if w.ndim == 2 else np.moveaxis(w, (0, 1), (-1, -2))
+    out = {f"{PREFIX}{name}.weight": (module.kernel, to_kernel)}
+  if getattr(module, "bias", None) is not None:
+    out[f"{PREFIX}{name}.bias"] = (module.bias, lambda b: b)
+  return out
 
 
 def magnitude_key(module_name: str) -> str:

@@ -23,6 +23,7 @@ from jlora.nn import (
     LoraConfig, LoraLayer, add_adapter, delete_adapter, lora_layer_type, lora_layers, set_adapter)
 from jlora.nn._dora import DoraAdapter
 from jlora.nn._init import rewrites_base
+from jlora.nn._modules_to_save import ModulesToSaveLayer
 from jlora.nn._targets import candidates
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,7 +92,7 @@ def load_peft(model: nnx.Module, adapter_dir: str | os.PathLike, adapter_name: s
   except BaseException:
     if rewrites_base(config.init_lora_weights):  # PiSSA / OLoRA: give the base its weights back
       for _, layer in lora_layers(model):
-        if adapter_name in layer.adapters:
+        if adapter_name in layer.adapters and not isinstance(layer, ModulesToSaveLayer):
           kernel = layer.kernel()
           kernel[...] = (kernel[...] + layer.delta_weight(adapter_name)).astype(kernel.dtype)
     delete_adapter(model, adapter_name)  # leave the model as it was
@@ -117,6 +118,18 @@ def _fill(model: nnx.Module, name: str, tensors: dict, file: Path) -> None:
   missing, updates = [], []
   for _, layer in lora_layers(model):
     if name not in layer.adapters:
+      continue
+    if isinstance(layer, ModulesToSaveLayer):
+      for key, (variable, convert) in layout.module_variables(
+          layer.adapters[name].module, layer.module_names[0]).items():
+        if key not in tensors:
+          missing.append(key)
+          continue
+        value = convert(tensors.pop(key))
+        if tuple(value.shape) != tuple(variable.shape):
+          raise ValueError(f"{file}: tensor {key!r} (a modules_to_save copy) does not fit "
+                           f"{layer.module_names[0]}: {tuple(value.shape)} vs {tuple(variable.shape)}.")
+        updates.append((variable, value))
       continue
     kind = layout.kind_of(layer)
     adapter = layer.adapters[name]

@@ -29,6 +29,7 @@ from jlora.io._peft_config import CONFIG_NAME, to_peft_dict
 from jlora.io._peft_load import WEIGHTS_NAME, read_adapter
 from jlora.nn import LoraAdapter, LoraConfig, LoraLayer, lora_layers, peft_config
 from jlora.nn._dora import DoraAdapter
+from jlora.nn._modules_to_save import ModulesToSaveLayer
 
 
 def _np(x) -> np.ndarray:
@@ -115,6 +116,9 @@ def _peft_tensors(model: nnx.Module, adapter_name: str) -> tuple[dict, dict]:
   for _, layer in lora_layers(model):
     if adapter_name not in layer.adapters:
       continue
+    if isinstance(layer, ModulesToSaveLayer):
+      tensors.update(layout.module_tensors(layer.adapters[adapter_name].module, layer.module_names[0]))
+      continue
     kind = layout.kind_of(layer)
     window = len(layer.base_layer.kernel_size) if kind == "conv" else 0
     for entry in layer_factors(layer, layer.adapters[adapter_name]):
@@ -159,6 +163,9 @@ def _to_plain_lora(model, config, tensors: dict, modules: dict, initial) -> tupl
     if start.shape != value.shape:
       raise ValueError(f"initial_adapter {where}: tensor {key!r} has shape {start.shape}, the adapter "
                        f"has {value.shape}; pass the initial state of this very adapter.")
+    if not key.endswith((".lora_A.weight", ".lora_embedding_A", ".lora_B.weight", ".lora_embedding_B")):
+      converted[key] = value  # DoRA magnitudes, modules_to_save copies: unchanged
+      continue
     if key.endswith(".lora_magnitude_vector"):  # DoRA: W_res + s·A·B = W + s·(A·B - A0·B0), same norm
       converted[key] = value
       continue
@@ -169,6 +176,7 @@ def _to_plain_lora(model, config, tensors: dict, modules: dict, initial) -> tupl
   factor = math.sqrt(2) if config.use_rslora else 2
   plain = LoraConfig(r=2 * config.r, lora_alpha=config.lora_alpha * factor,
                      use_rslora=config.use_rslora, use_dora=config.use_dora,
+                     modules_to_save=config.modules_to_save,
                      target_modules=config.target_modules)
   return plain, converted, modules
 

@@ -60,6 +60,8 @@ class LoraConfig:
       (GPT-2's Conv1D). Used by checkpoint I/O only.
     use_dora: DoRA: a trainable magnitude per output feature on top of the
       LoRA update (Linear, Embed and Conv layers).
+    modules_to_save: modules (matched as suffixes of the dotted path, e.g.
+      ``"lm_head"``) that the adapter replaces by a fully trainable copy.
     seed: PRNG seed for the adapter's initialisation and dropout.
   """
 
@@ -77,11 +79,14 @@ class LoraConfig:
   fan_in_fan_out: bool = False
   bias: Literal["none"] = "none"
   use_dora: bool = False
+  modules_to_save: Sequence[str] | None = None
   seed: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "target_modules", _as_tuple(self.target_modules))
     object.__setattr__(self, "exclude_modules", _as_tuple(self.exclude_modules))
+    modules = self.modules_to_save
+    object.__setattr__(self, "modules_to_save", (modules,) if isinstance(modules, str) else _as_tuple(modules))
     if _is_int(self.r):
       object.__setattr__(self, "r", int(self.r))  # numpy ints too (they don't go into JSON)
     layers = self.layers_to_transform
@@ -128,6 +133,9 @@ class LoraConfig:
       )
     if self.layers_pattern and self.layers_to_transform is None:
       raise ValueError("layers_pattern only applies with layers_to_transform; set both or neither.")
+    if self.modules_to_save is not None and not all(
+        isinstance(m, str) and m for m in self.modules_to_save):
+      raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}.")
     if not isinstance(self.use_dora, bool):
       raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}.")
     if self.bias != "none":

@@ -20,6 +20,7 @@ from jlora.nn._layer import LoraLayer, frozen_copy, new_wlora_adapter
 from jlora.nn._adapters import LoraAdapter
 from jlora.nn._dora import DoraAdapter
 from jlora.nn._init import rewrites_base
+from jlora.nn._modules_to_save import ModuleCopy, ModulesToSaveLayer
 from jlora.nn._registry import lora_layer_type
 from jlora.nn._targets import (
     Candidate, candidates, describe, is_selected, name_matches, output_head_name)
@@ -116,14 +117,39 @@ def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
         init_lora_weights=config.init_lora_weights, mixer_init=mixer_init, use_dora=config.use_dora,
         dropout=config.lora_dropout)
     built.append((cand, layer, adapter))
+  built += _modules_to_save(model, config, cands, [cand for cand, _ in plans])
   for cand, layer, adapter in built:
     if layer is not cand.module:
       _replace(model, cand.path, layer)
     layer.add(adapter_name, adapter)
-    if rewrites_base(config.init_lora_weights):
+    if rewrites_base(config.init_lora_weights) and isinstance(adapter, LoraAdapter):
       # PiSSA / OLoRA: the base keeps the residual W - s·A·B, so the output starts unchanged.
       kernel = layer.kernel()
       kernel[...] = (kernel[...] - layer.delta_weight(adapter_name)).astype(kernel.dtype)
+
+
+def _modules_to_save(model, config: LoraConfig, cands: list[Candidate], lora_targets) -> list:
+  """``(candidate, ModulesToSaveLayer, ModuleCopy)`` for each module in ``config.modules_to_save``."""
+  if not config.modules_to_save:
+    return []
+  wanted = lambda name: any(name == m or name.endswith("." + m) for m in config.modules_to_save)
+  built = []
+  for cand in cands:
+    if not any(wanted(n) for n in cand.names):
+      continue
+    if any(cand is t for t in lora_targets) or (
+        isinstance(cand.module, LoraLayer) and not isinstance(cand.module, ModulesToSaveLayer)):
+      raise ValueError(
+          f"{cand.names[0]} is both a LoRA target and in modules_to_save; a module is either "
+          "adapted or fully trained, so remove it from one of target_modules / modules_to_save.")
+    layer = cand.module if isinstance(cand.module, ModulesToSaveLayer) else ModulesToSaveLayer(
+        cand.module, cand.names)
+    built.append((cand, layer, ModuleCopy(layer.base_layer)))
+  if not built:
+    raise ValueError(
+        f"modules_to_save={list(config.modules_to_save)} matches no module of the model. Modules "
+        "that can be saved in full:\n  " + describe(cands))
+  return built
 
 
 def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:

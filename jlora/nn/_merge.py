@@ -12,6 +12,7 @@ from typing import Sequence
 from flax import nnx
 
 from jlora.nn._dora import DoraAdapter
+from jlora.nn._modules_to_save import ModulesToSaveLayer
 from jlora.nn._inject import _replace, _require, _set_configs, active_adapters, lora_layers
 
 
@@ -42,9 +43,12 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
   Returns the same model object, now a plain model of base layers whose
   outputs equal the adapted model's unmerged outputs.
   """
-  merge_adapter(model, adapter_names)
+  names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
+  merge_adapter(model, names)
   for path, layer in list(lora_layers(model)):
-    _replace(model, path, layer.base_layer)
+    # modules_to_save: the (last) merged adapter's copy takes the module's place, as in PEFT.
+    kept = layer.unloaded(names) if isinstance(layer, ModulesToSaveLayer) else layer.base_layer
+    _replace(model, path, kept)
   _set_configs(model, {})
   return model
 
@@ -75,7 +79,16 @@ def merge(graphdef: nnx.GraphDef, base_state: nnx.State, *adapter_states: nnx.St
   Forward with the result and adapters disabled (or use ``merge_and_unload``)
   so deltas are not added twice.
   """
-  return _merged_state(lambda m: merge_adapter(m, adapter_names), graphdef, base_state, *adapter_states)
+  def fold(model):
+    names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
+    for _, layer in lora_layers(model):
+      if isinstance(layer, ModulesToSaveLayer) and any(n in layer.adapters for n in names):
+        raise ValueError(
+            f"The pure merge cannot fold the modules_to_save copy of {layer.module_names[0]} into "
+            "the base state; use merge_and_unload, which puts the copy in the module's place.")
+    merge_adapter(model, names)
+
+  return _merged_state(fold, graphdef, base_state, *adapter_states)
 
 
 def unmerge(graphdef: nnx.GraphDef, base_state: nnx.State, *adapter_states: nnx.State,

@@ -21,6 +21,7 @@ from flax import nnx
 from jlora.nn._adapters import LoraAdapter, over_stack
 from jlora.nn._config import LoraConfig
 from jlora.nn._dora import DoraAdapter
+from jlora.nn._modules_to_save import ModulesToSaveLayer
 from jlora.nn._inject import _require, _set_configs, lora_layers, peft_config
 from jlora.nn._layer import LoraLayer
 
@@ -52,6 +53,13 @@ def add_weighted_adapter(
     combination_type = "linear"
 
   layers = [layer for _, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
+  shared = [l.module_names[0] for l in layers
+            if isinstance(l, ModulesToSaveLayer) and sum(a in l.adapters for a in adapters) > 1]
+  if shared:
+    raise ValueError(
+        f"Cannot add weighted adapters if they target the same module with modules_to_save (as in "
+        f"PEFT), but {shared} are; combine adapters whose modules_to_save do not overlap.")
+  layers = [l for l in layers if not isinstance(l, ModulesToSaveLayer)]  # copies are not combined
   dora = sorted({a for l in layers for a in adapters if isinstance(l.adapters.get(a), DoraAdapter)})
   if dora:
     raise ValueError(

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from jlora.nn import LoraEmbed, UpstreamLoraParam, active_adapters, lora_layers, split_adapter
+from jlora.nn._modules_to_save import ModulesToSaveLayer
 
 # Adapter params that LoRA+ trains at the higher (B) learning rate: PEFT's "lora_B" params and its
 # 1-d params (DoRA's magnitude vector).
@@ -56,17 +57,20 @@ def loraplus_groups(model: nnx.Module, params: nnx.State | None = None):
   """``"A"`` / ``"B"`` / ``"embedding"`` for every param, as PEFT's LoRA+ groups them.
 
   Every factor of an embedding adapter is ``"embedding"``; elsewhere B and
-  DoRA's magnitude vector are ``"B"``, everything else (A, MoSLoRA mixers,
-  WLoRA logits) ``"A"``.
+  DoRA's magnitude vector are ``"B"``, as are the biases of ``modules_to_save``
+  copies; everything else (A, MoSLoRA mixers, WLoRA logits, copied weights)
+  ``"A"``.
   """
   if params is None:
     _, params, _ = split_adapter(model)
-  embeddings = {tuple(path) for path, layer in lora_layers(model) if isinstance(layer, LoraEmbed)}
+  layers = dict(lora_layers(model))
 
   def group(keys, variable) -> str:
-    layer_path = tuple(keys[:keys.index("adapters")]) if "adapters" in keys else None
-    if layer_path in embeddings:
+    layer = layers.get(tuple(keys[:keys.index("adapters")])) if "adapters" in keys else None
+    if isinstance(layer, LoraEmbed):
       return "embedding"
+    if isinstance(layer, ModulesToSaveLayer):  # PEFT: a full copy's 1-d params (biases) go with B
+      return "B" if variable.ndim == 1 else "A"
     return "B" if any(k in _B_GROUP for k in keys) else "A"
 
   return _map_variables(group, params)
