@@ -7,6 +7,15 @@
 - ``svd``: ``Σ w_k ΔW_k`` truncated by SVD to ``svd_rank`` (default: largest rank).
 - ``ties``: PEFT's TIES (magnitude pruning to ``density``, majority sign,
   disjoint mean) on A and on B, with the ``linear`` weights.
+- ``magnitude_prune``: magnitude pruning to ``density``, then the weighted sum.
+- ``dare_linear`` / ``dare_ties``: DARE: each element kept with probability
+  ``density`` and rescaled by ``1/density``, then the weighted sum / TIES'
+  sign election and disjoint mean. The masks are random: jlora draws them
+  from ``seed`` (PEFT from torch's global generator), so the two agree given
+  the same masks, not the same seed.
+- ``<method>_svd`` (``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
+  ``magnitude_prune_svd``): the method applied to the full updates
+  ``ΔW_k = s_k·A_k·B_k`` with the plain weights, then truncated by SVD as ``svd``.
 The new adapter has ``lora_alpha = r``, i.e. scaling 1.
 """
 
@@ -16,6 +25,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jlora.nn._adapters import LoraAdapter, over_stack
@@ -25,7 +35,11 @@ from jlora.nn._modules_to_save import ModulesToSaveLayer
 from jlora.nn._inject import _require, _set_configs, lora_layers, peft_config
 from jlora.nn._layer import LoraLayer
 
-COMBINATIONS = ("linear", "cat", "svd", "ties")
+# Methods that combine A's and B's separately (one rank), and their update-level twins.
+FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATIONS = FACTOR_METHODS + ("cat",) + SVD_METHODS
+_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def add_weighted_adapter(
@@ -37,8 +51,14 @@ def add_weighted_adapter(
     svd_rank: int | None = None,
     density: float | None = None,
     majority_sign_method: str = "total",
+    seed: int = 0,
 ) -> None:
-  """Add ``adapter_name`` combining ``adapters`` with ``weights`` (not activated)."""
+  """Add ``adapter_name`` combining ``adapters`` with ``weights`` (not activated).
+
+  ``density`` (in [0, 1]) is the fraction of elements kept by the pruning
+  methods; ``majority_sign_method`` (``"total"`` / ``"frequency"``) elects
+  the sign for the TIES methods; ``seed`` draws the DARE masks.
+  """
   adapters, weights = list(adapters), [float(w) for w in weights]
   configs = _require(model, adapters)
   if adapter_name in configs:
@@ -47,8 +67,11 @@ def add_weighted_adapter(
     raise ValueError(f"Need one weight per adapter: got {len(adapters)} adapters, {len(weights)} weights.")
   if combination_type not in COMBINATIONS:
     raise ValueError(f"Unknown combination_type {combination_type!r}; use one of {COMBINATIONS}.")
-  if combination_type == "ties" and (density is None or not 0.0 <= density <= 1.0):
-    raise ValueError(f"combination_type='ties' needs density in [0, 1], got {density!r}.")
+  if combination_type.removesuffix("_svd") in _NEEDS_DENSITY and (
+      density is None or not 0.0 <= density <= 1.0):
+    raise ValueError(f"combination_type={combination_type!r} needs density in [0, 1], got {density!r}.")
+  if majority_sign_method not in ("total", "frequency"):
+    raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
   if len(adapters) == 1:
     combination_type = "linear"
 
@@ -66,28 +89,37 @@ def add_weighted_adapter(
         f"add_weighted_adapter combines LoRA factors, but {dora} are DoRA adapters, whose magnitude "
         "vectors have no weighted combination; merge them (merge_and_unload) instead.")
   ranks = {a: max(l.adapters[a].rank for l in layers if a in l.adapters) for a in adapters}
-  if combination_type in ("linear", "ties") and len(set(ranks.values())) != 1:
+  if combination_type in FACTOR_METHODS and len(set(ranks.values())) != 1:
     raise ValueError(
         f"combination_type={combination_type!r} needs adapters of one rank, got {ranks}; "
         "use 'cat' or 'svd' for different ranks."
     )
-  new_rank = {"linear": ranks[adapters[0]], "ties": ranks[adapters[0]],
-              "cat": sum(ranks.values()), "svd": svd_rank or max(ranks.values())}[combination_type]
-  if combination_type == "svd":
+  if combination_type in FACTOR_METHODS:
+    new_rank = ranks[adapters[0]]
+  elif combination_type == "cat":
+    new_rank = sum(ranks.values())
+  else:
+    new_rank = svd_rank or max(ranks.values())
+  if combination_type in SVD_METHODS:
     for layer in layers:
       if not layer.svd_compatible():
-        raise ValueError(f"combination_type='svd' is not supported for {type(layer).__name__}.")
+        raise ValueError(f"combination_type={combination_type!r} is not supported for "
+                         f"{type(layer).__name__}.")
+  mixing = dict(density=density, sign_method=majority_sign_method)
 
   names = set()
-  for layer in layers:
+  root_key = jax.random.key(seed)
+  for index, layer in enumerate(layers):
+    key = jax.random.fold_in(root_key, index)
     present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
     factors = [(layer.adapters[a].lora_factors(layer), w) for a, w in present]
     if combination_type == "cat":
       a, b = _cat(layer, factors, new_rank)
-    elif combination_type == "svd":
-      a, b = _svd(layer, factors, new_rank)
+    elif combination_type in SVD_METHODS:
+      method = "linear" if combination_type == "svd" else combination_type.removesuffix("_svd")
+      a, b = _svd(layer, factors, new_rank, method, key, **mixing)
     else:
-      a, b = _task_arithmetic(layer, factors, combination_type, density, majority_sign_method)
+      a, b = _task_arithmetic(layer, factors, combination_type, key, **mixing)
     layer.add(adapter_name, LoraAdapter(a, b, jnp.ones(layer.stack_shape, jnp.float32)))
     names.update(n.rsplit(".", 1)[-1] for n in layer.module_names)
 
@@ -121,17 +153,17 @@ def _sqrt_weights(w: float, s: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.where(ws >= 0, root, -root), root
 
 
-def _task_arithmetic(layer, factors, combination_type, density, majority_sign_method):
+def _task_arithmetic(layer, factors, method, key, **mixing):
+  """PEFT's ``_generalized_task_arithmetic_weighted_adapter``: A's and B's mixed separately."""
   a_terms, b_terms = [], []
   for (a, b, s), w in factors:
     wa, wb = _sqrt_weights(w, s)
     a_terms.append((a, wa))
     b_terms.append((b, wb))
-  if combination_type == "linear":
-    combine = lambda terms: sum(x * _per_stack(k, x.ndim) for x, k in terms)
-  else:
-    combine = lambda terms: _ties(terms, density, majority_sign_method, len(layer.stack_shape))
-  return combine(a_terms), combine(b_terms)
+  stack_ndim = len(layer.stack_shape)
+  key_a, key_b = jax.random.split(key)
+  return (_mix(a_terms, method, key_a, stack_ndim, **mixing),
+          _mix(b_terms, method, key_b, stack_ndim, **mixing))
 
 
 def _magnitude_prune(x: jax.Array, density: float) -> jax.Array:
@@ -143,39 +175,67 @@ def _magnitude_prune(x: jax.Array, density: float) -> jax.Array:
   return x * keep.reshape(x.shape)
 
 
-def _ties(terms, density, majority_sign_method, stack_ndim):
-  """PEFT's ``ties``: prune, elect a sign, weighted disjoint mean (per stacked layer)."""
+def _random_keep(key: jax.Array, x: jax.Array, density: float) -> jax.Array:
+  """DARE's mask: each element kept with probability ``density``."""
+  return jax.random.bernoulli(key, density, x.shape)
 
-  def one(tensors, weights):
-    tensors = jnp.stack([_magnitude_prune(t, density) for t in tensors])
-    sign = jnp.sign(tensors)
-    magnitude = tensors.sum(0) if majority_sign_method == "total" else sign.sum(0)
-    mask = sign == jnp.where(magnitude >= 0, 1.0, -1.0)
-    weighted = tensors * weights.reshape((-1,) + (1,) * (tensors.ndim - 1))
-    return (weighted * mask).sum(0) / jnp.maximum(mask.sum(0), 1.0)
 
-  if majority_sign_method not in ("total", "frequency"):
-    raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
+def _dare_prune(key: jax.Array, x: jax.Array, density: float) -> jax.Array:
+  if density >= 1:
+    return x
+  return jnp.where(_random_keep(key, x, density), x / density, 0).astype(x.dtype)
+
+
+def _merge_tensors(tensors: list, weights: jax.Array, keys: jax.Array, method: str, density, sign_method):
+  """PEFT's ``merge_utils`` for one (unstacked) set of task tensors and their weights [K]."""
+  if method in ("ties", "magnitude_prune"):
+    tensors = [_magnitude_prune(t, density) for t in tensors]
+  elif method in ("dare_linear", "dare_ties"):
+    tensors = [_dare_prune(keys[k], t, density) for k, t in enumerate(tensors)]
+  tensors = jnp.stack(tensors)
+  weighted = tensors * weights.reshape((-1,) + (1,) * (tensors.ndim - 1))
+  if method not in ("ties", "dare_ties"):
+    return weighted.sum(0)
+  sign = jnp.sign(tensors)
+  magnitude = tensors.sum(0) if sign_method == "total" else sign.sum(0)
+  mask = sign == jnp.where(magnitude >= 0, 1.0, -1.0)
+  return (weighted * mask).sum(0) / jnp.maximum(mask.sum(0), 1.0)
+
+
+def _stack_keys(key: jax.Array, count: int, stack: tuple) -> jax.Array:
+  """``[*stack, count]`` keys: one per stacked layer and task tensor."""
+  n = max(1, int(np.prod(stack)))
+  return jax.random.split(key, n * count).reshape(stack + (count,))
+
+
+def _mix(terms, method, key, stack_ndim, *, density, sign_method):
+  """``_merge_tensors`` over ``(tensor [*stack, ...], weight [*stack])`` terms, per stacked layer."""
   tensors = [t for t, _ in terms]
-  weights = jnp.stack([jnp.broadcast_to(w, tensors[0].shape[:stack_ndim]) for _, w in terms], -1)
-  return over_stack(lambda ts, ws: one(ts, ws), stack_ndim)(tensors, weights)
+  stack = tensors[0].shape[:stack_ndim]
+  weights = jnp.stack([jnp.broadcast_to(w, stack) for _, w in terms], -1)
+  keys = _stack_keys(key, len(terms), stack)
+  one = lambda ts, ws, ks: _merge_tensors(ts, ws, ks, method, density, sign_method)
+  return over_stack(one, stack_ndim)(tensors, weights, keys)
 
 
-def _svd(layer: LoraLayer, factors, new_rank: int):
-  """Truncated SVD of ``Σ w_k ΔW_k`` back into factors of rank ``new_rank``."""
+def _svd(layer: LoraLayer, factors, new_rank: int, method: str, key, *, density, sign_method):
+  """Truncated SVD of the ``method``-mixed updates ``w_k ΔW_k`` back into factors of ``new_rank``."""
   stack_ndim = len(layer.stack_shape)
 
-  def one(factor_list, weights):
+  def one(factor_list, weights, keys):
     a_dims = factor_list[0][0].shape[:-1]
     b_dims = factor_list[0][1].shape[1:]
     # A·B as an [A dims, B dims] matrix straight from the factors, whatever the kernel layout.
     as_matrix = lambda a, b: a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)
-    matrix = sum(w * as_matrix(a, b) * s for (a, b, s), w in zip(factor_list, weights))
+    deltas = [as_matrix(a, b) * s for a, b, s in factor_list]
+    matrix = _merge_tensors(deltas, weights, keys, method, density, sign_method)
     u, sv, vh = jnp.linalg.svd(matrix, full_matrices=False)
     rank = min(new_rank, sv.shape[0])
     a = _pad_rank(u[:, :rank] * sv[:rank], 1, new_rank)
     b = _pad_rank(vh[:rank], 0, new_rank)
     return a.reshape(a_dims + (new_rank,)), b.reshape((new_rank,) + b_dims)
 
-  weights = [w for _, w in factors]
-  return over_stack(lambda f: one(f, weights), stack_ndim)([f for f, _ in factors])
+  stack = layer.stack_shape
+  weights = jnp.broadcast_to(jnp.asarray([w for _, w in factors], jnp.float32), stack + (len(factors),))
+  keys = _stack_keys(key, len(factors), stack)
+  return over_stack(one, stack_ndim)([f for f, _ in factors], weights, keys)
