@@ -15,7 +15,7 @@ with ``from jlora.train import ...``.
 """
 
 from jlora._api import get_peft_model
-from jlora.io import from_pretrained, load_peft, save_peft, save_pretrained
+from jlora.io import from_pretrained, hotswap_adapter, load_peft, save_peft, save_pretrained
 from jlora.models import generate
 from jlora.nn import (
     ADAPTER_STATE,

@@ -20,7 +20,8 @@ from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
 from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
 from jlora.nn import (
-    LoraConfig, LoraLayer, add_adapter, delete_adapter, lora_layer_type, lora_layers, set_adapter)
+    LoraConfig, LoraLayer, add_adapter, delete_adapter, hotswap_factors, lora_layer_type, lora_layers,
+    set_adapter)
 from jlora.nn._dora import DoraAdapter
 from jlora.nn._init import rewrites_base
 from jlora.nn._modules_to_save import ModulesToSaveLayer
@@ -226,3 +227,56 @@ def _base_weights(model: nnx.Module, tensors: dict) -> list:
     tensors.pop(key)
     updates.append((kernel, value))
   return updates
+
+
+def hotswap_adapter(model: nnx.Module, adapter_dir: str | os.PathLike,
+                    adapter_name: str = "default") -> nnx.Module:
+  """Load a PEFT LoRA adapter's weights into the existing adapter ``adapter_name``, in place.
+
+  PEFT's ``hotswap_adapter``: the model's structure does not change (same
+  shapes, dtypes, graph), so functions already jitted over the model's state
+  run the new adapter without recompiling. The new adapter may have a
+  smaller rank than the slot (it is zero-padded), other alphas and
+  per-module ranks, and may leave modules out (they get a zero update); it
+  may not adapt modules the slot does not, nor exceed the slot's rank.
+
+  Returns:
+    ``model``.
+  """
+  path = Path(adapter_dir).expanduser()
+  config, tensors = read_adapter(path)
+  if config.modules_to_save or getattr(config, "mixer_init", None) is not None:
+    raise ValueError(f"{path}: hot-swap replaces LoRA / DoRA factors only; this adapter also has "
+                     "modules_to_save copies or a MoSLoRA mixer. Load it with jlora.load_peft instead.")
+  kinds = {}
+  for _, layer in lora_layers(model):
+    if adapter_name in layer.adapters and isinstance(layer, LoraLayer) and not isinstance(
+        layer, ModulesToSaveLayer):
+      kinds.update({module: layout.kind_of(layer) for module in layer.module_names})
+  factors, unknown = {}, []
+  for key in sorted(tensors):
+    module = next((key[len(layout.PREFIX):-len(s)] for s in (".lora_A.weight", ".lora_embedding_A")
+                   if key.startswith(layout.PREFIX) and key.endswith(s)), None)
+    if module is None:
+      continue
+    if module not in kinds:
+      unknown.append(module)
+      continue
+    key_a, key_b = layout.factor_keys(kinds[module], module)
+    if key_b not in tensors:
+      raise ValueError(f"{path}: {key_a!r} has no matching {key_b!r}; the adapter file is incomplete.")
+    entry = (layout.a_from_peft(kinds[module], tensors[key_a]), layout.b_from_peft(kinds[module], tensors[key_b]),
+             config.scaling_for(module))
+    if layout.magnitude_key(module) in tensors:
+      entry += (tensors[layout.magnitude_key(module)],)
+    factors[module] = entry
+  if unknown:
+    raise ValueError(
+        f"{path} adapts modules that adapter {adapter_name!r} does not, e.g. {', '.join(unknown[:4])}; "
+        "hot-swapping cannot add layers (that would change the model's structure). Load it as a new "
+        "adapter instead (jlora.load_peft).")
+  try:
+    hotswap_factors(model, adapter_name, factors)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  return model
