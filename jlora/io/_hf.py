@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jlora.io import _safetensors
+from jlora.io._placement import ParamSource, place, sharding_for
 from jlora.models import ModelConfig, from_hf_config, model_class
 from jlora.models._config import SUPPORTED
 from jlora.nn import LoraLayer
@@ -103,13 +105,23 @@ def _hf_layout(array: np.ndarray, transpose: bool) -> np.ndarray:
   return np.swapaxes(array, -1, -2) if transpose else array
 
 
-def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None) -> nnx.Module:
+def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None,
+                    mesh: Mesh | None = None) -> nnx.Module:
   """Load a local HF checkpoint directory into a jlora model.
+
+  The model is built abstractly (no weights allocated); each parameter is
+  then read from the memory-mapped safetensors files block by block straight
+  onto its devices, so host memory peaks at about one parameter, not the model.
 
   Args:
     model_dir: directory with ``config.json`` and safetensors weights.
     dtype: computation dtype of activations.
-    param_dtype: dtype of the parameters (default: ``dtype``).
+    param_dtype: dtype of the parameters (default: ``dtype``); each block is
+      converted as it is read.
+    mesh: a ``(data, fsdp, tensor)`` mesh (``jlora.train.make_mesh``): every
+      device reads only its shard of each parameter, laid out by the sharding
+      rules ``jlora.train.param_spec`` (in a multi-host job each process
+      reads only what its devices hold). None: whole arrays on the default device.
 
   Returns:
     ``CausalLM`` (llama, mistral, qwen2, qwen3) or ``Gpt2LMHeadModel``:
@@ -124,27 +136,39 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   param_dtype = param_dtype or dtype
   cls = model_class(config)
   abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(state))
+  for source in param_sources(model_dir, abstract, config):
+    sharding = None if mesh is None else sharding_for(source, mesh)
+    flat[source.path].set_value(place(source, param_dtype, sharding))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def param_sources(model_dir: Path, abstract: nnx.Module, config: ModelConfig) -> list[ParamSource]:
+  """Where each parameter of ``abstract`` is in the checkpoint, checked against the headers.
+
+  Only the safetensors headers are read (the data stays memory-mapped), so a
+  checkpoint that does not fit the config fails before any weight is loaded.
+  """
   tensors = read_weights(model_dir)
   if config.model_type == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
     tensors = {("lm_head.weight" if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in tensors.items()}
   used = set()
-  graphdef, state = nnx.split(abstract)
-  flat = dict(nnx.to_flat_state(state))
-  missing = []
+  flat = dict(nnx.to_flat_state(nnx.state(abstract)))
+  missing, sources = [], []
   for path, names, transpose, is_stacked in _param_names(abstract):
     if any(n not in tensors for n in names):
       missing += [n for n in names if n not in tensors]
       continue
-    want = tuple(flat[path].shape[1:] if is_stacked else flat[path].shape)
+    shape = tuple(flat[path].shape)
+    want = shape[1:] if is_stacked else shape
     want_hf = want[::-1] if transpose else want
     for name in names:
       if tuple(tensors[name].shape) != want_hf:
         raise ValueError(f"{model_dir}: tensor {name!r} has shape {tuple(tensors[name].shape)} but "
                          f"config.json implies {want_hf}; the weights do not belong to this config "
                          "(check config.json).")
-    arrays = [_hf_layout(tensors[n], transpose) for n in names]
-    value = np.stack(arrays) if is_stacked else arrays[0]
-    flat[path].set_value(jnp.asarray(value, dtype=param_dtype))
+    sources.append(ParamSource(path, names, tuple(tensors[n] for n in names), transpose, is_stacked, shape))
     used.update(names)
   if missing:
     raise ValueError(f"{model_dir}: the checkpoint lacks {len(missing)} weight(s) that config.json needs, "
@@ -154,7 +178,7 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
     raise ValueError(f"{model_dir}: the checkpoint has {len(unexpected)} weight(s) this "
                      f"{config.model_type} model does not use, e.g. {', '.join(sorted(unexpected)[:5])}; "
                      "check that config.json matches the weights (layer count, tie_word_embeddings).")
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return sources
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
