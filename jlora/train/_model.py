@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jlora.io import from_pretrained
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
@@ -40,21 +41,26 @@ def _load_builtin_presets() -> None:
   from jlora.train import _presets  # noqa: F401  (registers "tiny" and friends)
 
 
-def load_model(cfg: ModelConfig):
-  """``(model, model_dir or None)`` for a preset name or a local checkpoint directory."""
-  model, model_dir = _base_model(cfg)
+def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
+  """``(model, model_dir or None)`` for a preset name or a local checkpoint directory.
+
+  With a ``mesh`` a checkpoint is read shard by shard straight onto the
+  devices (``from_pretrained(..., mesh=mesh)``): no process ever holds the
+  whole model. Presets are built whole (they are small, random and local).
+  """
+  model, model_dir = _base_model(cfg, mesh)
   if hasattr(model, "remat"):
     model.remat = cfg.remat
   return model, model_dir
 
 
-def _base_model(cfg: ModelConfig):
+def _base_model(cfg: ModelConfig, mesh: Mesh | None):
   _load_builtin_presets()
   if cfg.name in _PRESETS:
     return _PRESETS[cfg.name](cfg), None
   path = Path(cfg.name).expanduser()
   if path.is_dir():
-    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype)), str(path)
+    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), mesh=mesh), str(path)
   raise ValueError(
       f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
       "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")

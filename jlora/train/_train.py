@@ -87,9 +87,10 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
   mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
+  mesh = _sharding.make_mesh(mesh_shape)
   model_dir = None
   if model is None:
-    model, model_dir = load_model(cfg.model)
+    model, model_dir = load_model(cfg.model, mesh)
   tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
@@ -106,7 +107,6 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   add_adapter(model, cfg.adapter)
   if jax.process_index() == 0:
     claim_output_dir(out, config_dict, decision)
-  mesh = _sharding.make_mesh(mesh_shape)
   graphdef, params, rng, frozen = _steps.split_model(model)
   params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
   o = cfg.optim
