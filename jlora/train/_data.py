@@ -216,9 +216,12 @@ class BatchStream:
 
   ``state()`` / ``restore(state)`` give and take the position; a restored
   stream yields exactly the batches the original would have yielded next.
+  ``local`` (a slice of ``range(batch_size)``) makes it yield only those rows
+  of each global batch: a process of a multi-host job gathers just its own
+  share, and the shares of all processes make up the one global batch.
   """
 
-  def __init__(self, rows: Rows, batch_size: int, seed: int, shuffle: bool = True):
+  def __init__(self, rows: Rows, batch_size: int, seed: int, shuffle: bool = True, local: slice = slice(None)):
     if len(rows) < batch_size:
       raise DataError(
           f"The training data packs into {len(rows)} sequences of data.seq_len tokens, fewer than "
@@ -229,6 +232,7 @@ class BatchStream:
     if shuffle:
       ds = ds.shuffle(seed=seed)
     self._indices = ds.repeat(None).batch(batch_size, drop_remainder=True)
+    self.local = local
     self.position = 0
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -240,7 +244,7 @@ class BatchStream:
     return batch
 
   def batch_at(self, index: int) -> dict[str, np.ndarray]:
-    rows = self.rows.take(np.asarray(self._indices[index]))
+    rows = self.rows.take(np.asarray(self._indices[index])[self.local])
     return {"tokens": rows.tokens, "loss_mask": rows.loss_mask, "attention_mask": rows.attention_mask}
 
   def state(self) -> dict[str, int]:

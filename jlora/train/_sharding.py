@@ -7,36 +7,19 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.models._sharding import (  # noqa: F401  (the rules live beside the models; re-exported)
     AXES, LOGICAL_RULES, LOGICAL_TO_MESH, make_mesh, param_spec, replicated, shard_state, state_shardings)
+from jlora.train._distributed import initialize_distributed  # noqa: F401  (re-exported)
 
 BATCH_AXES = ("data", "fsdp")
 
 
 class MeshError(ValueError):
   """A mesh that does not fit the devices or the batch."""
-
-
-def initialize_distributed() -> bool:
-  """``jax.distributed.initialize()`` when launched as one of several processes.
-
-  Detected from ``JAX_COORDINATOR_ADDRESS`` (set by the launcher, with
-  ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``) or a multi-worker TPU VM; a no-op
-  otherwise and when already initialised. Returns whether it initialised.
-  """
-  multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or multi_tpu):
-    return False
-  if jax.distributed.is_initialized():
-    return False
-  jax.distributed.initialize()
-  return True
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, batch_size: int,
@@ -64,12 +47,38 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """A host-side global batch as arrays split over ``(data, fsdp)``; works across hosts.
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+  """The rows of a global batch of ``batch_size`` that this process's devices hold.
 
-  Every process holds the same global batch (the data stream is
-  deterministic); each places only the shards its devices own.
+  Rows are split over ``(data, fsdp)`` in device order, so a process's rows
+  are one contiguous run (the whole batch with one process).
+  """
+  index = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+  starts = [range(batch_size)[i[0]].start for i in index]
+  stops = [range(batch_size)[i[0]].stop for i in index]
+  return slice(min(starts), max(stops))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_size: int | None = None) -> dict[str, jax.Array]:
+  """Host rows as global arrays split over ``(data, fsdp)``; works across hosts.
+
+  ``global_size=None``: ``batch`` is the whole global batch. Otherwise it
+  holds only this process's rows, ``process_rows(mesh, global_size)`` of a
+  global batch of ``global_size`` rows, and each device takes its rows from them.
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+  if global_size is None:
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+  rows = process_rows(mesh, global_size)
+  for k, v in batch.items():
+    if len(v) != rows.stop - rows.start:
+      raise ValueError(f"batch[{k!r}] has {len(v)} rows but this process holds rows {rows.start}:{rows.stop} "
+                       f"of the global batch of {global_size}; pass exactly those rows.")
+
+  def local(v, idx):
+    r = range(global_size)[idx[0]]
+    return v[(slice(r.start - rows.start, r.stop - rows.start),) + tuple(idx[1:])]
+
+  return {k: jax.make_array_from_callback((global_size,) + v.shape[1:], sharding, lambda idx, v=v: local(v, idx))
           for k, v in batch.items()}

@@ -15,10 +15,11 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jlora.train import _data, _sharding, _steps
+from jlora.train import _data, _distributed, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
 from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
@@ -77,7 +78,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
 
   ``model`` / ``tokenizer`` override ``cfg.model`` / ``cfg.data.tokenizer``
   with objects built in code (a model without adapters).
-  Raises ConfigError, OutputDirError, DataError, MeshError or ValueError on
+  Raises LaunchError, ConfigError, OutputDirError, DataError, MeshError or ValueError on
   bad input before any compute, and NonFiniteLossError if the loss diverges.
   """
   if not isinstance(cfg, TrainConfig):
@@ -101,12 +102,15 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
                      "model's own tokenizer (data.tokenizer='').")
   train_rows, eval_rows = _prepare_data(cfg, tokenizer)
-  stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed)
+  local = _sharding.process_rows(mesh, cfg.batch_size)  # this process's rows of every global batch
+  stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed, local=local)
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
+  _distributed.barrier("jlora:checked-output-dir")  # every process decided before process 0 writes
   if jax.process_index() == 0:
     claim_output_dir(out, config_dict, decision)
+  _distributed.barrier("jlora:claimed-output-dir")
   graphdef, params, rng, frozen = _steps.split_model(model)
   params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
   o = cfg.optim
@@ -124,10 +128,11 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   step = start or 0
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=jax.process_index() == 0)
   train_step = _steps.make_train_step(graphdef, tx)
+  put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
   eval_step = _steps.make_eval_step(graphdef)
 
   def evaluate():
-    totals = [eval_step(params, rng, frozen, _sharding.put_batch(b, mesh)) for b in held_out]
+    totals = [eval_step(params, rng, frozen, put({k: v[local] for k, v in b.items()})) for b in held_out]
     nll = sum(float(t) for t, _ in totals)
     count = sum(float(c) for _, c in totals)
     return nll / max(count, 1.0)
@@ -140,7 +145,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     while step < cfg.steps:
       micro_losses, tokens = [], 0
       for _ in range(o.grad_accum):
-        batch = _sharding.put_batch(next(stream), mesh)
+        batch = put(next(stream))
         params, opt_state, rng, loss, count = train_step(params, opt_state, rng, frozen, batch)
         micro_losses.append(loss)
         tokens += int(count)
@@ -170,20 +175,36 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     metrics.close()
     ckpt.close()
 
+  if jax.process_count() > 1:  # the adapter whole on every host, for process 0 to write
+    params, rng = jax.tree.map(jnp.asarray, _distributed.gather_to_host((params, rng)))
   nnx.update(model, params, rng)
   return _finish(cfg, model, tokenizer, out, metrics.records, start, held_out)
 
 
 def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> TrainResult:
-  """Write the adapter (and merged model), check reload and merge, plot, sample."""
+  """Write the adapter (and merged model), check reload and merge, plot, sample.
+
+  Process 0 writes everything. The checks and samples run the model on
+  process 0 alone, so they need the base whole there: in a multi-host job
+  whose base was loaded sharded they are skipped, unless ``save_merged``
+  (which needs the whole base anyway) gathers it to every host first.
+  """
   primary = jax.process_index() == 0
   adapter_dir, merged_dir, checks = None, None, {}
-  probe = held_out[0]["tokens"][:1] if held_out else None
+  whole = _distributed.is_local(nnx.state(model))
+  if not whole and cfg.save_merged:
+    gather = lambda x: x if x.is_fully_addressable else jnp.asarray(_distributed.gather_to_host(x))
+    nnx.update(model, jax.tree.map(gather, nnx.state(model, nnx.Param)))
+    whole = _distributed.is_local(nnx.state(model))
+  if not whole and primary and (held_out or cfg.samples):
+    print("jlora: the base model is sharded over several processes; the reload/merge checks and samples "
+          "are skipped (set save_merged=true to gather it to one host for them).")
+  probe = held_out[0]["tokens"][:1] if held_out and whole else None
   if primary:
     adapter_dir, merged_dir, checks = export_adapter(model, out, probe, cfg.save_merged)
   plot = plot_losses(history, out / "loss_curve.png") if primary and history else None
   samples = []
-  if primary and cfg.samples:
+  if primary and cfg.samples and whole:
     prompts = _sample_prompts(tokenizer, held_out, cfg.samples)
     samples = greedy_samples(model, tokenizer, prompts, max_new_tokens=min(32, cfg.data.seq_len // 2),
                              seq_len=cfg.data.seq_len)
