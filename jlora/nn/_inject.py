@@ -34,7 +34,10 @@ def peft_config(model: nnx.Module) -> dict[str, AdapterConfig]:
 
 def _set_configs(model: nnx.Module, configs: Mapping[str, AdapterConfig]) -> None:
   # A tuple of pairs of frozen dataclasses: hashable, so it can sit in a graphdef.
-  setattr(model, CONFIG_ATTR, tuple(configs.items()))
+  if configs:
+    setattr(model, CONFIG_ATTR, tuple(configs.items()))
+  elif hasattr(model, CONFIG_ATTR):  # no adapters left: the model is the plain base model again
+    delattr(model, CONFIG_ATTR)
 
 
 def lora_layers(model: nnx.Module) -> Iterator[tuple[tuple, LoraLayer]]:

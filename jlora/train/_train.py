@@ -30,7 +30,15 @@ from jlora.train._export import export_adapter
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-  """SIGINT (Ctrl-C) or SIGTERM (e.g. preemption) stopped the run after saving a checkpoint."""
+  """SIGINT (Ctrl-C) or SIGTERM (e.g. preemption) stopped the run after saving a checkpoint.
+
+  ``str(e)`` is one line saying where the checkpoint is and how to resume;
+  ``e.signum`` is the signal's number.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
 
 
 class _StopSignals:
@@ -205,7 +213,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
         ckpt.wait()
         raise TrainingInterrupted(
             f"{signal.Signals(stop.signum).name} at step {step}/{cfg.steps}: checkpoint saved in "
-            f"{ckpt.directory}; run the same command (same output_dir) again to resume from step {step}.")
+            f"{ckpt.directory}; run the same command (same output_dir) again to resume from step {step}.",
+            stop.signum)
   finally:
     stop.__exit__()
     progress.close()
