@@ -68,6 +68,13 @@ def test_binary_garbage_in_a_jsonl_names_the_file_and_line(tmp_path):
     read_records(path)
 
 
+@pytest.mark.parametrize("name", ["data.json", "data.txt"])
+def test_binary_garbage_in_a_json_or_text_file_names_the_file(tmp_path, name):
+  (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+  with pytest.raises(DataError, match=rf"{name}: not UTF-8 text"):
+    read_records(tmp_path / name)
+
+
 class OffsetTokenizer(ByteTokenizer):
   """Claims the byte vocabulary but emits ids past it: a tokenizer of another model."""
 

@@ -82,20 +82,28 @@ def read_records(path: str | Path) -> list[tuple[Any, str]]:
     return records
   if suffix == ".json":
     try:
-      data = json.loads(path.read_text(encoding="utf-8"))
+      data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
       raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from e
     if not isinstance(data, list):
       raise DataError(f"{path}: a .json data file must hold a list of records.")
     return [(r, f"{path.name}[{i}]") for i, r in enumerate(data)]
   if suffix in (".txt", ".text", ".md"):
-    return [({"text": path.read_text(encoding="utf-8")}, path.name)]
+    return [({"text": _read_text(path)}, path.name)]
   if suffix == ".parquet":
     import pyarrow.parquet as pq
 
     rows = pq.read_table(path).to_pylist()
     return [(r, f"{path.name} row {i}") for i, r in enumerate(rows)]
   raise DataError(f"Unsupported data file {path.name!r}: use .jsonl, .json, .txt, .parquet or a saved dataset dir.")
+
+
+def _read_text(path: Path) -> str:
+  try:
+    return path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text (byte offset {e.start}); data files must be UTF-8. Is it a "
+                    "binary file?") from None
 
 
 def _read_saved_dataset(path: Path) -> list[tuple[Any, str]]:

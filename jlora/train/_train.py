@@ -117,7 +117,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   ``model`` / ``tokenizer`` override ``cfg.model`` / ``cfg.data.tokenizer``
   with objects built in code (a model without adapters).
   Raises ConfigError, OutputDirError, DataError, MeshError or ValueError on
-  bad input before any compute, and NonFiniteLossError if the loss diverges.
+  bad input before any compute, NonFiniteLossError if the loss diverges, and
+  TrainingInterrupted after SIGINT/SIGTERM, once the current step is checkpointed.
   """
   if not isinstance(cfg, TrainConfig):
     raise TypeError(f"train() takes a jlora.TrainConfig, got {type(cfg).__name__}.")
