@@ -91,12 +91,13 @@ def add_weighted_adapter(
 
 
 def _check_svd_rank(svd_rank, layers: list[LoraLayer]) -> None:
-  """``svd_rank`` is None or an int in ``[1, min(in, out)]`` of the smallest adapted layer."""
+  """``svd_rank`` is None or an int in ``[1, max over layers of min(in, out)]``; a higher rank is only
+  zero padding (a layer narrower than ``svd_rank`` keeps its exact full-rank update, padded)."""
   if svd_rank is None:
     return
-  limit = min(min(math.prod(a[:-1]), math.prod(b[1:])) for a, b in (l.factor_shapes(1) for l in layers))
+  limit = max(min(math.prod(a[:-1]), math.prod(b[1:])) for a, b in (l.factor_shapes(1) for l in layers))
   if isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral) or not 1 <= svd_rank <= limit:
-    raise ValueError(f"svd_rank must be an int in [1, {limit}] (min(in, out) of the smallest adapted layer) "
+    raise ValueError(f"svd_rank must be an int in [1, {limit}] (min(in, out) of the widest adapted layer) "
                      f"or None for the largest input rank, got {svd_rank!r}.")
 
 
