@@ -152,6 +152,14 @@ def test_heads_that_do_not_divide_the_hidden_size_are_named(llama_dir, tmp_path)
     jlora.from_pretrained(tmp_path)
 
 
+def test_kv_heads_that_do_not_divide_the_heads_are_named(llama_dir, tmp_path):
+  config = json.loads((llama_dir / "config.json").read_text())
+  config.update(num_attention_heads=4, num_key_value_heads=3)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="4 attention heads are not a multiple of the 3 key/value heads"):
+    jlora.from_pretrained(tmp_path)
+
+
 def test_a_checkpoint_path_that_is_a_file_points_at_its_directory(llama_dir):
   with pytest.raises(ValueError, match="is a file; pass the directory that holds config.json"):
     jlora.from_pretrained(llama_dir / "model.safetensors")

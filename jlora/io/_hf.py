@@ -63,9 +63,11 @@ def _check_heads(raw: dict, path: Path) -> None:
   hidden = raw.get("hidden_size", raw.get("n_embd"))
   heads = raw.get("num_attention_heads", raw.get("n_head"))
   kv = raw.get("num_key_value_heads") or heads
-  if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads, kv)):
-    raise ValueError(f"{path} needs positive integer hidden_size and num_attention_heads (n_embd / n_head "
-                     f"for gpt2), got {hidden!r} and {heads!r}; fix config.json.")
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, heads, kv)):
+    return  # absent: transformers' defaults apply
+  if min(hidden, heads, kv) < 1:
+    raise ValueError(f"{path}: hidden size {hidden}, {heads} attention heads and {kv} key/value heads must "
+                     "all be positive; fix config.json.")
   if hidden % heads:
     raise ValueError(f"{path}: the hidden size {hidden} is not a multiple of the {heads} attention heads; "
                      "fix config.json so that hidden_size is divisible by num_attention_heads.")

@@ -44,6 +44,6 @@ def export_adapter(model: nnx.Module, out: Path, probe_ids, save_merged: bool):
     checks["merge_max_abs_diff"] = float(np.max(np.abs(_logits(merged, probe_ids) - want)))
   if save_merged:
     merged_dir = out / "merged"
-    save_pretrained(merged, str(merged_dir), overwrite=True)
+    save_pretrained(merged, str(merged_dir))
   model.train()
   return adapter_dir, merged_dir, checks
