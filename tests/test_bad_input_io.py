@@ -169,3 +169,12 @@ def test_an_adapter_path_that_is_a_file_points_at_its_directory(tmp_path):
   jlora.save_peft(lora_model(), tmp_path)
   with pytest.raises(ValueError, match="is a file; pass the directory that holds adapter_config.json"):
     jlora.load_peft(testing.TinyLM(), tmp_path / "adapter_model.safetensors")
+
+
+# ---- model calls ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [hf_doubles.VOCAB, -1])
+def test_generate_refuses_token_ids_outside_the_vocabulary(model, bad):
+  with pytest.raises(ValueError, match=rf"outside the model's vocabulary \[0, {hf_doubles.VOCAB}\)"):
+    jlora.generate(model, jnp.asarray([[1, bad]]), max_new_tokens=1)
+
