@@ -25,6 +25,7 @@ from jlora.models import ModelConfig, from_hf_config, model_class
 from jlora.models._config import SUPPORTED
 from jlora.nn import LoraLayer
 from jlora.nn._targets import STACK_ATTR
+from jlora.quant import LoadQuantizer, QuantizedWeight
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 _CONVERT = ("convert it to safetensors with transformers: AutoModelForCausalLM.from_pretrained(dir)"
@@ -103,13 +104,18 @@ def _hf_layout(array: np.ndarray, transpose: bool) -> np.ndarray:
   return np.swapaxes(array, -1, -2) if transpose else array
 
 
-def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None) -> nnx.Module:
+def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None, *,
+                    quantize: str | None = None, quantize_options: dict | None = None) -> nnx.Module:
   """Load a local HF checkpoint directory into a jlora model.
 
   Args:
     model_dir: directory with ``config.json`` and safetensors weights.
     dtype: computation dtype of activations.
     param_dtype: dtype of the parameters (default: ``dtype``).
+    quantize: ``"nf4"``, ``"int8"`` or ``"fp8"`` to store the Linear kernels
+      quantized (``jlora.quantize``), each as soon as it is read, so peak
+      memory is the quantized model plus one tensor.
+    quantize_options: ``block_size``, ``double_quant``, ``targets`` for ``jlora.quantize``.
 
   Returns:
     ``CausalLM`` (llama, mistral, qwen2, qwen3) or ``Gpt2LMHeadModel``:
@@ -124,6 +130,7 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   param_dtype = param_dtype or dtype
   cls = model_class(config)
   abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  quantizer = LoadQuantizer(abstract, quantize, **(quantize_options or {})) if quantize else None
   tensors = read_weights(model_dir)
   if config.model_type == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
     tensors = {("lm_head.weight" if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in tensors.items()}
@@ -144,7 +151,8 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
                          "(check config.json).")
     arrays = [_hf_layout(tensors[n], transpose) for n in names]
     value = np.stack(arrays) if is_stacked else arrays[0]
-    flat[path].set_value(jnp.asarray(value, dtype=param_dtype))
+    if quantizer is None or not quantizer.take(path, value):
+      flat[path].set_value(jnp.asarray(value, dtype=param_dtype))
     used.update(names)
   if missing:
     raise ValueError(f"{model_dir}: the checkpoint lacks {len(missing)} weight(s) that config.json needs, "
@@ -154,7 +162,8 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
     raise ValueError(f"{model_dir}: the checkpoint has {len(unexpected)} weight(s) this "
                      f"{config.model_type} model does not use, e.g. {', '.join(sorted(unexpected)[:5])}; "
                      "check that config.json matches the weights (layer count, tie_word_embeddings).")
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return quantizer.finish(model) if quantizer is not None else model
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -172,6 +181,10 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
   if any(isinstance(node, LoraLayer) for _, node in nnx.iter_graph(model)):
     raise ValueError("save_pretrained writes plain HF weights but this model has LoRA layers; call "
                      "jlora.merge_and_unload(model) first (or save just the adapter).")
+  if nnx.to_flat_state(nnx.state(model, QuantizedWeight)):
+    raise ValueError("save_pretrained writes full-precision HF weights but this model's Linear kernels are "
+                     "quantized; call jlora.dequantize(model) (or jlora.merge_and_unload(model), which "
+                     "dequantizes) first, or save just the adapter with jlora.save_peft.")
   config = getattr(model, "config", None)
   if not isinstance(config, ModelConfig):
     raise ValueError("save_pretrained needs a jlora.models model (with a ModelConfig at .config), "

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jlora.io import from_pretrained
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
+from jlora.quant import quantize
 from jlora.train._config import AdapterConfig, ModelConfig
 from jlora.train._tokenizer import load_tokenizer
 
@@ -51,10 +52,11 @@ def load_model(cfg: ModelConfig):
 def _base_model(cfg: ModelConfig):
   _load_builtin_presets()
   if cfg.name in _PRESETS:
-    return _PRESETS[cfg.name](cfg), None
+    model = _PRESETS[cfg.name](cfg)
+    return (quantize(model, cfg.quantize) if cfg.quantize else model), None
   path = Path(cfg.name).expanduser()
   if path.is_dir():
-    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype)), str(path)
+    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), quantize=cfg.quantize or None), str(path)
   raise ValueError(
       f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
       "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")
