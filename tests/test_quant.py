@@ -21,9 +21,9 @@ from scipy.stats import norm
 
 import jlora
 from jlora.quant import (NF4_CODEBOOK, QuantizedLinear, QuantizedLoraLinear, QuantizedWeight, QuantSpec,
-                         dequantize_arrays, quantize_array)
+                         dequantize_arrays, quantize_array, quantized_matmul)
 from jlora.quant._formats import nbytes
-from jlora.train import param_spec
+from jlora.train import ConfigError, TrainConfig, param_spec
 from tests import hf_doubles
 from tests.test_peft_io_models import LLAMA_LINEAR, peft_adapter
 from tests.test_train_sharding import MESH, path
@@ -110,6 +110,18 @@ def test_nf4_packs_two_codes_per_byte():
 def test_weight_memory_per_param_is_within_its_bound(fmt, double_quant, bound):
   arrays = quantize_array(kernel((1024, 64)), QuantSpec(fmt, 1024, 64, 64, bool(double_quant)))
   assert nbytes(arrays) / (1024 * 64) <= bound
+
+
+@pytest.mark.parametrize("fmt, tolerance", [("nf4", 1e-6), ("int8", 1e-6), ("fp8", 0.1)])
+def test_matmul_and_its_input_gradient_follow_the_dequantized_kernel(fmt, tolerance):
+  spec = QuantSpec(fmt, 64, 24, block_size=16)
+  arrays = quantize_array(kernel((64, 24)), spec)
+  w = dequantize_arrays(arrays, spec)
+  x, probe = jax.random.normal(jax.random.key(1), (3, 64)), jax.random.normal(jax.random.key(2), (3, 24))
+  y, pullback = jax.vjp(lambda x: quantized_matmul(x, arrays, spec, jnp.dtype(jnp.float32)), x)
+  relative = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+  assert relative(y, x @ w) <= tolerance  # fp8: e4m3 activations; its gradient: e5m2
+  assert relative(pullback(probe)[0], probe @ w.T) <= tolerance
 
 
 # ---------------------------------------------------------------- models and adapters
@@ -269,6 +281,16 @@ def test_merging_in_place_into_a_quantized_kernel_points_to_merge_and_unload(lla
 def test_double_quant_for_a_per_channel_format_is_refused(llama):
   with pytest.raises(ValueError, match=r"double_quant applies to nf4 only"):
     jlora.quantize(load(llama[0]), "int8", double_quant=True)
+
+
+def test_quantizing_twice_says_to_dequantize_first(llama):
+  with pytest.raises(ValueError, match=r"already quantized; call jlora.dequantize\(model\) first"):
+    jlora.quantize(load(llama[0], "nf4"), "int8")
+
+
+def test_train_config_refuses_an_unknown_quantize_format():
+  with pytest.raises(ConfigError, match=r"model.quantize"):
+    TrainConfig().replace(**{"model.quantize": "int4"})
 
 
 def test_save_pretrained_of_a_quantized_model_says_to_dequantize(llama, tmp_path):

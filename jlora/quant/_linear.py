@@ -59,8 +59,8 @@ def quantized_matmul(x: jax.Array, arrays: dict, spec: QuantSpec, dtype) -> jax.
   if spec.format == "int8":
     return _dot(x, arrays["qkernel"].astype(dtype), 0, dtype) * scale.astype(dtype)
   xq, x_scale = _to_fp8(x, jnp.float8_e4m3fn, _formats.FP8_MAX)
-  y = _dot(xq, arrays["qkernel"], 0, jnp.float32)
-  return (y * x_scale * scale).astype(dtype)
+  y = _dot(xq, arrays["qkernel"], 0, dtype)  # the scales are applied after: a plain fp8 GEMM
+  return (y.astype(jnp.float32) * x_scale * scale).astype(dtype)
 
 
 def _forward(x, arrays, spec, dtype):
@@ -78,7 +78,7 @@ def _backward(spec, dtype, residuals, g):
     dx = _dot(scaled, arrays["qkernel"].astype(dtype), 1, dtype)
   else:
     gq, g_scale = _to_fp8(g * arrays["kernel_scale"][0], jnp.float8_e5m2, E5M2_MAX)
-    dx = _dot(gq, arrays["qkernel"], 1, jnp.float32) * g_scale
+    dx = _dot(gq, arrays["qkernel"], 1, dtype).astype(jnp.float32) * g_scale
   return dx.astype(dtype), None
 
 

@@ -46,6 +46,9 @@ def plan(model: nnx.Module, format: str, *, block_size: int = 64, double_quant: 
     spec = QuantSpec(format, cand.base.in_features, cand.base.out_features, block_size, double_quant)
     _formats.check_shape(spec, cand.names[0])
     chosen.append((cand, spec))
+  if not chosen and any(isinstance(c.base, QuantizedLinear) for c in candidates(model)):
+    raise ValueError("The model's Linear layers are already quantized; call jlora.dequantize(model) first "
+                     "to quantize them in another format.")
   if not chosen:
     raise ValueError(f"targets={targets!r} selects no nnx.Linear layer of the model; pass module names "
                      "like ['q_proj', 'v_proj'], a regex, or leave targets=None for every Linear layer "
