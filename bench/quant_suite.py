@@ -8,7 +8,10 @@ model is built the way ``from_pretrained(quantize=...)`` loads it (tensor by
 tensor, each kernel quantized as soon as it exists), so the bf16 base is
 never on the device next to the quantized one.
 
-    python bench/bench.py run --suite quant --out $OUT/quant.jsonl
+    python bench/bench.py run --suite quant --steps 5 --warmup 1 --out $OUT/quant.jsonl
+
+``QUANT_SHAPES=tinyllama`` (or ``llama3b``) runs one shape; ``QUANT_BUDGET_S``
+(default 290) caps the suite's wall time.
 
 Reported per run: tokens/s, step time, peak device memory, the frozen
 base's bytes, and bytes per quantized-kernel parameter (scales included).
@@ -120,21 +123,29 @@ def worker(shape: str, base: str, batch: int, seq: int, steps: int, warmup: int)
               first_loss=loss, device=jax.devices()[0].device_kind, **sizes)
 
 
-def run(out: str, steps: int = 5, warmup: int = 1, timeout: int = 150, shapes=tuple(SHAPES),
-        bases=BASES, batch: int = 4, seq: int = 2048) -> list[dict]:
-  """Every (shape, base) in its own subprocess; results appended to ``out`` (JSON lines)."""
-  results = []
+def run(out: str, steps: int = 5, warmup: int = 1, timeout: int = 120, shapes=tuple(SHAPES),
+        bases=BASES, batch: int = 4, seq: int = 2048, budget_s: float = 290.0) -> list[dict]:
+  """Every (shape, base) in its own subprocess; results appended to ``out`` (JSON lines).
+
+  Runs start only while ``budget_s`` lasts (each gets at most the time left),
+  so the whole suite fits one device call.
+  """
+  results, start = [], time.perf_counter()
   for shape in shapes:
     for base in bases:
+      left = budget_s - (time.perf_counter() - start)
+      if left < 20:
+        results.append(dict(suite="quant", shape=shape, base=base, error="skipped: time budget spent"))
+        continue
       cmd = [sys.executable, __file__, shape, base, str(batch), str(seq), str(steps), str(warmup)]
       print("#", " ".join(cmd[1:]), flush=True)
       try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(timeout, left))
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         result = (json.loads(lines[-1][len("RESULT "):]) if lines
                   else dict(suite="quant", shape=shape, base=base, error=(proc.stderr or proc.stdout)[-800:]))
       except subprocess.TimeoutExpired:
-        result = dict(suite="quant", shape=shape, base=base, error=f"timed out after {timeout} s")
+        result = dict(suite="quant", shape=shape, base=base, error=f"timed out after {min(timeout, left):.0f} s")
       results.append(result)
       with open(out, "a") as f:
         f.write(json.dumps(result) + "\n")
