@@ -255,6 +255,8 @@ def test_quantized_kernel_arrays_are_sharded_like_the_kernel():
 def test_unknown_format_is_refused(llama):
   with pytest.raises(ValueError, match=r"Unknown quantization format 'int4'; use one of 'nf4', 'int8', 'fp8'"):
     jlora.quantize(load(llama[0]), "int4")
+  with pytest.raises(ValueError, match=r"Unknown quantization format 'int4'"):
+    jlora.from_pretrained(llama[0], quantize="int4")
 
 
 def test_block_size_that_does_not_divide_a_layer_is_refused_before_any_change(llama):

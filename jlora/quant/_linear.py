@@ -8,7 +8,8 @@ residuals are the quantized arrays themselves, so training never keeps a
 dequantized copy of the weights for the backward pass.
 
 * ``nf4``: codebook lookup times block scales, then a matmul in the compute
-  dtype (XLA fuses the dequantization into the matmul's operand).
+  dtype; the dequantized kernel is a transient of one layer (of one scan
+  step), which XLA may fuse into the matmul's operand.
 * ``int8``: ``(x @ codes) * scale``, the int8 -> compute dtype convert fused
   into the matmul.
 * ``fp8``: a real fp8 matmul, ``x`` cast per row to e4m3 with its own scale,
