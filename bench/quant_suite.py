@@ -14,7 +14,9 @@ never on the device next to the quantized one.
 (default 290) caps the suite's wall time.
 
 Reported per run: tokens/s, step time, peak device memory, the frozen
-base's bytes, and bytes per quantized-kernel parameter (scales included).
+base's bytes, bytes per quantized-kernel parameter (scales included), and
+``fp8_gemms``: cuBLASLt fp8 GEMM calls in the compiled step (> 0 shows the fp8
+base really runs fp8 matmuls on the GPU).
 """
 
 from __future__ import annotations
@@ -102,8 +104,13 @@ def worker(shape: str, base: str, batch: int, seq: int, steps: int, warmup: int)
   ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, SHAPES[shape]["vocab_size"])
   inputs = dict(tokens=ids, attention_mask=jnp.ones_like(ids), loss_mask=jnp.ones_like(ids))
 
+  start = time.perf_counter()
+  compiled = train_step.lower(carry[0], carry[1], carry[2], parts.frozen, inputs).compile()
+  compile_s = time.perf_counter() - start
+  hlo = compiled.as_text()
+
   def step():
-    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], parts.frozen, inputs)
+    carry[0], carry[1], carry[2], loss, _ = compiled(carry[0], carry[1], carry[2], parts.frozen, inputs)
     return loss
 
   start = time.perf_counter()
@@ -120,7 +127,8 @@ def worker(shape: str, base: str, batch: int, seq: int, steps: int, warmup: int)
   stats = jax.devices()[0].memory_stats() or {}
   return dict(suite="quant", shape=shape, base=base, batch=batch, seq=seq, first_step_s=first, step_s=step_s,
               tokens_per_s=batch * seq / step_s, peak_bytes=stats.get("peak_bytes_in_use", 0),
-              first_loss=loss, device=jax.devices()[0].device_kind, **sizes)
+              first_loss=loss, device=jax.devices()[0].device_kind, compile_s=compile_s,
+              fp8_gemms=hlo.count("__cublas$lt$matmul$f8"), **sizes)
 
 
 def run(out: str, steps: int = 5, warmup: int = 1, timeout: int = 120, shapes=tuple(SHAPES),
@@ -156,18 +164,18 @@ def run(out: str, steps: int = 5, warmup: int = 1, timeout: int = 120, shapes=tu
 
 def table(results: list[dict]) -> str:
   """Markdown: per shape, each base's tokens/s (and ratio to bf16), peak GiB, base GiB, bytes/param."""
-  rows = ["| shape | base | tokens/s | × bf16 | peak GiB | base weights GiB | bytes/quantized param |",
-          "|---|---|---|---|---|---|---|"]
+  rows = ["| shape | base | tokens/s | × bf16 | peak GiB | base weights GiB | bytes/quantized param | fp8 GEMMs |",
+          "|---|---|---|---|---|---|---|---|"]
   for shape in dict.fromkeys(r["shape"] for r in results):
     ref = next((r for r in results if r["shape"] == shape and r["base"] == "bf16" and "error" not in r), None)
     for r in (r for r in results if r["shape"] == shape):
       if "error" in r:
-        rows.append(f"| {shape} | {r['base']} | error: {r['error'][-120:]!r} | | | | |")
+        rows.append(f"| {shape} | {r['base']} | error: {r['error'][-120:]!r} | | | | | |")
         continue
       ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
       bpp = f"{r['bytes_per_quantized_param']:.3f}" if r.get("bytes_per_quantized_param") else "-"
       rows.append(f"| {shape} | {r['base']} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_bytes'] / 2**30:.1f} "
-                  f"| {r['base_bytes'] / 2**30:.2f} | {bpp} |")
+                  f"| {r['base_bytes'] / 2**30:.2f} | {bpp} | {r.get('fp8_gemms', '-')} |")
   return "\n".join(rows)
 
 
