@@ -90,16 +90,16 @@ def worker(shape: str, base: str, batch: int, seq: int, steps: int, warmup: int)
   import jax
   import jax.numpy as jnp
   import jlora
-  from jlora.train import _steps
+  from jlora.train import make_optimizer, make_train_step, split_model
 
   model = build(shape, base)
   sizes = weight_bytes(model)
   jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                                init_lora_weights=False))
-  parts = _steps.split_model(model)
-  tx = _steps.make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
+  parts = split_model(model)
+  tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
                              end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
-  train_step = _steps.make_train_step(parts.graphdef, tx)
+  train_step = make_train_step(parts.graphdef, tx)
   carry = [parts.params, tx.init(parts.params), parts.rng]
   ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, SHAPES[shape]["vocab_size"])
   inputs = dict(tokens=ids, attention_mask=jnp.ones_like(ids), loss_mask=jnp.ones_like(ids))

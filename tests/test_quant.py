@@ -211,18 +211,18 @@ def test_gradients_reach_only_the_adapter(llama):
 
 def test_training_step_keeps_no_dequantized_copy_of_the_kernels():
   from jlora.models import CausalLM, ModelConfig
-  from jlora.train import _steps
+  from jlora.train import make_optimizer, make_train_step, split_model
   config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=256, intermediate_size=512,
                        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
                        max_position_embeddings=64, tie_word_embeddings=True, rope=(("rope_theta", 1e4),))
   model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   bf16_kernel_bytes = 2 * sum(l.kernel.size for _, l in nnx.iter_graph(model) if isinstance(l, nnx.Linear))
   jlora.get_peft_model(jlora.quantize(model, "nf4"), jlora.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
-  parts = _steps.split_model(model)
-  tx = _steps.make_optimizer(model, parts.params, learning_rate=1e-3, steps=2, warmup_steps=0, end_lr_ratio=1.0,
+  parts = split_model(model)
+  tx = make_optimizer(model, parts.params, learning_rate=1e-3, steps=2, warmup_steps=0, end_lr_ratio=1.0,
                              weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=0.0, grad_accum=1)
   ids = jnp.ones((1, 8), jnp.int32)
-  compiled = _steps.make_train_step(parts.graphdef, tx).lower(
+  compiled = make_train_step(parts.graphdef, tx).lower(
       parts.params, tx.init(parts.params), parts.rng, parts.frozen,
       dict(tokens=ids, attention_mask=ids, loss_mask=ids)).compile()
   # one layer's dequantized kernels (1/8 of them) may exist at a time, never all of them
