@@ -14,9 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
-from jlora.nn._adapters import LoraAdapter
 from jlora.nn._fused import lora_matmul
-from jlora.nn._layer import LoraLayer
+from jlora.nn._layer import LoraLayer, dropout_active
 from jlora.nn._registry import register_lora_layer
 
 
@@ -30,8 +29,10 @@ class LoraLinear(LoraLayer):
   ``dot_general``). ``set_lora_matmul`` sets the mode for a whole model.
   """
 
-  matmul_mode: str = "auto"
-  """``"auto"`` | ``"fused"`` | ``"plain"`` (``jlora.nn._fused.MATMUL_MODES``)."""
+  matmul_mode: str = "plain"
+  """``"auto"`` | ``"fused"`` | ``"plain"`` (``jlora.nn._fused.MATMUL_MODES``); ``set_lora_matmul``
+  opts a model in. The fused modes change float rounding (one rounding of ``W + A·B`` to the
+  compute dtype), not the math."""
   shared_input: bool = True
   """Whether ``lora_projections`` may fuse this layer with siblings reading the same input."""
 
@@ -45,7 +46,7 @@ class LoraLinear(LoraLayer):
       return None
     adapters = [] if self.disabled else [
         self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
-    if any(_uses_dropout(a) for a in adapters):
+    if any(dropout_active(a) for a in adapters):
       return None
     parts = linear_parts(self.base_layer, x)
     if parts is None:
@@ -86,12 +87,6 @@ class LoraLinear(LoraLayer):
 
   def factors_to_weight(self, a, b):
     return a @ b
-
-
-def _uses_dropout(adapter) -> bool:
-  if isinstance(adapter, LoraAdapter):
-    return adapter.dropout_key is not None and not adapter.deterministic
-  return any(_uses_dropout(u) for u in adapter.upstreams)
 
 
 def linear_parts(base: nnx.Linear, x):

@@ -23,6 +23,9 @@ from jlora.nn._inject import lora_layers
 def set_lora_matmul(model: nnx.Module, mode: str = "auto", *, shared_input: bool = True) -> None:
   """Choose how every ``LoraLinear`` of ``model`` computes (before jitting its forward pass).
 
+  The default is ``"plain"``; ``"auto"`` is the fast setting for training and
+  long prompts.
+
   Args:
     mode: ``"auto"`` (merge on the fly above a token threshold, low-rank
       backward), ``"fused"`` (always merge on the fly) or ``"plain"``
