@@ -225,3 +225,11 @@ def test_train_config_builds_a_dora_adapter():
   assert adapter_config(load_config(None, ["adapter.use_dora=true"]).adapter).use_dora
   with pytest.raises(ConfigError, match="adapter.use_dora=true needs adapter.kind=lora"):
     load_config(None, ["adapter.use_dora=true", "adapter.kind=moslora"])
+
+
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+def test_fused_lora_matmul_modes_leave_dora_exact(mode):
+  root, model = twins()
+  jlora.nn.set_lora_matmul(model, mode)
+  expected, got = oracle.outputs(root, model, "lin")
+  np.testing.assert_allclose(got, expected, atol=TOL)
