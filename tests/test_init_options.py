@@ -16,7 +16,7 @@ import transformers
 
 import jlora
 import torch_oracle as oracle
-from jlora.testing import randomize_adapters
+from jlora.testing import TinyLM, randomize_adapters
 from tests import hf_doubles
 
 IDS, _ = hf_doubles.batch()
@@ -216,3 +216,12 @@ def test_initial_adapter_with_other_modules_is_refused(llama, tmp_path):
   with pytest.raises(ValueError, match="does not hold the same modules"):
     jlora.save_peft(model, tmp_path / "lora", initial_adapter=tmp_path / "init")
   assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("option", [dict(init_lora_weights="pissa"), dict(init_lora_weights="olora"),
+                                    dict(use_dora=True)])
+def test_options_that_read_the_base_weight_refuse_a_quantized_base(option):
+  model = jlora.quantize(TinyLM(), "int8")
+  with pytest.raises(ValueError, match="stored quantized .* jlora.dequantize\\(model\\)"):
+    jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj"], **option))
+  assert not list(jlora.lora_layers(model))

@@ -188,6 +188,7 @@ class LoraLayer(nnx.Module):
                   dropout_key=key_dropout, param_type=param_type)
     if not use_dora:
       return LoraAdapter(a, b, jnp.asarray(scaling), **kwargs)
+    self._require_dense_kernel("use_dora=True")
     if not self.supports_dora:
       raise ValueError(
           f"use_dora=True: DoRA applies to Linear, Embed and Conv layers (as in PEFT), but "
@@ -210,6 +211,8 @@ class LoraLayer(nnx.Module):
           f"init_lora_weights={mode!r} applies to linear layers only (PEFT computes it from a "
           f"[out, in] weight), but {self.module_names[0]} is a {type(self).__name__}; leave this "
           "module out of target_modules or use init_lora_weights=True.")
+    if mode != "orthogonal":
+      self._require_dense_kernel(f"init_lora_weights={mode!r}")
     stack = self.stack_shape
     fan_in, fan_out = math.prod(a_shape[:-1]), math.prod(b_shape[1:])
     if mode != "orthogonal" and rank > min(fan_in, fan_out):
@@ -235,6 +238,15 @@ class LoraLayer(nnx.Module):
 
     a, b = jax.vmap(one)(keys, kernel, flat_scaling)
     return (a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype))
+
+  def _require_dense_kernel(self, option: str) -> None:
+    """Raise unless the base kernel is a plain float parameter (PiSSA, OLoRA and DoRA read it)."""
+    if not isinstance(self.kernel(), nnx.Param):
+      raise ValueError(
+          f"{option} reads the base weight of {self.module_names[0]}, which is stored quantized "
+          f"({type(self.kernel()).__name__}); PEFT asks for a float32/16/bf16 weight too. Call "
+          "jlora.dequantize(model) before adding the adapter (and quantize the result again "
+          "afterwards if you like).")
 
   def supports_dropout(self) -> bool:
     """Dropout applies to real-valued inputs; embeddings take ids."""
