@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jlora.io import _safetensors
+from jlora.io._files import check_directory_path, writing
 from jlora.io._placement import ParamSource, place, sharding_for
 from jlora.models import ModelConfig, from_hf_config, model_class
 from jlora.models._config import SUPPORTED
@@ -36,6 +37,9 @@ _IGNORED = (r".*\.attn\.(masked_)?bias$", r".*rotary_emb\.inv_freq$")
 
 
 def _read_config(model_dir: Path) -> ModelConfig:
+  if model_dir.is_file():
+    raise ValueError(f"Checkpoint path {model_dir} is a file; pass the directory that holds config.json "
+                     f"and the weights (probably {model_dir.parent}).")
   if not model_dir.is_dir():
     raise ValueError(f"Checkpoint directory {model_dir} does not exist; pass a local directory holding "
                      "config.json and model.safetensors (download it first, e.g. `hf download`).")
@@ -51,8 +55,27 @@ def _read_config(model_dir: Path) -> ModelConfig:
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     raise ValueError(f"{path} has model_type={kind!r}, which jlora does not implement; supported model "
                      f"types: {', '.join(SUPPORTED)}.")
+  _check_heads(raw, path)
   from transformers import AutoConfig
   return from_hf_config(AutoConfig.from_pretrained(str(model_dir)))
+
+
+def _check_heads(raw: dict, path: Path) -> None:
+  """Head counts must split the hidden size (and the KV heads the query heads), checked before transformers."""
+  hidden = raw.get("hidden_size", raw.get("n_embd"))
+  heads = raw.get("num_attention_heads", raw.get("n_head"))
+  kv = raw.get("num_key_value_heads") or heads
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, heads, kv)):
+    return  # absent: transformers' defaults apply
+  if min(hidden, heads, kv) < 1:
+    raise ValueError(f"{path}: hidden size {hidden}, {heads} attention heads and {kv} key/value heads must "
+                     "all be positive; fix config.json.")
+  if hidden % heads:
+    raise ValueError(f"{path}: the hidden size {hidden} is not a multiple of the {heads} attention heads; "
+                     "fix config.json so that hidden_size is divisible by num_attention_heads.")
+  if heads % kv:
+    raise ValueError(f"{path}: the {heads} attention heads are not a multiple of the {kv} key/value heads; "
+                     "fix config.json so that num_attention_heads is divisible by num_key_value_heads.")
 
 
 def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -187,11 +210,15 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
   return any(re.fullmatch(p, name) for p in _IGNORED)
 
 
-def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
   """Write ``config.json`` and ``model.safetensors`` that transformers loads as the same model.
 
-  Each file is written to a temp name and renamed. A model carrying LoRA
-  layers is refused: merge first with ``jlora.merge_and_unload(model)``.
+  Each file is written to a temp name and renamed; a failed write leaves no
+  temp file. A model carrying LoRA layers is refused: merge first with
+  ``jlora.merge_and_unload(model)``. ``out_dir`` may be new, hold no
+  checkpoint files, or hold a checkpoint jlora wrote (it leaves a small
+  ``.jlora`` marker); another checkpoint there is only replaced with
+  ``overwrite=True``. Other files (a tokenizer, a README) are kept.
   """
   if any(isinstance(node, LoraLayer) for _, node in nnx.iter_graph(model)):
     raise ValueError("save_pretrained writes plain HF weights but this model has LoRA layers; call "
@@ -201,7 +228,7 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     raise ValueError("save_pretrained needs a jlora.models model (with a ModelConfig at .config), "
                      f"got {type(model).__name__}.")
   out_dir = Path(out_dir).expanduser()
-  out_dir.mkdir(parents=True, exist_ok=True)
+  _check_save_target(out_dir, overwrite)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}
   for path, names, transpose, is_stacked in _param_names(model):
@@ -209,15 +236,31 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     for i, name in enumerate(names):
       tensors[name] = _hf_layout(value[i] if is_stacked else value, transpose)
   dtypes = {str(v.dtype) for v in tensors.values()}
-  _safetensors.write(tensors, out_dir / SINGLE)
   hf = config.hf_dict()
   if len(dtypes) == 1:
     hf["dtype"] = dtypes.pop()
-  tmp = out_dir / ".config.json.tmp"
-  tmp.write_text(json.dumps(hf, indent=2, sort_keys=True))
-  os.replace(tmp, out_dir / "config.json")
-  _remove_stale_shards(out_dir)
+  with writing(out_dir, "the model"):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("written by jlora.save_pretrained\n")
+    _safetensors.write(tensors, out_dir / SINGLE)
+    _safetensors.write_text(json.dumps(hf, indent=2, sort_keys=True), out_dir / "config.json")
+    _remove_stale_shards(out_dir)
   return out_dir
+
+
+MARKER = ".jlora"  # left by save_pretrained: the checkpoint files here are jlora's to replace
+
+
+def _check_save_target(out_dir: Path, overwrite: bool) -> None:
+  check_directory_path(out_dir, "save_pretrained's out_dir")
+  if overwrite or not out_dir.is_dir() or (out_dir / MARKER).is_file():
+    return
+  ours = ("config.json", SINGLE, INDEX)
+  found = sorted(p.name for p in out_dir.iterdir()
+                 if p.name in ours or re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name))
+  if found:
+    raise ValueError(f"{out_dir} already holds a checkpoint jlora did not write ({', '.join(found)}); "
+                     "refusing to overwrite it. Choose a new or empty directory, or pass overwrite=True.")
 
 
 def _remove_stale_shards(out_dir: Path) -> None:

@@ -41,6 +41,9 @@ _CONVERT = (
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, np.ndarray]]:
   """The jlora config and the raw tensors of a PEFT adapter directory."""
   path = Path(adapter_dir).expanduser()
+  if path.is_file():
+    raise ValueError(f"PEFT adapter path {path} is a file; pass the directory that holds {CONFIG_NAME} and "
+                     f"{WEIGHTS_NAME} (probably {path.parent}).")
   if not path.is_dir():
     raise ValueError(
         f"PEFT adapter directory {path} does not exist; pass a local directory holding "

@@ -123,6 +123,20 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def first_signal(signum: int | None) -> int | None:
+  """A stop signal any process received, or None; every process gets the same answer.
+
+  A signal may reach the processes of a job at different steps; they must
+  still checkpoint (a collective) and stop at one step.
+  """
+  if jax.process_count() == 1:
+    return signum
+  from jax.experimental import multihost_utils
+
+  received = np.ravel(multihost_utils.process_allgather(np.asarray(signum or 0, np.int32)))
+  return next((int(s) for s in received if s), None)
+
+
 def gather_to_host(tree):
   """Every array of ``tree`` whole on this host (numpy), from shards on all processes' devices."""
   if jax.process_count() == 1:

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jlora.io import from_pretrained
+from jlora.io._inject_dirs import get_peft_model
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.train._config import AdapterConfig, ModelConfig
 from jlora.train._tokenizer import load_tokenizer
@@ -59,7 +60,7 @@ def _base_model(cfg: ModelConfig, mesh: Mesh | None):
   if cfg.name in _PRESETS:
     return _PRESETS[cfg.name](cfg), None
   path = Path(cfg.name).expanduser()
-  if path.is_dir():
+  if path.is_dir() or path.is_file():  # a file gets from_pretrained's error: pass its directory
     return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), mesh=mesh), str(path)
   raise ValueError(
       f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
@@ -101,7 +102,5 @@ def adapter_config(cfg: AdapterConfig):
 
 
 def add_adapter(model: nnx.Module, cfg: AdapterConfig, name: str = "default") -> nnx.Module:
-  """Inject the configured adapter (WLoRA upstream directories are loaded by ``jlora.get_peft_model``)."""
-  import jlora
-
-  return jlora.get_peft_model(model, adapter_config(cfg), adapter_name=name)
+  """Inject the configured adapter (WLoRA upstream directories are loaded too, as ``jlora.get_peft_model`` does)."""
+  return get_peft_model(model, adapter_config(cfg), adapter_name=name)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -26,6 +28,43 @@ from jlora.train._model import add_adapter, load_model, max_length, tokenizer_fo
 from jlora.train._report import Metrics, Progress, greedy_samples, plot_losses
 from jlora.train._run_dir import check_output_dir, claim_output_dir
 from jlora.train._export import export_adapter
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """SIGINT (Ctrl-C) or SIGTERM (e.g. preemption) stopped the run after saving a checkpoint.
+
+  ``str(e)`` is one line saying where the checkpoint is and how to resume;
+  ``e.signum`` is the signal's number.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopSignals:
+  """While active, SIGINT/SIGTERM only set ``signum``; the loop then checkpoints and stops.
+
+  A second signal gets the previous handler (a second Ctrl-C interrupts at once).
+  """
+
+  def __init__(self):
+    self.signum, self._previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,7 +118,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   ``model`` / ``tokenizer`` override ``cfg.model`` / ``cfg.data.tokenizer``
   with objects built in code (a model without adapters).
   Raises LaunchError, ConfigError, OutputDirError, DataError, MeshError or ValueError on
-  bad input before any compute, and NonFiniteLossError if the loss diverges.
+  bad input before any compute, NonFiniteLossError if the loss diverges, and
+  TrainingInterrupted after SIGINT/SIGTERM, once the current step is checkpointed.
   """
   if not isinstance(cfg, TrainConfig):
     raise TypeError(f"train() takes a jlora.TrainConfig, got {type(cfg).__name__}.")
@@ -102,6 +142,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
                      "model's own tokenizer (data.tokenizer='').")
   train_rows, eval_rows = _prepare_data(cfg, tokenizer)
+  if vocab is not None:
+    _data.check_vocab(train_rows, vocab, cfg.data.path or "the demo corpus")
+    _data.check_vocab(eval_rows, vocab, cfg.data.eval_path or cfg.data.path or "the demo corpus")
   local = _sharding.process_rows(mesh, cfg.batch_size)  # this process's rows of every global batch
   stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed, local=local)
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
@@ -139,7 +182,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     return nll / max(count, 1.0)
 
   progress = Progress(cfg.steps, step, cfg.progress and primary)
+  stop = _StopSignals()
   try:
+    stop.__enter__()
     if step == 0 and held_out:
       loss0 = evaluate()
       metrics.log({"step": 0, "eval_loss": loss0, "eval_ppl": math.exp(min(loss0, 50))})
@@ -169,9 +214,17 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
       metrics.log(record)
       if primary and not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
         progress.write(f"step {step}: loss {loss:.4f}" + (f", held-out {eval_loss:.4f}" if eval_loss else ""))
-      if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+      stop.signum = _distributed.first_signal(stop.signum)  # all processes stop at the same step
+      if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop.signum is not None:
         ckpt.save(step, (params, opt_state, rng), {"step": step, "data": stream.state()})
+      if stop.signum is not None and step < cfg.steps:
+        ckpt.wait()
+        raise TrainingInterrupted(
+            f"{signal.Signals(stop.signum).name} at step {step}/{cfg.steps}: checkpoint saved in "
+            f"{ckpt.directory}; run the same command (same output_dir) again to resume from step {step}.",
+            stop.signum)
   finally:
+    stop.__exit__()
     progress.close()
     metrics.close()
     ckpt.close()
