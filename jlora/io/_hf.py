@@ -141,9 +141,9 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
     dtype: computation dtype of activations.
     param_dtype: dtype of the parameters (default: ``dtype``); each block is
       converted as it is read.
-    mesh: a ``(data, fsdp, tensor)`` mesh (``jlora.train.make_mesh``): every
+    mesh: a ``(data, fsdp, tensor)`` mesh (``make_mesh`` of ``jlora.train``): every
       device reads only its shard of each parameter, laid out by the sharding
-      rules ``jlora.train.param_spec`` (in a multi-host job each process
+      rules (``param_spec`` of ``jlora.train``) (in a multi-host job each process
       reads only what its devices hold). None: whole arrays on the default device.
 
   Returns:

@@ -110,8 +110,8 @@ def initialize_distributed() -> bool:
       raise
     raise LaunchError("This is one process of a multi-process job, but JAX already started on its own "
                       "devices, so it can no longer join the others; call "
-                      "jlora.train.initialize_distributed() first thing, before building a model or "
-                      "touching jax.") from None
+                      "initialize_distributed() (from jlora.train) first thing, before building a model "
+                      "or touching jax.") from None
   return True
 
 
