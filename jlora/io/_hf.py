@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, writing
-from jlora.io._placement import ParamSource, place, sharding_for
+from jlora.io._placement import ParamSource, check_mesh, place, sharding_for
 from jlora.models import ModelConfig, from_hf_config, model_class
 from jlora.models._config import SUPPORTED
 from jlora.nn import LoraLayer
@@ -143,8 +143,9 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
       converted as it is read.
     mesh: a ``(data, fsdp, tensor)`` mesh (``make_mesh`` of ``jlora.train``): every
       device reads only its shard of each parameter, laid out by the sharding
-      rules (``param_spec`` of ``jlora.train``) (in a multi-host job each process
-      reads only what its devices hold). None: whole arrays on the default device.
+      rules (``param_spec`` of ``jlora.train``); in a multi-host job each
+      process reads only what its devices hold. None: whole arrays on the
+      default device.
 
   Returns:
     ``CausalLM`` (llama, mistral, qwen2, qwen3) or ``Gpt2LMHeadModel``:
@@ -152,9 +153,11 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
 
   Raises:
     ValueError: a missing/malformed directory, config or weights file, an
-      unsupported model type, or weights that do not fit the config.
+      unsupported model type, weights that do not fit the config, or a
+      ``mesh`` that is not a ``(data, fsdp, tensor)`` Mesh.
   """
   model_dir = Path(model_dir).expanduser()
+  check_mesh(mesh)
   config = _read_config(model_dir)
   param_dtype = param_dtype or dtype
   cls = model_class(config)

@@ -86,10 +86,11 @@ def initialize_distributed() -> bool:
   """``jax.distributed.initialize()`` when launched as one of several processes.
 
   ``jlora.train`` calls it first; a script that builds the model itself (or
-  touches jax otherwise) before ``jlora.train`` must call it first. Validates the environment first (``launch_settings``). A no-op for one
-  process and when already initialised (then the environment's process count
-  must match ``jax.process_count()``). On CPU the processes talk through
-  gloo collectives. Returns whether it initialised.
+  touches jax otherwise) before ``jlora.train`` must call it first. Validates
+  the environment first (``launch_settings``). A no-op for one process and
+  when already initialised (then the environment's process count must match
+  ``jax.process_count()``). On CPU the processes talk through gloo
+  collectives. Returns whether it initialised.
   """
   settings = launch_settings()
   if jax.distributed.is_initialized():
