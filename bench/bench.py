@@ -305,6 +305,12 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=int, default=400)
   args = parser.parse_args()
+  if args.mode == "run" and args.suite == "quant":  # quantized bases: bench/quant_suite.py, self-contained
+    import quant_suite
+    quant_suite.run(args.out, steps=args.steps, warmup=args.warmup, timeout=min(args.timeout, 120),
+                    shapes=os.environ.get("QUANT_SHAPES", "tinyllama,llama3b").split(","),
+                    budget_s=float(os.environ.get("QUANT_BUDGET_S", 290)))
+    return
   if args.mode == "worker":
     worker(args)
   elif args.mode == "run":
