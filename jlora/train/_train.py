@@ -169,7 +169,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     (params, opt_state, rng), meta = ckpt.restore(start, (params, opt_state, rng))
     stream.restore(meta["data"])
   step = start or 0
-  metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=jax.process_index() == 0)
+  primary = jax.process_index() == 0  # writes the reports
+  metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary)
   train_step = _steps.make_train_step(graphdef, tx)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
   eval_step = _steps.make_eval_step(graphdef)
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     count = sum(float(c) for _, c in totals)
     return nll / max(count, 1.0)
 
-  progress = Progress(cfg.steps, step, cfg.progress and jax.process_index() == 0)
+  progress = Progress(cfg.steps, step, cfg.progress and primary)
   stop = _StopSignals()
   try:
     stop.__enter__()
@@ -211,8 +212,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
         record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
       record["tokens_per_s"] = progress.update(loss, tokens, eval_loss)
       metrics.log(record)
-      if not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
+      if primary and not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
         progress.write(f"step {step}: loss {loss:.4f}" + (f", held-out {eval_loss:.4f}" if eval_loss else ""))
+      stop.signum = _distributed.first_signal(stop.signum)  # all processes stop at the same step
       if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop.signum is not None:
         ckpt.save(step, (params, opt_state, rng), {"step": step, "data": stream.state()})
       if stop.signum is not None and step < cfg.steps:
