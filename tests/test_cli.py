@@ -23,7 +23,7 @@ def test_print_config_applies_file_and_overrides(tmp_path, capsys):
 
 def test_no_config_prints_the_embedded_default(capsys):
   assert main(["train", "--print-config"]) == 0
-  assert yaml.safe_load(capsys.readouterr().out)["model"]["name"] == "tiny"
+  assert yaml.safe_load(capsys.readouterr().out)["model"]["name"] == "byte-stories"
 
 
 def test_bad_override_exits_2_with_the_key(capsys):

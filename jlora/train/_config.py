@@ -27,17 +27,20 @@ class ModelConfig:
   """The base model.
 
   Attributes:
-    name: a preset name (``"tiny"``: a small randomly initialised Llama-style
-      model, no download) or a local Hugging Face checkpoint directory.
+    name: a preset name or a local Hugging Face checkpoint directory. Presets
+      need no download: ``"byte-stories"`` is the pretrained byte-level Llama
+      shipped with jlora (4 layers, 128 wide, trained on stories by
+      ``scripts/train_base.py``); ``"tiny"`` is a smaller randomly
+      initialised one for tests.
     dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``).
-    seed: PRNG seed for presets (their weights are random).
+    seed: PRNG seed for presets with random weights (``"tiny"``).
     remat: what the backward pass keeps per layer: ``"matmuls"`` (matmul and
       attention outputs; elementwise work is recomputed), ``"none"``
       (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
       only; least memory, one extra forward pass).
   """
 
-  name: str = "tiny"
+  name: str = "byte-stories"
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
@@ -131,6 +134,23 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportConfig:
+  """Where metrics go besides ``<output_dir>/metrics.jsonl``.
+
+  Attributes:
+    tensorboard: TensorBoard event files under ``<output_dir>/tensorboard``.
+    wandb: also log to Weights & Biases (needs ``pip install wandb``).
+    wandb_project: the wandb project.
+    wandb_name: the wandb run name (``""``: wandb picks one).
+  """
+
+  tensorboard: bool = True
+  wandb: bool = False
+  wandb_project: str = "jlora"
+  wandb_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The whole training job. ``TrainConfig()`` is a tiny demo that runs on a CPU in minutes.
 
@@ -151,6 +171,7 @@ class TrainConfig:
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  report: ReportConfig = ReportConfig()
   output_dir: str = "jlora-run"
   steps: int = 300
   batch_size: int = 8

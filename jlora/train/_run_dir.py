@@ -10,7 +10,8 @@ from pathlib import Path
 RUN_FILE = "run.json"
 # Keys that may change between a run and its resumption: they do not change the numbers.
 _FREE_KEYS = {"output_dir", "overwrite", "progress", "samples", "save_merged", "log_every",
-              "checkpoint.async_save"}
+              "checkpoint.async_save", "report.tensorboard", "report.wandb", "report.wandb_project",
+              "report.wandb_name"}
 
 
 class OutputDirError(ValueError):
