@@ -6,7 +6,7 @@ generator of the embedded corpus (``jlora.train._corpus.story``, seeded with
 weight of a 4-layer, 128-wide Llama (``jlora.models.CausalLM``, 258-token
 byte vocabulary) with AdamW, and writes ``config.json`` +
 ``model.safetensors`` (float32, ~4 MB) with ``jlora.io.save_pretrained``.
-The same seed, jax version and machine give the same weights. About 12
+The same seed, jax version and machine give the same weights. About 5
 minutes on 2 CPU cores with the defaults; the preset ``"byte-stories"``
 (``jlora.train._presets``) loads the result.
 """

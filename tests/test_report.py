@@ -1,5 +1,6 @@
 """Run reporting: TensorBoard events and wandb beside metrics.jsonl, the progress bar's rate and ETA, sample prompts."""
 
+import importlib.util
 import sys
 import types
 
@@ -75,11 +76,23 @@ def test_wandb_logs_the_same_records_when_asked(tmp_path, monkeypatch):
   assert calls[1:] == [("log", {"loss": 2.5}, 1), ("finish",)]
 
 
-def test_wandb_asked_for_but_not_installed_is_one_clear_error(monkeypatch):
-  monkeypatch.setitem(sys.modules, "wandb", None)
-  import importlib.util
+def test_a_job_logs_each_step_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+  from train_doubles import run_tiny_job
 
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else object())
+  logged = []
+  fake = types.ModuleType("wandb")
+  fake.init = lambda **kw: types.SimpleNamespace(log=lambda data, step: logged.append(step), finish=lambda: None)
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
+  run_tiny_job(tmp_path / "run", steps=2, eval_every=2, **{"report.wandb": True})
+  assert logged == [0, 1, 2]  # the base's held-out loss, then each step
+  assert [s for s, _ in _events(tmp_path / "run" / "tensorboard")["loss"]] == [1, 2]
+
+
+def test_wandb_asked_for_but_not_installed_is_one_clear_error(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
   with pytest.raises(ValueError, match=r"report\.wandb=true needs the wandb package.*pip install wandb"):
     check_report(TrainConfig().replace(**{"report.wandb": True}).report)
 
@@ -123,3 +136,8 @@ def test_sample_prompts_skip_a_record_cut_by_the_row_start():
   records = [{"text": "x" * 70}, {"text": "Ada had a blue kite."}]
   held_out = _held_out(records, seq_len=64)
   assert sample_prompts(ByteTokenizer(), held_out, 3) == ["Ada had a bl"]
+
+
+def test_sample_prompts_of_records_longer_than_a_row_are_row_openings():
+  held_out = _held_out([{"text": "Once there was a very long story " * 6}], seq_len=64)
+  assert sample_prompts(ByteTokenizer(), held_out, 1) == ["Once there w"]

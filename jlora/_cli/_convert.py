@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from jlora._cli._common import describe, CliError
+from jlora._cli._common import CliError, describe
 
 BIN, SAFE, CONFIG = "adapter_model.bin", "adapter_model.safetensors", "adapter_config.json"
 INSTALL_TORCH = ("jlora convert reads PyTorch pickles and needs torch, which is not installed; install "

@@ -10,7 +10,7 @@ Greedy by default; ``--temperature`` and ``--top-p`` sample.
 
 from __future__ import annotations
 
-from jlora._cli._common import describe, DTYPES, CliError, load_base, tokenizer_for
+from jlora._cli._common import DTYPES, CliError, describe, load_base, tokenizer_for
 
 
 def add_parser(sub) -> None:

@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from jlora._cli._common import describe, CliError
+from jlora._cli._common import CliError, describe
 
 FACTORS = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|"
                      r"lora_embedding_A|lora_embedding_B|lora_AB\.weight)$")

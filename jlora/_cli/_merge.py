@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from jlora._cli._common import describe, DTYPES, TOKENIZER_FILES, CliError, load_base, refuse_non_empty
+from jlora._cli._common import DTYPES, TOKENIZER_FILES, CliError, describe, load_base, refuse_non_empty
 
 EXTRA_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "generation_config.json")
 

@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from jlora._cli._common import describe, CliError
+from jlora._cli._common import CliError, describe
 
 
 def add_parser(sub) -> None:
@@ -49,7 +49,7 @@ def run(args) -> int:
 def report(result) -> None:
   """The end of a job: before/after answers, held-out loss of base vs adapter, where things went."""
   for prompt, before, after in zip(result.sample_prompts, result.base_samples, result.samples):
-    print(f"prompt: {prompt!r}\n  base:    {before!r}\n  adapter: {after!r}")
+    print(f"prompt: {prompt!r}\n  base:    {before[len(prompt):]!r}\n  adapter: {after[len(prompt):]!r}")
   evals = result.eval_losses
   if evals:
     print(f"held-out loss: {evals[0][1]:.4f} (step {evals[0][0]}"

@@ -77,8 +77,9 @@ class DataConfig:
 
   Attributes:
     path: a ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` file or a
-      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the
-      embedded demo corpus.
+      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the Q/A
+      records of the embedded demo corpus (``jlora/train/data/qa.jsonl``),
+      a skill the shipped base model lacks.
     eval_path: held-out data in the same forms; ``""`` holds out
       ``eval_fraction`` of the training sequences instead.
     format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /

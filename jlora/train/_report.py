@@ -219,13 +219,16 @@ def sample_prompts(tokenizer, held_out: list[dict], n: int) -> list[str]:
   A packed row holds records separated by EOS; the first one may have begun
   in the previous row, so it is skipped. An instruction record's prompt is
   its tokens before the first trained one (the part the loss mask hides);
-  a text record gives its first 12 tokens.
+  a text record gives its first 12 tokens. Rows of one long record give
+  their first 12 tokens.
   """
-  asked, opened = [], []
+  asked, opened, row_starts = [], [], []
   for batch in held_out:
     for row, loss, valid in zip(batch["tokens"], batch["loss_mask"], batch["attention_mask"]):
       ids = [int(t) for t, v in zip(row, valid) if v]
       cuts = [i for i, t in enumerate(ids) if t == tokenizer.eos_id]
+      if len(ids) > 12 and tokenizer.eos_id not in ids[:12]:
+        row_starts.append(tokenizer.decode(ids[:12]))  # only if no record starts anywhere
       for begin, end in zip(cuts, cuts[1:] + [len(ids)]):
         record, mask = ids[begin + 1:end], [int(m) for m in loss[begin + 1:end]]
         if 1 not in mask:
@@ -235,7 +238,7 @@ def sample_prompts(tokenizer, held_out: list[dict], n: int) -> list[str]:
           asked.append(tokenizer.decode(record[:first]))
         elif len(record) > 12:
           opened.append(tokenizer.decode(record[:12]))
-  prompts = list(dict.fromkeys(asked + opened))[:n]
+  prompts = list(dict.fromkeys(asked + opened or row_starts))[:n]
   return prompts or ["Once upon a time"][:n]
 
 

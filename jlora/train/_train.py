@@ -69,7 +69,7 @@ class TrainResult:
 
 
 def _prepare_data(cfg: TrainConfig, tokenizer):
-  path = cfg.data.path or str(_data.EMBEDDED_CORPUS)
+  path = cfg.data.path or str(_data.EMBEDDED_QA)
   load = lambda p: _data.load_rows(p, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field,
                                    cfg.data.packing)
   rows = load(path)
