@@ -38,7 +38,7 @@ QUICKSTART = [
                       "stories and has never seen a question."),
     new_code_cell('MODEL = "byte-stories"  # or a hub id / local dir, e.g. "HuggingFaceTB/SmolLM2-135M" (then LR = 2e-3)\n'
                   'KIND = "moslora"        # "lora" or "moslora"\n'
-                  'STEPS = 150\nSEQ_LEN = 128\nLR = 1e-2\nOUTPUT_DIR = "runs/quickstart"',
+                  'STEPS = 300\nSEQ_LEN = 128\nLR = 1e-2\nOUTPUT_DIR = "runs/quickstart"',
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP),
     new_markdown_cell("The job is one frozen config. `data.path=''` uses the Q/A records shipped with "
