@@ -114,7 +114,11 @@ def _numel(shape) -> int:
 def render(info: dict) -> str:
   ranks = ", ".join(f"r={r} ×{n}" for r, n in info["ranks"].items()) or "unknown (no safetensors weights)"
   targets = info["target_modules"]
-  targets = targets if isinstance(targets, str) else ", ".join(targets or [])
+  if not isinstance(targets, str):
+    targets = list(targets or [])
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    targets = (", ".join(targets) if len(targets) <= 8
+               else f"{len(targets)} module names ending in {', '.join(leaves)}")
   by_name = ", ".join(f"{k} ×{n}" for k, n in info["modules_by_name"].items())
   lines = [
       f"adapter:     {info['directory']}",
