@@ -36,12 +36,15 @@ def run(args) -> int:
   if args.print_config:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
-  from jlora.train import train
+  from jlora.train import TrainingInterrupted, train
 
   try:
     result = train(cfg)
   except (ConfigError, DataError, MeshError, OutputDirError, ValueError, FloatingPointError) as e:
     raise CliError(str(e)) from None
+  except TrainingInterrupted as e:
+    print(f"jlora: stopped by {e}", file=sys.stderr)
+    return 128 + e.signum
   report(result)
   return 0
 
