@@ -12,6 +12,8 @@ and training (``jlora.train`` places params, adapter and optimizer state).
 - An adapter is sharded like its base layer: ``lora_A [.., in, r]`` takes the
   kernel's ``in`` axis, ``lora_B [.., r, out]`` its ``out`` axis; the rank
   dim is replicated.
+- A quantized kernel's arrays (``qkernel``, ``kernel_scale``, ``scale_offset``,
+  ``scale_step``, all ``[.., rows, out]``) are sharded like the kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
 )
 LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 _WRAPPER_PARTS = ("base_layer", "adapters", "upstreams")
+_KERNEL_NAMES = ("kernel", "embedding", "qkernel", "kernel_scale", "scale_offset", "scale_step")
 
 
 
@@ -69,7 +72,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
   if axes is None or len(shape) < 2:
     return P(*spec)
   in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
-  if name in ("kernel", "embedding"):
+  if name in _KERNEL_NAMES:
     dims = {len(shape) - 2: in_axis, len(shape) - 1: out_axis}
   elif name == "lora_A":
     dims = {len(shape) - 2: in_axis}
