@@ -1,8 +1,9 @@
 """Writes the colab/*.ipynb notebooks from the cell sources below (edit here, then run this).
 
-Every notebook starts with a cell tagged ``parameters``: ``MODEL`` is a Hugging
-Face hub id in Colab; CI (tests/test_notebooks.py) replaces the cell to point
-at a tiny local checkpoint and a few steps, then runs the notebook top to bottom.
+Every notebook starts with a cell tagged ``parameters``: ``MODEL`` is
+``"byte-stories"``, the small pretrained base shipped inside jlora (no
+download), or a Hugging Face hub id / local checkpoint dir. CI
+(tests/test_notebooks.py) cuts the steps and runs each notebook top to bottom.
 """
 
 from pathlib import Path
@@ -19,8 +20,9 @@ if "google.colab" in sys.modules:  # Colab: install jlora (and the TPU/GPU jax t
     get_ipython().run_line_magic("pip", "install -q jlora huggingface_hub")
 
 def local_model(name):
-    """A local checkpoint dir: ``name`` itself, or a hub download of it."""
-    if Path(name).is_dir():
+    """A preset shipped with jlora, a local checkpoint dir, or a hub download of ``name``."""
+    from jlora.train import presets
+    if name in presets() or Path(name).is_dir():
         return name
     from huggingface_hub import snapshot_download
     return snapshot_download(name)
@@ -29,26 +31,32 @@ model_dir = local_model(MODEL)
 print("model:", model_dir)'''
 
 QUICKSTART = [
-    new_markdown_cell("# jlora quickstart\n\nLoad a causal LM from the Hugging Face hub, fine-tune a "
-                      "LoRA (or MoSLoRA) adapter on a small corpus, look at the loss curve and samples, "
-                      "merge it, and export it in PEFT format."),
-    new_code_cell('MODEL = "HuggingFaceTB/SmolLM2-135M"  # hub id or local checkpoint dir\n'
-                  'KIND = "moslora"                      # "lora" or "moslora"\n'
-                  'STEPS = 200\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/quickstart"',
+    new_markdown_cell("# jlora quickstart\n\nFine-tune a LoRA (or MoSLoRA) adapter that teaches a small "
+                      "pretrained model a skill it lacks, compare its answers before and after, look at "
+                      "the loss curve, merge it, and export it in PEFT format. The default base, "
+                      "`byte-stories`, ships inside jlora: a byte-level Llama that writes children's "
+                      "stories and has never seen a question."),
+    new_code_cell('MODEL = "byte-stories"  # or a hub id / local dir, e.g. "HuggingFaceTB/SmolLM2-135M" (then LR = 2e-3)\n'
+                  'KIND = "moslora"        # "lora" or "moslora"\n'
+                  'STEPS = 300\nSEQ_LEN = 128\nLR = 1e-2\nOUTPUT_DIR = "runs/quickstart"',
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP),
-    new_markdown_cell("The job is one frozen config. `data.path=''` uses the small corpus shipped with "
+    new_markdown_cell("The job is one frozen config. `data.path=''` uses the Q/A records shipped with "
                       "jlora; point it at your own `.jsonl` (`text`, `prompt`/`completion` or `messages` "
                       "records), `.txt` or `.parquet` file."),
     new_code_cell('import jlora\n\ncfg = jlora.TrainConfig().replace(**{\n'
                   '    "model.name": model_dir, "adapter.kind": KIND, "adapter.r": 8,\n'
-                  '    "adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],\n'
+                  '    "adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],\n'
                   '    "data.seq_len": SEQ_LEN, "steps": STEPS, "eval_every": max(STEPS // 4, 1),\n'
-                  '    "optim.learning_rate": 2e-3, "output_dir": OUTPUT_DIR, "overwrite": True,\n'
+                  '    "optim.learning_rate": LR, "output_dir": OUTPUT_DIR, "overwrite": True,\n'
                   '})\ncfg'),
-    new_code_cell("result = jlora.train(cfg)\nresult.eval_losses"),
-    new_code_cell("from IPython.display import Image, display\n\ndisplay(Image(str(result.plot_path)))\n"
-                  "for s in result.samples:\n    print(repr(s))"),
+    new_code_cell("result = jlora.train(cfg)\n"
+                  "print(f'held-out loss: base {result.eval_losses[0][1]:.3f} -> adapter {result.eval_losses[-1][1]:.3f}')"),
+    new_markdown_cell("The same held-out prompts, answered by the base model and by the adapted one:"),
+    new_code_cell("from IPython.display import Image, display\n\n"
+                  "for prompt, before, after in zip(result.sample_prompts, result.base_samples, result.samples):\n"
+                  "    print(repr(prompt), '\\n  base:   ', repr(before[len(prompt):]), '\\n  adapter:', repr(after[len(prompt):]))\n"
+                  "display(Image(str(result.plot_path)))"),
     new_markdown_cell("The adapter directory is a PEFT adapter (`adapter_config.json` + "
                       "`adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads too. "
                       "The job already checked that reloading it and merging it reproduce the trained "
@@ -63,7 +71,7 @@ WLORA = [
     new_markdown_cell("# WLoRA: a learned mix of two LoRA adapters\n\nTrain two LoRA adapters on two "
                       "kinds of data, then train only the per-layer mixing weights of a WLoRA adapter "
                       "over them (the upstream adapters stay frozen)."),
-    new_code_cell('MODEL = "HuggingFaceTB/SmolLM2-135M"\nSTEPS = 100\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/wlora"',
+    new_code_cell('MODEL = "byte-stories"  # or a hub id / local checkpoint dir\nSTEPS = 100\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/wlora"',
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP),
     new_code_cell('import json\nfrom jlora.train._data import EMBEDDED_CORPUS, read_records\n\n'
@@ -98,7 +106,7 @@ SHARDING = [
                       "host: the job builds a `(data, fsdp, tensor)` mesh; the batch is split over "
                       "`data` and `fsdp`, weights over `fsdp` and `tensor`, each adapter like its base "
                       "layer. Without accelerators, `SIMULATE_DEVICES` CPU devices stand in."),
-    new_code_cell('MODEL = "HuggingFaceTB/SmolLM2-135M"\nSIMULATE_DEVICES = 8   # used only when no TPU/GPU\n'
+    new_code_cell('MODEL = "byte-stories"  # or a hub id / local checkpoint dir\nSIMULATE_DEVICES = 8   # used only when no TPU/GPU\n'
                   'FSDP = 2\nTENSOR = 2\nSTEPS = 50\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/sharding"',
                   metadata={"tags": ["parameters"]}),
     new_code_cell('import os\n\n# Must happen before jax starts: CPU devices to stand in for accelerators.\n'

@@ -28,10 +28,13 @@ class ModelConfig:
   """The base model.
 
   Attributes:
-    name: a preset name (``"tiny"``: a small randomly initialised Llama-style
-      model, no download) or a local Hugging Face checkpoint directory.
+    name: a preset name or a local Hugging Face checkpoint directory. Presets
+      need no download: ``"byte-stories"`` is the pretrained byte-level Llama
+      shipped with jlora (4 layers, 128 wide, trained on stories by
+      ``scripts/train_base.py``); ``"tiny"`` is a smaller randomly
+      initialised one for tests.
     dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``).
-    seed: PRNG seed for presets (their weights are random).
+    seed: PRNG seed for presets with random weights (``"tiny"``).
     remat: what the backward pass keeps per layer: ``"matmuls"`` (matmul and
       attention outputs; elementwise work is recomputed), ``"none"``
       (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
@@ -42,7 +45,7 @@ class ModelConfig:
       ``jlora.train(model=...)`` is used as given (quantize it yourself).
   """
 
-  name: str = "tiny"
+  name: str = "byte-stories"
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
@@ -58,9 +61,9 @@ class AdapterConfig:
   """The adapter to train (mapped onto ``jlora.LoraConfig`` / ``MoSLoraConfig`` / ``WLoraConfig``).
 
   ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only.
-  The default targets include the embedding and output head because the demo
-  model's weights are random; for a pretrained model ``"all-linear"`` or the
-  attention projections are the usual choice.
+  The default targets every projection plus the embedding and output head,
+  which the byte-level demo base affords; for a large model ``"all-linear"``
+  or the attention projections are the usual choice.
   """
 
   kind: Literal["lora", "moslora", "wlora"] = "lora"
@@ -80,8 +83,9 @@ class DataConfig:
 
   Attributes:
     path: a ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` file or a
-      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the
-      embedded demo corpus.
+      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the Q/A
+      records of the embedded demo corpus (``jlora/train/data/qa.jsonl``),
+      a skill the shipped base model lacks.
     eval_path: held-out data in the same forms; ``""`` holds out
       ``eval_fraction`` of the training sequences instead.
     format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /
@@ -97,7 +101,7 @@ class DataConfig:
   eval_path: str = ""
   format: Literal["auto", "text", "instruction", "chat"] = "auto"
   text_field: str = "text"
-  seq_len: int = 64
+  seq_len: int = 128
   packing: bool = True
   eval_fraction: float = 0.1
   tokenizer: str = ""
@@ -108,7 +112,7 @@ class DataConfig:
 class OptimConfig:
   """AdamW with linear warmup then cosine decay, global-norm clipping and accumulation."""
 
-  learning_rate: float = 2e-2
+  learning_rate: float = 1e-2
   warmup_steps: int = 10
   end_lr_ratio: float = 0.1
   weight_decay: float = 0.0
@@ -137,8 +141,26 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportConfig:
+  """Where metrics go besides ``<output_dir>/metrics.jsonl``.
+
+  Attributes:
+    tensorboard: TensorBoard event files under ``<output_dir>/tensorboard``.
+    wandb: also log to Weights & Biases (needs ``pip install wandb``).
+    wandb_project: the wandb project.
+    wandb_name: the wandb run name (``""``: wandb picks one).
+  """
+
+  tensorboard: bool = True
+  wandb: bool = False
+  wandb_project: str = "jlora"
+  wandb_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The whole training job. ``TrainConfig()`` is a tiny demo that runs on a CPU in minutes.
+  """The whole training job. ``TrainConfig()`` is the demo: a LoRA that teaches the shipped base
+  (``byte-stories``) the embedded Q/A records, about 2 minutes on 2 CPU cores.
 
   Attributes:
     steps: optimizer steps (each is ``optim.grad_accum`` micro-batches).
@@ -157,10 +179,11 @@ class TrainConfig:
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  report: ReportConfig = ReportConfig()
   output_dir: str = "jlora-run"
   steps: int = 300
   batch_size: int = 8
-  eval_every: int = 25
+  eval_every: int = 50
   eval_batches: int = 4
   log_every: int = 10
   samples: int = 3

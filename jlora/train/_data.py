@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 EMBEDDED_CORPUS = Path(__file__).parent / "data" / "tiny_stories.jsonl"
+EMBEDDED_QA = Path(__file__).parent / "data" / "qa.jsonl"  # its Q/A records: the default job's data
 
 
 class DataError(ValueError):

@@ -21,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jlora.nn import disable_adapters
 from jlora.train import _data, _distributed, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
 from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
-from jlora.train._report import Metrics, Progress, greedy_samples, plot_losses
+from jlora.train._report import (
+    Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
 from jlora.train._run_dir import check_output_dir, claim_output_dir
 from jlora.train._export import export_adapter
 
@@ -82,6 +84,8 @@ class TrainResult:
     resumed_from: the checkpoint step the run resumed from, or None.
     adapter_dir: the adapter as written by ``jlora.save_peft``.
     checks: reload/merge checks: max |logit difference| of the reloaded and merged models.
+    samples: greedy continuations of ``sample_prompts`` (prompt included) with the adapter;
+      ``base_samples`` the same without it (the base model).
   """
 
   model: nnx.Module
@@ -95,6 +99,8 @@ class TrainResult:
   plot_path: Path | None
   samples: list[str]
   checks: dict[str, float]
+  sample_prompts: list[str] = dataclasses.field(default_factory=list)
+  base_samples: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def losses(self) -> list[float]:
@@ -103,7 +109,7 @@ class TrainResult:
 
 
 def _prepare_data(cfg: TrainConfig, tokenizer):
-  path = cfg.data.path or str(_data.EMBEDDED_CORPUS)
+  path = cfg.data.path or str(_data.EMBEDDED_QA)
   load = lambda p: _data.load_rows(p, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field,
                                    cfg.data.packing)
   rows = load(path)
@@ -127,6 +133,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   out = Path(cfg.output_dir)
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
+  check_report(cfg.report)
   mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
   mesh = _sharding.make_mesh(mesh_shape)
   model_dir = None
@@ -170,7 +177,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     stream.restore(meta["data"])
   step = start or 0
   primary = jax.process_index() == 0  # writes the reports
-  metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary)
+  metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
+                    sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
   train_step = _steps.make_train_step(graphdef, tx)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
   eval_step = _steps.make_eval_step(graphdef)
@@ -257,28 +265,18 @@ def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> Train
   if primary:
     adapter_dir, merged_dir, checks = export_adapter(model, out, probe, cfg.save_merged)
   plot = plot_losses(history, out / "loss_curve.png") if primary and history else None
-  samples = []
+  prompts, samples, base_samples = [], [], []
   if primary and cfg.samples and whole:
-    prompts = _sample_prompts(tokenizer, held_out, cfg.samples)
-    samples = greedy_samples(model, tokenizer, prompts, max_new_tokens=min(32, cfg.data.seq_len // 2),
-                             seq_len=cfg.data.seq_len)
-    (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
+    prompts = sample_prompts(tokenizer, held_out, cfg.samples)
+    sample = lambda: greedy_samples(model, tokenizer, prompts, max_new_tokens=min(32, cfg.data.seq_len // 2),
+                                    seq_len=cfg.data.seq_len)
+    with disable_adapters(model):
+      base_samples = sample()
+    samples = sample()
+    write_samples(out / "samples.txt", prompts, base_samples, samples)
   eval_losses = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
   return TrainResult(model=model, output_dir=out, history=history, eval_losses=eval_losses,
                      resumed_from=start, adapter_dir=adapter_dir, merged_dir=merged_dir,
-                     metrics_path=out / "metrics.jsonl", plot_path=plot, samples=samples, checks=checks)
+                     metrics_path=out / "metrics.jsonl", plot_path=plot, samples=samples, checks=checks,
+                     sample_prompts=prompts, base_samples=base_samples)
 
-
-def _sample_prompts(tokenizer, held_out, n: int) -> list[str]:
-  """The first few tokens of a record (after an EOS in a packed row) of held-out rows, as prompts."""
-  prompts = []
-  for batch in held_out:
-    for row, mask in zip(batch["tokens"], batch["attention_mask"]):
-      row = [int(t) for t, m in zip(row, mask) if m]
-      start = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row[:-12] else 0
-      ids = [t for t in row[start:start + 12] if t != tokenizer.eos_id]
-      if ids:
-        prompts.append(tokenizer.decode(ids))
-      if len(prompts) == n:
-        return prompts
-  return prompts or ["Once upon a time"][:n]
