@@ -35,12 +35,17 @@ class ModelConfig:
       attention outputs; elementwise work is recomputed), ``"none"``
       (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
       only; least memory, one extra forward pass).
+    attention: the attention kernel: ``"auto"`` (splash on TPU, cuDNN on
+      GPU, XLA elsewhere), ``"xla"``, ``"cudnn"`` (GPU only), ``"splash"``
+      (TPU only) or ``"splash_interpret"`` (the TPU kernel interpreted; slow,
+      for tests).
   """
 
   name: str = "tiny"
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
+  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
 
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
@@ -139,6 +144,9 @@ class TrainConfig:
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
     eval_batches: micro-batches per evaluation (``0``: the whole held-out set).
+    loss_chunk_tokens: the loss runs the output head over this many tokens at
+      a time, so the ``[tokens, vocab]`` logits never exist at once (``0``:
+      one pass; batches of at most this many tokens take one pass anyway).
     samples: generated samples written at the end (when ``jlora.generate`` exists).
     save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
     overwrite: start afresh in an ``output_dir`` that holds a different run.
@@ -157,6 +165,7 @@ class TrainConfig:
   eval_every: int = 25
   eval_batches: int = 4
   log_every: int = 10
+  loss_chunk_tokens: int = 4096
   samples: int = 3
   save_merged: bool = False
   overwrite: bool = False
@@ -192,6 +201,7 @@ def _check_values(cfg: TrainConfig) -> None:
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}.")
   for key, value in {"eval_batches": cfg.eval_batches, "samples": cfg.samples,
+                     "loss_chunk_tokens": cfg.loss_chunk_tokens,
                      "optim.warmup_steps": cfg.optim.warmup_steps}.items():
     if value < 0:
       raise ConfigError(f"{key} must be >= 0, got {value}.")

@@ -21,7 +21,7 @@ from flax import nnx
 from jlora.train import _data, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
-from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
+from jlora.train._model import add_adapter, load_model, max_length, set_attention, tokenizer_for, vocab_size
 from jlora.train._report import Metrics, Progress, greedy_samples, plot_losses
 from jlora.train._run_dir import check_output_dir, claim_output_dir
 from jlora.train._export import export_adapter
@@ -90,6 +90,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   model_dir = None
   if model is None:
     model, model_dir = load_model(cfg.model)
+  else:
+    set_attention(model, cfg.model.attention)
   tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
@@ -123,8 +125,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     stream.restore(meta["data"])
   step = start or 0
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=jax.process_index() == 0)
-  train_step = _steps.make_train_step(graphdef, tx)
-  eval_step = _steps.make_eval_step(graphdef)
+  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens)
+  eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens)
 
   def evaluate():
     totals = [eval_step(params, rng, frozen, _sharding.put_batch(b, mesh)) for b in held_out]
