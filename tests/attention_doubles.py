@@ -20,12 +20,14 @@ from jlora.train._data import pack
 VOCAB = 61
 
 
-def tiny_llama(*, seed: int = 0, head_dim: int = 8, dtype=jnp.float32, **overrides) -> CausalLM:
+def tiny_llama(*, seed: int = 0, head_dim: int = 8, dtype=jnp.float32, attention: str = "auto",
+               **overrides) -> CausalLM:
+  """A 2-layer Llama-family model; ``overrides`` are ``ModelConfig`` fields (e.g. ``sliding_window``)."""
   heads = overrides.pop("num_attention_heads", 4)
   config = ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=48,
                        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2, head_dim=head_dim,
                        max_position_embeddings=512, rope=(("rope_theta", 10000.0), ("rope_type", "default")))
-  return CausalLM(dataclasses.replace(config, **overrides), dtype=dtype, rngs=nnx.Rngs(seed))
+  return CausalLM(dataclasses.replace(config, **overrides), dtype=dtype, rngs=nnx.Rngs(seed), attention=attention)
 
 
 def tiny_gpt2(*, seed: int = 0) -> Gpt2LMHeadModel:
