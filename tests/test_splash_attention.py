@@ -84,3 +84,12 @@ def test_explicit_splash_on_a_length_off_its_blocks_names_the_fix():
   model = tiny_llama(attention="splash_interpret")
   with pytest.raises(ValueError, match="multiple of 128.*data.seq_len"):
     model(jnp.ones((1, 100), jnp.int32))
+
+
+def test_a_job_asking_for_splash_off_tpu_fails_before_anything_is_written(tmp_path):
+  import jlora
+
+  cfg = jlora.TrainConfig().replace(**{"model.attention": "splash", "output_dir": str(tmp_path / "run")})
+  with pytest.raises(ValueError, match="attention='splash'.*attention='auto'"):
+    jlora.train(cfg)
+  assert not (tmp_path / "run").exists()
