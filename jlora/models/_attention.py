@@ -9,7 +9,9 @@ Attention runs on one of four implementations, picked per call by
   ``[B, 1, T, S]`` mask where one is needed (segments, a window, padding);
 - ``"cudnn"``: cuDNN flash attention; packed rows use cuDNN's packed layout
   (segment offsets and lengths), which jax 0.10 reaches only through
-  ``jax._src.cudnn`` (``jax.nn.dot_product_attention`` takes no segment ids);
+  ``jax._src.cudnn`` (``jax.nn.dot_product_attention`` takes no segment ids).
+  That layout needs a Hopper or newer GPU; on older ones ``"auto"`` gives
+  packed rows XLA's attention with a ``[B, 1, T, T]`` mask;
 - ``"splash"``: JAX's Pallas TPU splash attention (``jlora.models._splash``);
   ``"splash_interpret"`` runs the same kernel in Pallas interpret mode on any
   backend (slow; for tests).
@@ -166,11 +168,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
   window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
   if impl == "cudnn":
     if mask.segment_ids is not None:
-      return _cudnn_packed(q, k, v, mask.segment_ids, mask.sliding_window, scale)
+      try:
+        return _cudnn_packed(q, k, v, mask.segment_ids, mask.sliding_window, scale)
+      except NotImplementedError:  # packed layout needs Hopper+: "auto" falls back to XLA's masked path
+        if mask.implementation != "auto":
+          raise
+        return _xla_packed(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=window,
                                         implementation="cudnn")
   if mask.segment_ids is None:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=window)
+  return _xla_packed(q, k, v, mask, scale)
+
+
+def _xla_packed(q, k, v, mask: AttentionMask, scale):
+  """XLA's attention over packed rows: a materialised ``[B, 1, T, T]`` causal, same-segment mask."""
   return jax.nn.dot_product_attention(
       q, k, v, mask=causal_mask(q.shape[1], mask.segment_ids, mask.sliding_window), scale=scale)
 
