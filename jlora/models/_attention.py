@@ -170,8 +170,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
     if mask.segment_ids is not None:
       try:
         return _cudnn_packed(q, k, v, mask.segment_ids, mask.sliding_window, scale)
-      except NotImplementedError:  # packed layout needs Hopper+: "auto" falls back to XLA's masked path
-        if mask.implementation != "auto":
+      except (NotImplementedError, ImportError, TypeError):  # pre-Hopper GPU, or jax moved its private API:
+        if mask.implementation != "auto":  # "auto" falls back to XLA's masked path
           raise
         return _xla_packed(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=window,
