@@ -39,7 +39,7 @@ def test_train_step_lowers_for_tpu_with_splash_attention_and_the_chunked_loss(mo
   text = exported.mlir_module()
   assert exported.platforms == ("tpu",)
   assert text.count("tpu_custom_call") >= 3  # splash attention: forward, dq and dkv kernels
-  assert "tensor<64x61x" in text  # the loss's logits, one chunk of 64 tokens at a time
+  assert "tensor<2x32x61x" in text  # the loss's logits, one chunk of 64 tokens (32 of each row) at a time
 
 
 def test_generate_step_lowers_for_tpu(model):

@@ -148,9 +148,13 @@ def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, sl
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
   """``[B, T]`` int32 positions that restart at 0 where the segment id changes."""
   t = jnp.arange(segment_ids.shape[1])
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  return (t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)).astype(jnp.int32)
+  return (t - jax.lax.cummax(jnp.where(_segment_starts(segment_ids), t, 0), axis=1)).astype(jnp.int32)
+
+
+def _segment_starts(segment_ids: jax.Array) -> jax.Array:
+  """``[B, T]`` bool: True where a run of equal ids begins."""
+  return jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                         axis=1)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
@@ -209,7 +213,7 @@ def segment_offsets(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
   one more run, so every token belongs to one.
   """
   b, t = segment_ids.shape
-  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  starts = _segment_starts(segment_ids)
   ends = jnp.concatenate([starts[:, 1:], jnp.ones((b, 1), bool)], axis=1)
   first = jax.vmap(lambda s: jnp.nonzero(s, size=t, fill_value=-1)[0])(starts).astype(jnp.int32)
   last = jax.vmap(lambda s: jnp.nonzero(s, size=t, fill_value=-2)[0])(ends).astype(jnp.int32)

@@ -144,9 +144,10 @@ class TrainConfig:
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
     eval_batches: micro-batches per evaluation (``0``: the whole held-out set).
-    loss_chunk_tokens: the loss runs the output head over this many tokens at
-      a time, so the ``[tokens, vocab]`` logits never exist at once (``0``:
-      one pass; batches of at most this many tokens take one pass anyway).
+    loss_chunk_tokens: the loss runs the output head over about this many
+      tokens at a time (a slice of every row), so the ``[tokens, vocab]``
+      logits never exist at once (``0``: one pass; batches of at most this
+      many tokens take one pass anyway).
     samples: generated samples written at the end (when ``jlora.generate`` exists).
     save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
     overwrite: start afresh in an ``output_dir`` that holds a different run.

@@ -58,19 +58,25 @@ def masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
 
 def chunked_nll(model: nnx.Module, hidden: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
                 segment_ids: jax.Array | None, chunk_tokens: int) -> tuple[jax.Array, jax.Array]:
-  """``masked_nll(model.head(hidden), ...)`` computed ``chunk_tokens`` tokens at a time.
+  """``masked_nll(model.head(hidden), ...)`` computed about ``chunk_tokens`` tokens at a time.
 
   ``hidden [B, T, d]`` are the model's final hidden states (``model.hidden``);
-  ``model.head`` (with any adapter on the output head or tied embedding)
-  maps a ``[chunk_tokens, d]`` slice to its logits. Peak memory is one
-  chunk's logits instead of ``[B * T, V]``; the backward pass recomputes them.
-  LoRA dropout keys advance as in one unchunked call.
+  ``model.head`` (with any adapter on the output head or tied embedding) maps
+  a chunk to its logits. A chunk is ``[B, chunk_tokens // B, d]``: a slice of
+  the sequence of every row, so a batch split over devices stays split and
+  each device holds its rows' share of one chunk's logits instead of
+  ``[B, T, V]``. The backward pass recomputes each chunk's logits. LoRA
+  dropout keys advance as in one unchunked call.
   """
   targets, weights = shifted_targets(tokens, loss_mask, segment_ids)
-  n = targets.size
-  pad = -n % chunk_tokens
-  chunks = lambda x: jnp.pad(x.reshape(n, *x.shape[2:]), [(0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
-      -1, chunk_tokens, *x.shape[2:])
+  b, t = targets.shape
+  width = min(t, max(1, chunk_tokens // b))
+  pad = -t % width
+
+  def chunks(x):  # [B, T, ...] -> [T / width, B, width, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, -1, width, *x.shape[2:]), 1, 0)
+
   graphdef, rng, rest = nnx.split(model, LoraRngKey, ...)
 
   @jax.checkpoint
