@@ -85,11 +85,20 @@ def _forward(graphdef, params, rng, frozen, batch, loss_chunk_tokens):
   return total, count, nnx.state(model, LoraRngKey)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_chunk_tokens: int = 0) -> Callable:
-  """``(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``, jitted.
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    loss_chunk_tokens: int = 0) -> Callable:
+  """The jitted step ``jlora.train`` runs, for loops of your own.
 
-  ``loss`` is the mean over the batch's trained tokens; arrays keep the
-  shardings they come in with. Nothing is donated: adapter-sized state is
+  ``step(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``:
+  ``graphdef, params, rng, frozen = split_model(model)``; ``tx`` from
+  ``make_optimizer`` (or any optax transformation over ``params``, masked
+  with ``adapter_optimizer``) and ``opt_state = tx.init(params)``; ``batch``
+  a dict of ``tokens``, ``loss_mask``, ``attention_mask`` and (packed rows)
+  ``segment_ids``, each ``[B, T]`` int. ``loss_chunk_tokens`` runs the output
+  head that many tokens at a time (``batch_nll``). Returns the updated states, the mean masked next-token loss and the
+  number of trained tokens. Write the result back with
+  ``nnx.update(model, params, rng)``. Arrays keep the shardings they come in
+  with (``shard_state`` / ``put_batch`` place them on a mesh). Nothing is donated: adapter-sized state is
   small, WLoRA upstreams may share buffers, and async checkpoints still
   read the previous step's arrays.
   """
