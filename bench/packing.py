@@ -84,14 +84,14 @@ def run(variant: str, args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from jlora.train import _steps
+  from jlora.train import make_optimizer, make_train_step, split_model
 
   attention, packed, chunk = VARIANTS[variant]
   m = model(attention, args.layers)
-  parts = _steps.split_model(m)
-  tx = _steps.make_optimizer(m, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0, end_lr_ratio=1.0,
-                             weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
-  step = _steps.make_train_step(parts.graphdef, tx, chunk)
+  parts = split_model(m)
+  tx = make_optimizer(m, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
+  step = make_train_step(parts.graphdef, tx, chunk)
   carry = [parts.params, tx.init(parts.params), parts.rng]
   inputs = jax.tree.map(jnp.asarray, batch(args.batch, args.seq, packed))
 
