@@ -43,6 +43,10 @@ class ModelConfig:
       store the loaded model's Linear kernels quantized and frozen under the
       adapter (``jlora.quantize``; QLoRA with ``"nf4"``). A model passed to
       ``jlora.train(model=...)`` is used as given (quantize it yourself).
+    attention: the attention kernel: ``"auto"`` (splash on TPU, cuDNN on
+      GPU, XLA elsewhere), ``"xla"``, ``"cudnn"`` (GPU only), ``"splash"``
+      (TPU only) or ``"splash_interpret"`` (the TPU kernel interpreted; slow,
+      for tests).
   """
 
   name: str = "byte-stories"
@@ -50,6 +54,7 @@ class ModelConfig:
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
   quantize: Literal["", "nf4", "int8", "fp8"] = ""
+  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
 
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
@@ -167,6 +172,10 @@ class TrainConfig:
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
     eval_batches: micro-batches per evaluation (``0``: the whole held-out set).
+    loss_chunk_tokens: the loss runs the output head over about this many
+      tokens at a time (a slice of every row), so the ``[tokens, vocab]``
+      logits never exist at once (``0``: one pass; batches of at most this
+      many tokens take one pass anyway).
     samples: generated samples written at the end (when ``jlora.generate`` exists).
     save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
     overwrite: start afresh in an ``output_dir`` that holds a different run.
@@ -186,6 +195,7 @@ class TrainConfig:
   eval_every: int = 50
   eval_batches: int = 4
   log_every: int = 10
+  loss_chunk_tokens: int = 4096
   samples: int = 3
   save_merged: bool = False
   overwrite: bool = False
@@ -236,6 +246,7 @@ def _check_values(cfg: TrainConfig) -> None:
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}.")
   for key, value in {"eval_batches": cfg.eval_batches, "samples": cfg.samples,
+                     "loss_chunk_tokens": cfg.loss_chunk_tokens,
                      "optim.warmup_steps": cfg.optim.warmup_steps}.items():
     if value < 0:
       raise ConfigError(f"{key} must be >= 0, got {value}.")

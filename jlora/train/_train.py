@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jlora.models import check_attention
 from jlora.nn import disable_adapters
 from jlora.train import _data, _distributed, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
-from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
+from jlora.train._model import add_adapter, load_model, max_length, set_attention, tokenizer_for, vocab_size
 from jlora.train._report import (
     Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
 from jlora.train._run_dir import check_output_dir, claim_output_dir
@@ -135,10 +136,13 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   decision = check_output_dir(out, config_dict, cfg.overwrite)
   check_report(cfg.report)
   mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
+  check_attention(cfg.model.attention, for_backend=True)  # before any weights are read
   mesh = _sharding.make_mesh(mesh_shape)
   model_dir = None
   if model is None:
     model, model_dir = load_model(cfg.model, mesh)
+  else:
+    set_attention(model, cfg.model.attention)
   tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
@@ -179,9 +183,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   primary = jax.process_index() == 0  # writes the reports
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
                     sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
-  train_step = _steps.make_train_step(graphdef, tx)
+  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
-  eval_step = _steps.make_eval_step(graphdef)
+  eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens)
 
   def evaluate():
     totals = [eval_step(params, rng, frozen, put({k: v[local] for k, v in b.items()})) for b in held_out]
