@@ -1,8 +1,8 @@
-"""Every colab/ notebook runs top to bottom on CPU, with the hub model swapped for a tiny local one.
+"""Every colab/ notebook runs top to bottom on CPU, on the shipped base as users run it, steps cut to a handful.
 
-The ``parameters`` cell of each notebook is replaced: ``MODEL`` points at a
-tiny Llama checkpoint written here (random weights, a byte-level BPE
-tokenizer trained on the embedded corpus), steps are cut to a handful.
+The quickstart also runs on a tiny Llama checkpoint directory written here
+(random weights, a byte-level BPE tokenizer trained on the embedded corpus),
+the path a hub model takes.
 """
 
 import os
@@ -18,6 +18,7 @@ OVERRIDES = {
     "quickstart.ipynb": 'KIND = "moslora"\nSTEPS = 6\nSEQ_LEN = 32\n',
     "wlora.ipynb": "STEPS = 4\nSEQ_LEN = 32\n",
     "sharding.ipynb": "SIMULATE_DEVICES = 8\nFSDP = 2\nTENSOR = 2\nSTEPS = 4\nSEQ_LEN = 32\n",
+    "tpu.ipynb": "SIMULATE_DEVICES = 8\nFSDP = 8\nBATCH = 8\nSTEPS = 2\nSEQ_LEN = 32\n",
 }
 
 
@@ -47,14 +48,22 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_top_to_bottom(notebook, tiny_checkpoint, tmp_path):
+def test_notebook_runs_top_to_bottom_on_the_shipped_base(notebook, tmp_path):
+  _run(notebook, tmp_path, model=None)
+
+
+def test_quickstart_runs_on_a_checkpoint_directory(tiny_checkpoint, tmp_path):
+  _run(COLAB / "quickstart.ipynb", tmp_path, model=str(tiny_checkpoint))
+
+
+def _run(notebook, tmp_path, model):
   import nbformat
   from nbclient import NotebookClient
 
   nb = nbformat.read(notebook, as_version=4)
   (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-  params.source += (f"\n# CI overrides\nMODEL = {str(tiny_checkpoint)!r}\nOUTPUT_DIR = {str(tmp_path / 'runs')!r}\n"
-                    + OVERRIDES.get(notebook.name, ""))
+  params.source += (f"\n# CI overrides\nOUTPUT_DIR = {str(tmp_path / 'runs')!r}\n"
+                    + (f"MODEL = {model!r}\n" if model else "") + OVERRIDES.get(notebook.name, ""))
   env_before = dict(os.environ)
   os.environ["JAX_PLATFORMS"] = "cpu"  # the kernel inherits it
   try:

@@ -180,3 +180,22 @@ def test_a_stacked_transposed_block_is_read_from_the_per_layer_tensors():
   whole = np.stack([w.T for w in layers])
   index = (slice(1, 3), slice(2, 4), slice(None))
   np.testing.assert_array_equal(source.read(index, np.float32), whole[index])
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), "mesh"])
+def test_a_mesh_that_is_not_a_jlora_mesh_is_one_clear_error(tmp_path, mesh):
+  import jlora
+
+  with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with axes \('data', 'fsdp', 'tensor'\)"):
+    jlora.from_pretrained(tmp_path, mesh=mesh)
+
+
+def test_a_mesh_without_the_rule_axes_is_refused(tmp_path):
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+
+  import jlora
+
+  with pytest.raises(ValueError, match=r"got axes \('x',\)"):
+    jlora.from_pretrained(tmp_path, mesh=Mesh(np.asarray(jax.devices()[:1]), ("x",)))

@@ -7,7 +7,7 @@ from jlora.train import ConfigError, TrainConfig, load_config
 
 def test_defaults_build_a_valid_config():
   cfg = TrainConfig()
-  assert cfg.model.name == "tiny" and cfg.steps > 0 and cfg.data.path == ""
+  assert cfg.model.name == "byte-stories" and cfg.steps > 0 and cfg.data.path == ""
 
 
 def test_yaml_sections_set_nested_fields(tmp_path):

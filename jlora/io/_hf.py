@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, writing
-from jlora.io._placement import ParamSource, place, sharding_for
+from jlora.io._placement import ParamSource, check_mesh, place, sharding_for
 from jlora.models import ModelConfig, from_hf_config, model_class
 from jlora.models._config import SUPPORTED
 from jlora.nn import LoraLayer
@@ -143,10 +143,11 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
     dtype: computation dtype of activations.
     param_dtype: dtype of the parameters (default: ``dtype``); each block is
       converted as it is read.
-    mesh: a ``(data, fsdp, tensor)`` mesh (``jlora.train.make_mesh``): every
+    mesh: a ``(data, fsdp, tensor)`` mesh (``make_mesh`` of ``jlora.train``): every
       device reads only its shard of each parameter, laid out by the sharding
-      rules ``jlora.train.param_spec`` (in a multi-host job each process
-      reads only what its devices hold). None: whole arrays on the default device.
+      rules (``param_spec`` of ``jlora.train``); in a multi-host job each
+      process reads only what its devices hold. None: whole arrays on the
+      default device.
     quantize: ``"nf4"``, ``"int8"`` or ``"fp8"`` to store the Linear kernels
       quantized (``jlora.quantize``), each as soon as it is placed, so device
       memory peaks at the quantized model plus one parameter.
@@ -158,9 +159,11 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
 
   Raises:
     ValueError: a missing/malformed directory, config or weights file, an
-      unsupported model type, or weights that do not fit the config.
+      unsupported model type, weights that do not fit the config, or a
+      ``mesh`` that is not a ``(data, fsdp, tensor)`` Mesh.
   """
   model_dir = Path(model_dir).expanduser()
+  check_mesh(mesh)
   config = _read_config(model_dir)
   param_dtype = param_dtype or dtype
   cls = model_class(config)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding
 
-from jlora.models._sharding import param_spec
+from jlora.models._sharding import AXES, param_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,16 @@ def read_block(tensor: np.ndarray, index: tuple[slice, ...], transpose: bool, dt
 
 
 Transform = Callable[[ParamSource, np.ndarray], np.ndarray]
+
+
+def check_mesh(mesh) -> None:
+  """Raise unless ``mesh`` is None or a ``Mesh`` with the axes the sharding rules use."""
+  if mesh is None:
+    return
+  if not isinstance(mesh, Mesh) or not set(AXES) <= set(mesh.axis_names):
+    got = f"axes {tuple(mesh.axis_names)}" if isinstance(mesh, Mesh) else type(mesh).__name__
+    raise ValueError(f"mesh must be a jax.sharding.Mesh with axes {AXES}, got {got}; build one with "
+                     "make_mesh((data, fsdp, tensor)) from jlora.train.")
 
 
 def sharding_for(source: ParamSource, mesh: Mesh) -> NamedSharding:

@@ -4,6 +4,7 @@ Loading and saving checkpoints (``from_pretrained`` / ``save_pretrained``)
 lives in ``jlora.io``, which depends on this package, not the reverse.
 """
 
+from jlora.models._attention import ATTENTION, check_attention, target_backend
 from jlora.models._cache import KVCache
 from jlora.models._config import SUPPORTED, ModelConfig, from_hf_config
 from jlora.models._decoder import CausalLM
@@ -21,5 +22,5 @@ def model_class(config: ModelConfig):
   raise ValueError(f"model_type={config.model_type!r} is not supported; use one of {', '.join(SUPPORTED)}.")
 
 
-__all__ = ["CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED", "from_hf_config",
-           "generate", "model_class", "sample_token"]
+__all__ = ["ATTENTION", "CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED",
+           "check_attention", "from_hf_config", "generate", "model_class", "sample_token", "target_backend"]

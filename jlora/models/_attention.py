@@ -1,15 +1,99 @@
-"""Masks, norms and the attention kernel shared by every model family.
+"""Masks, norms and the attention kernels shared by every model family.
 
-Attention runs through ``jax.nn.dot_product_attention`` with the default
-implementation (cuDNN on GPU where it applies, XLA elsewhere); GQA is native
-there (key/value heads divide query heads).
+Attention runs on one of four implementations, picked per call by
+``AttentionMask.implementation`` (a model's ``attention`` attribute):
+
+- ``"auto"``: Pallas splash attention on TPU, cuDNN's fused flash attention
+  on GPU (bf16/fp16, head_dim <= 128), XLA's attention elsewhere;
+- ``"xla"``: ``jax.nn.dot_product_attention`` with a materialised
+  ``[B, 1, T, S]`` mask where one is needed (segments, a window, padding);
+- ``"cudnn"``: cuDNN flash attention; packed rows use cuDNN's packed layout
+  (segment offsets and lengths), which jax 0.10 reaches only through
+  ``jax._src.cudnn`` (``jax.nn.dot_product_attention`` takes no segment ids).
+  That layout needs a Hopper or newer GPU; on older ones ``"auto"`` gives
+  packed rows XLA's attention with a ``[B, 1, T, T]`` mask;
+- ``"splash"``: JAX's Pallas TPU splash attention (``jlora.models._splash``);
+  ``"splash_interpret"`` runs the same kernel in Pallas interpret mode on any
+  backend (slow; for tests).
+
+Calls with a KV cache or an explicit padding mask (generation, evaluation of
+left-padded prompts) always take the XLA path: their masks are small or
+their queries too short for the fused kernels' blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
+
+ATTENTION = ("auto", "xla", "cudnn", "splash", "splash_interpret")
+_TARGET = contextvars.ContextVar("jlora_attention_target", default=None)
+
+
+@contextlib.contextmanager
+def target_backend(backend: str):
+  """Select attention for ``backend`` (``"tpu"``, ``"gpu"``, ``"cpu"``) instead of this machine's.
+
+  For lowering on one machine for another, e.g. ``jax.export(..., platforms=["tpu"])``
+  on a CPU: inside the block ``"auto"`` picks splash attention and
+  ``"splash"`` is allowed.
+  """
+  token = _TARGET.set(backend)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def backend() -> str:
+  """The backend attention is lowered for: ``target_backend``'s, else ``jax.default_backend()``."""
+  return _TARGET.get() or jax.default_backend()
+
+
+def check_attention(name: str, *, for_backend: bool = False) -> str:
+  """``name`` if it is an attention implementation (and, with ``for_backend``, one this backend runs).
+
+  Raises:
+    ValueError: an unknown name, or (``for_backend``) ``"splash"`` off TPU or
+      ``"cudnn"`` off GPU, naming the fix.
+  """
+  if name not in ATTENTION:
+    raise ValueError(f"attention={name!r} is not an attention implementation; use one of {', '.join(ATTENTION)}.")
+  if not for_backend:
+    return name
+  here = backend()
+  if name == "splash" and here != "tpu":
+    raise ValueError(
+        f"attention='splash' runs Pallas TPU kernels, but the backend here is {here!r}. Use attention='auto' "
+        "(splash on TPU, cuDNN on GPU, XLA elsewhere), or 'splash_interpret' to run the kernel in Pallas "
+        "interpret mode (slow; for tests).")
+  if name == "cudnn" and here != "gpu":
+    raise ValueError(f"attention='cudnn' needs an NVIDIA GPU, but the backend here is {here!r}; use "
+                     "attention='auto' or 'xla'.")
+  return name
+
+
+@struct.dataclass
+class AttentionMask:
+  """What each query may see, in the form the kernels want.
+
+  Attributes:
+    dense: ``[B, 1, T, S]`` bool, for calls with a cache or a padding mask
+      (then everything else is already folded in), else None.
+    segment_ids: ``[B, T]`` int of packed rows (queries see keys of their
+      own segment only; padding is a segment of its own), or None.
+    sliding_window: a query sees at most this many keys back (itself included).
+    implementation: one of ``ATTENTION``.
+  """
+
+  dense: jax.Array | None = None
+  segment_ids: jax.Array | None = None
+  sliding_window: int | None = struct.field(pytree_node=False, default=None)
+  implementation: str = struct.field(pytree_node=False, default="auto")
 
 
 def attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: int,
@@ -30,33 +114,122 @@ def attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: int,
   return mask[:, None]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-           scale: float | None = None) -> jax.Array:
-  """``q [B, T, H, D]``, ``k, v [B, S, K, D]`` → ``[B, T, H, D]``.
+def causal_mask(length: int, segment_ids: jax.Array | None, sliding_window: int | None) -> jax.Array:
+  """Boolean ``[B or 1, 1, T, T]``: causal, within a segment, within the window."""
+  q, k = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+  visible = k <= q
+  if sliding_window is not None:
+    visible &= q - k < sliding_window
+  visible = visible[None]
+  if segment_ids is not None:
+    visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return visible[:, None]
 
-  ``mask=None`` means plain causal attention over unpadded rows, which runs
-  as cuDNN's fused flash attention on GPU (bf16/fp16); an explicit mask
-  (padding, a cache, a sliding window) takes XLA's path.
+
+def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, sliding_window: int | None,
+               implementation: str, length: int) -> AttentionMask:
+  """The ``AttentionMask`` of one model call (see ``CausalLM.__call__`` for the arguments).
+
+  A window at least as long as the call is dropped (it hides nothing).
   """
+  if segment_ids is not None and cache is not None:
+    raise ValueError("segment_ids describe packed training rows and cannot be used with a KV cache; "
+                     "generate one record per row instead.")
+  if sliding_window is not None and cache is None and sliding_window >= length:
+    sliding_window = None
+  if attention_mask_2d is None and cache is None:
+    return AttentionMask(segment_ids=segment_ids, sliding_window=sliding_window, implementation=implementation)
+  dense = attention_mask(key_valid, query_slots, key_valid.shape[1], sliding_window)
+  if segment_ids is not None:
+    dense &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  return AttentionMask(dense=dense, implementation=implementation)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """``[B, T]`` int32 positions that restart at 0 where the segment id changes."""
+  t = jnp.arange(segment_ids.shape[1])
+  return (t - jax.lax.cummax(jnp.where(_segment_starts(segment_ids), t, 0), axis=1)).astype(jnp.int32)
+
+
+def _segment_starts(segment_ids: jax.Array) -> jax.Array:
+  """``[B, T]`` bool: True where a run of equal ids begins."""
+  return jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                         axis=1)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
+           scale: float | None = None) -> jax.Array:
+  """``q [B, T, H, D]``, ``k, v [B, S, K, D]`` → ``[B, T, H, D]`` (K divides H: GQA)."""
   k, v = k.astype(q.dtype), v.astype(q.dtype)
-  if mask is None:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                        implementation=_fused_implementation(q))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+  if mask.dense is not None:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=scale)
+  impl = resolve(mask.implementation, q)
+  if impl in ("splash", "splash_interpret"):
+    from jlora.models._splash import splash_attention
+
+    return splash_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
+                            interpret=impl == "splash_interpret")
+  window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
+  if impl == "cudnn":
+    if mask.segment_ids is not None:
+      try:
+        return _cudnn_packed(q, k, v, mask.segment_ids, mask.sliding_window, scale)
+      except (NotImplementedError, ImportError, TypeError):  # pre-Hopper GPU, or jax moved its private API:
+        if mask.implementation != "auto":  # "auto" falls back to XLA's masked path
+          raise
+        return _xla_packed(q, k, v, mask, scale)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=window,
+                                        implementation="cudnn")
+  if mask.segment_ids is None:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, local_window_size=window)
+  return _xla_packed(q, k, v, mask, scale)
 
 
-def _fused_implementation(q: jax.Array) -> str | None:
-  """``"cudnn"`` where cuDNN's flash attention takes these inputs, else None (XLA)."""
+def _xla_packed(q, k, v, mask: AttentionMask, scale):
+  """XLA's attention over packed rows: a materialised ``[B, 1, T, T]`` causal, same-segment mask."""
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=causal_mask(q.shape[1], mask.segment_ids, mask.sliding_window), scale=scale)
+
+
+def resolve(implementation: str, q: jax.Array) -> str:
+  """The concrete implementation for ``q [B, T, H, D]``: ``"auto"`` picks by backend, others are checked."""
+  here = backend()
+  if implementation != "auto":
+    return check_attention(implementation, for_backend=True)
+  if here == "tpu" and q.shape[1] % 128 == 0:
+    return "splash"
   head_dim = q.shape[-1]
-  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-      and head_dim <= 128 and head_dim % 8 == 0):
+  if here == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0:
     return "cudnn"
-  return None
+  return "xla"
 
 
-def needs_mask(attention_mask, cache, sliding_window: int | None) -> bool:
-  """Whether a call needs an explicit mask, or plain causal attention will do."""
-  return attention_mask is not None or cache is not None or sliding_window is not None
+def segment_offsets(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(offsets [B, T + 1], lengths [B, T])`` of the runs of equal ids in each row, -1 past the last.
+
+  The layout of cuDNN's packed attention (``jax._src.cudnn``'s
+  ``q_offsets`` / ``q_seqlen``): run ``m`` of row ``b`` starts at
+  ``offsets[b, m]`` and holds ``lengths[b, m]`` tokens. Trailing padding is
+  one more run, so every token belongs to one.
+  """
+  b, t = segment_ids.shape
+  starts = _segment_starts(segment_ids)
+  ends = jnp.concatenate([starts[:, 1:], jnp.ones((b, 1), bool)], axis=1)
+  first = jax.vmap(lambda s: jnp.nonzero(s, size=t, fill_value=-1)[0])(starts).astype(jnp.int32)
+  last = jax.vmap(lambda s: jnp.nonzero(s, size=t, fill_value=-2)[0])(ends).astype(jnp.int32)
+  lengths = jnp.where(first >= 0, last - first + 1, -1)
+  return jnp.concatenate([first, jnp.full((b, 1), -1, jnp.int32)], axis=1), lengths
+
+
+def _cudnn_packed(q, k, v, segment_ids, sliding_window, scale):
+  """cuDNN flash attention over packed rows (Hopper or newer; raises on older GPUs at trace time)."""
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+  offsets, lengths = segment_offsets(segment_ids)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                               kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL,
+                               sliding_window_length=sliding_window)
 
 
 ACTIVATIONS = {

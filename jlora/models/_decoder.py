@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.models import _cache
-from jlora.models._attention import RMSNorm, activation, attend, needs_mask, attention_mask as build_mask
+from jlora.models._attention import RMSNorm, activation, attend, build_mask, check_attention, segment_positions
 from jlora.models._cache import KVCache
 from jlora.models._config import ModelConfig
 from jlora.models._remat import check_remat, rematerialized, saved
@@ -128,17 +128,25 @@ def base_embed(embed: nnx.Module) -> nnx.Embed:
   return getattr(embed, "base_layer", embed)
 
 
-def prepare(input_ids, attention_mask, positions, cache):
-  """Default mask/positions and the ``(key_valid, query_slots, new valid, index)`` of this call."""
+def prepare(model: nnx.Module, input_ids, attention_mask, positions, cache, segment_ids):
+  """Positions, the ``AttentionMask`` and the ``(new valid, index)`` cache fields of one call.
+
+  Positions default to ``0..T-1`` continuing from the cache, or, with
+  ``segment_ids``, restart at 0 with every segment.
+  """
   b, t = input_ids.shape
-  if attention_mask is None:
-    attention_mask = jnp.ones((b, t), bool)
   if positions is None:
-    start = 0 if cache is None else cache.index
-    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-  key_valid, query_slots, new_valid = _cache.step_inputs(cache, attention_mask, t)
+    if segment_ids is not None:
+      positions = segment_positions(segment_ids)
+    else:
+      start = 0 if cache is None else cache.index
+      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+  mask_2d = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
+  key_valid, query_slots, new_valid = _cache.step_inputs(cache, mask_2d, t)
   index = jnp.zeros((), jnp.int32) if cache is None else cache.index
-  return positions, key_valid, query_slots, new_valid, index
+  mask = build_mask(attention_mask, cache, key_valid, query_slots, segment_ids,
+                    getattr(model.config, "sliding_window", None), model.attention, t)
+  return positions, mask, new_valid, index
 
 
 def with_cache(cache: KVCache | None, kv, new_valid, length: int):
@@ -156,33 +164,50 @@ class CausalLM(nnx.Module):
   forward; pass ``positions`` for left-padded batches. ``remat`` (an
   attribute, settable later) names what training keeps for the backward
   pass: ``"none"``, ``"matmuls"`` or ``"full"`` (see ``jlora.models._remat``).
+
+  Packed rows: ``segment_ids [B, T]`` (int, one id per record, padding its
+  own id) keep attention within each record and restart the default
+  positions at 0 with each record. ``attention`` (an attribute too) picks
+  the kernel: ``"auto"``, ``"xla"``, ``"cudnn"``, ``"splash"`` or
+  ``"splash_interpret"`` (``jlora.models._attention``).
+
+  ``model.hidden(ids, ...)`` returns the final hidden states ``[B, T, hidden]``
+  and ``model.head(h)`` their logits, so a loss can run the output head
+  chunk by chunk.
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, remat: str = "matmuls"):
+               rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto"):
     rngs = rngs or nnx.Rngs(0)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     self.config = config
     self.dtype = dtype
     self.remat = check_remat(remat)
+    self.attention = check_attention(attention)
     self.model = DecoderModel(config, dtypes, rngs)
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
     self.inv_freq = tuple(float(f) for f in inverse_frequencies(config.head_dim, config.rope_parameters))
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
-    c = self.config
-    positions, key_valid, slots, new_valid, index = prepare(input_ids, attention_mask, positions, cache)
-    mask = (build_mask(key_valid, slots, key_valid.shape[1], c.sliding_window)
-            if needs_mask(attention_mask, cache, c.sliding_window) else None)
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+               segment_ids=None):
+    h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
+    logits = self.head(h)
+    return logits if cache is None else (logits, new_cache)
+
+  def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """Final hidden states ``[B, T, hidden]`` (after the last norm), without the output head."""
+    return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
+
+  def head(self, h):
+    """Logits ``[..., vocab]`` of hidden states ``h [..., hidden]`` (the tied embedding or ``lm_head``)."""
+    if self.config.tie_word_embeddings:
+      return base_embed(self.model.embed_tokens).attend(h)
+    return self.lm_head(h)
+
+  def _hidden(self, input_ids, attention_mask, positions, cache, segment_ids):
+    positions, mask, new_valid, index = prepare(self, input_ids, attention_mask, positions, cache, segment_ids)
     cos, sin = cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
     h = self.model.embed_tokens(input_ids)
     h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index, remat=self.remat)
-    h = self.model.norm(h)
-    if c.tie_word_embeddings:
-      logits = base_embed(self.model.embed_tokens).attend(h)
-    else:
-      logits = self.lm_head(h)
-    if cache is None:
-      return logits
-    return logits, with_cache(cache, kv, new_valid, input_ids.shape[1])
+    return self.model.norm(h), with_cache(cache, kv, new_valid, input_ids.shape[1])

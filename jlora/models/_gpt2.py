@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora.models._attention import LayerNorm, activation, needs_mask, attention_mask as build_mask
+from jlora.models._attention import LayerNorm, activation, check_attention
 from jlora.models._config import ModelConfig
 from jlora.models._remat import check_remat, saved
 from jlora.models._decoder import base_embed, linear, prepare, scan_layers, self_attention, stacked, with_cache
@@ -64,24 +64,37 @@ class Gpt2Transformer(nnx.Module):
 
 
 class Gpt2LMHeadModel(nnx.Module):
-  """GPT-2 causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]`` (same call as ``CausalLM``)."""
+  """GPT-2 causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]``.
+
+  The same call as ``CausalLM`` (``segment_ids``, ``attention``, ``hidden`` / ``head``).
+  """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, remat: str = "matmuls"):
+               rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto"):
     rngs = rngs or nnx.Rngs(0)
     self.config = config
     self.dtype = dtype
     self.remat = check_remat(remat)
+    self.attention = check_attention(attention)
     self.transformer = Gpt2Transformer(config, dict(dtype=dtype, param_dtype=param_dtype), rngs)
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
-    positions, key_valid, slots, new_valid, index = prepare(input_ids, attention_mask, positions, cache)
-    mask = (build_mask(key_valid, slots, key_valid.shape[1])
-            if needs_mask(attention_mask, cache, None) else None)
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+               segment_ids=None):
+    h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
+    logits = self.head(h)
+    return logits if cache is None else (logits, new_cache)
+
+  def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """Final hidden states ``[B, T, hidden]`` (after ``ln_f``), without the output head."""
+    return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
+
+  def head(self, h):
+    """Logits ``[..., vocab]`` of hidden states (the tied ``wte``)."""
+    return base_embed(self.transformer.wte).attend(h)
+
+  def _hidden(self, input_ids, attention_mask, positions, cache, segment_ids):
+    positions, mask, new_valid, index = prepare(self, input_ids, attention_mask, positions, cache, segment_ids)
     t = self.transformer
     h = t.wte(input_ids) + t.wpe(positions)
     h, kv = scan_layers(t.h, h, cache, mask, index, remat=self.remat)
-    logits = base_embed(t.wte).attend(t.ln_f(h))
-    if cache is None:
-      return logits
-    return logits, with_cache(cache, kv, new_valid, input_ids.shape[1])
+    return t.ln_f(h), with_cache(cache, kv, new_valid, input_ids.shape[1])

@@ -13,8 +13,8 @@ from jlora.train._config import (
     load_config,
 )
 from jlora.train._data import BatchStream, DataError, Rows, encode_record, load_rows, pack, read_records
-from jlora.train._distributed import LaunchError
-from jlora.train._model import register_preset
+from jlora.train._distributed import LaunchError, initialize_distributed
+from jlora.train._model import presets, register_preset
 from jlora.train._optimizer import adapter_optimizer, trainable_mask
 from jlora.train._run_dir import OutputDirError
 from jlora.train._sharding import AXES as MESH_AXES

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 class Checkpointer:
@@ -50,8 +51,8 @@ class Checkpointer:
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
     """``(state, meta)`` of ``step``, ``state`` shaped, typed and sharded like ``like``."""
     leaves, treedef = jax.tree.flatten(like)
-    abstract = {f"{i:06d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
-                for i, x in enumerate(leaves)}
+    abstract = {f"{i:06d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+                for i, (x, sharding) in enumerate(zip(leaves, _restore_shardings(leaves)))}
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     restored = [out.state[f"{i:06d}"] for i in range(len(leaves))]
@@ -64,3 +65,14 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _restore_shardings(leaves: list) -> list:
+  """Each leaf's sharding; leaves on one device (an optimizer's step count, made by ``jit`` from no
+  input) go replicated over the mesh of the others, so that they restore onto every process's
+  devices and enter the sharded step beside them."""
+  shardings = [getattr(x, "sharding", None) for x in leaves]
+  mesh = next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
+  if mesh is None:
+    return shardings
+  return [s if isinstance(s, NamedSharding) else NamedSharding(mesh, P()) for s in shardings]

@@ -28,10 +28,13 @@ class ModelConfig:
   """The base model.
 
   Attributes:
-    name: a preset name (``"tiny"``: a small randomly initialised Llama-style
-      model, no download) or a local Hugging Face checkpoint directory.
+    name: a preset name or a local Hugging Face checkpoint directory. Presets
+      need no download: ``"byte-stories"`` is the pretrained byte-level Llama
+      shipped with jlora (4 layers, 128 wide, trained on stories by
+      ``scripts/train_base.py``); ``"tiny"`` is a smaller randomly
+      initialised one for tests.
     dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``).
-    seed: PRNG seed for presets (their weights are random).
+    seed: PRNG seed for presets with random weights (``"tiny"``).
     remat: what the backward pass keeps per layer: ``"matmuls"`` (matmul and
       attention outputs; elementwise work is recomputed), ``"none"``
       (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
@@ -40,13 +43,18 @@ class ModelConfig:
       store the loaded model's Linear kernels quantized and frozen under the
       adapter (``jlora.quantize``; QLoRA with ``"nf4"``). A model passed to
       ``jlora.train(model=...)`` is used as given (quantize it yourself).
+    attention: the attention kernel: ``"auto"`` (splash on TPU, cuDNN on
+      GPU, XLA elsewhere), ``"xla"``, ``"cudnn"`` (GPU only), ``"splash"``
+      (TPU only) or ``"splash_interpret"`` (the TPU kernel interpreted; slow,
+      for tests).
   """
 
-  name: str = "tiny"
+  name: str = "byte-stories"
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
   quantize: Literal["", "nf4", "int8", "fp8"] = ""
+  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
 
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
@@ -59,9 +67,9 @@ class AdapterConfig:
 
   ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only;
   ``use_dora`` (DoRA's magnitude vectors) by ``kind="lora"`` only.
-  The default targets include the embedding and output head because the demo
-  model's weights are random; for a pretrained model ``"all-linear"`` or the
-  attention projections are the usual choice.
+  The default targets every projection plus the embedding and output head,
+  which the byte-level demo base affords; for a large model ``"all-linear"``
+  or the attention projections are the usual choice.
   """
 
   kind: Literal["lora", "moslora", "wlora"] = "lora"
@@ -82,8 +90,9 @@ class DataConfig:
 
   Attributes:
     path: a ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` file or a
-      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the
-      embedded demo corpus.
+      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the Q/A
+      records of the embedded demo corpus (``jlora/train/data/qa.jsonl``),
+      a skill the shipped base model lacks.
     eval_path: held-out data in the same forms; ``""`` holds out
       ``eval_fraction`` of the training sequences instead.
     format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /
@@ -99,7 +108,7 @@ class DataConfig:
   eval_path: str = ""
   format: Literal["auto", "text", "instruction", "chat"] = "auto"
   text_field: str = "text"
-  seq_len: int = 64
+  seq_len: int = 128
   packing: bool = True
   eval_fraction: float = 0.1
   tokenizer: str = ""
@@ -114,7 +123,7 @@ class OptimConfig:
   ``learning_rate`` and embedding adapters at ``loraplus_lr_embedding``.
   """
 
-  learning_rate: float = 2e-2
+  learning_rate: float = 1e-2
   warmup_steps: int = 10
   end_lr_ratio: float = 0.1
   weight_decay: float = 0.0
@@ -145,14 +154,36 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportConfig:
+  """Where metrics go besides ``<output_dir>/metrics.jsonl``.
+
+  Attributes:
+    tensorboard: TensorBoard event files under ``<output_dir>/tensorboard``.
+    wandb: also log to Weights & Biases (needs ``pip install wandb``).
+    wandb_project: the wandb project.
+    wandb_name: the wandb run name (``""``: wandb picks one).
+  """
+
+  tensorboard: bool = True
+  wandb: bool = False
+  wandb_project: str = "jlora"
+  wandb_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The whole training job. ``TrainConfig()`` is a tiny demo that runs on a CPU in minutes.
+  """The whole training job. ``TrainConfig()`` is the demo: a LoRA that teaches the shipped base
+  (``byte-stories``) the embedded Q/A records, about 2 minutes on 2 CPU cores.
 
   Attributes:
     steps: optimizer steps (each is ``optim.grad_accum`` micro-batches).
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
     eval_batches: micro-batches per evaluation (``0``: the whole held-out set).
+    loss_chunk_tokens: the loss runs the output head over about this many
+      tokens at a time (a slice of every row), so the ``[tokens, vocab]``
+      logits never exist at once (``0``: one pass; batches of at most this
+      many tokens take one pass anyway).
     samples: generated samples written at the end (when ``jlora.generate`` exists).
     save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
     overwrite: start afresh in an ``output_dir`` that holds a different run.
@@ -165,12 +196,14 @@ class TrainConfig:
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  report: ReportConfig = ReportConfig()
   output_dir: str = "jlora-run"
   steps: int = 300
   batch_size: int = 8
-  eval_every: int = 25
+  eval_every: int = 50
   eval_batches: int = 4
   log_every: int = 10
+  loss_chunk_tokens: int = 4096
   samples: int = 3
   save_merged: bool = False
   overwrite: bool = False
@@ -221,6 +254,7 @@ def _check_values(cfg: TrainConfig) -> None:
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}.")
   for key, value in {"eval_batches": cfg.eval_batches, "samples": cfg.samples,
+                     "loss_chunk_tokens": cfg.loss_chunk_tokens,
                      "optim.warmup_steps": cfg.optim.warmup_steps}.items():
     if value < 0:
       raise ConfigError(f"{key} must be >= 0, got {value}.")

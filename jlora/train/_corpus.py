@@ -1,9 +1,11 @@
 """The embedded demo corpus: short templated stories and Q/A records, generated from a seed.
 
 ``python -m jlora.train._corpus`` rewrites ``jlora/train/data/tiny_stories.jsonl``
-(shipped with the package, ~150 KB), so the demo needs no download. Stories
-are plain-text records; the Q/A records are instruction records whose
-prompt is masked out of the loss.
+(shipped with the package, ~150 KB), so the demo needs no download, and
+``jlora/train/data/qa.jsonl``: its Q/A records alone, the default job's data
+(the shipped base model was pretrained on stories only). Stories are
+plain-text records; the Q/A records are instruction records whose prompt is
+masked out of the loss.
 """
 
 from __future__ import annotations
@@ -47,13 +49,15 @@ def records(count: int = 1400, seed: int = 0) -> list[dict]:
   return [{"text": story(rng)} if rng.random() < 0.75 else qa(rng) for _ in range(count)]
 
 
-def write_corpus(path: str | Path, count: int = 1400, seed: int = 0) -> Path:
+def write_corpus(path: str | Path, count: int = 1400, seed: int = 0, kinds: tuple[str, ...] = ("text", "prompt")) -> Path:
+  """Write the corpus's records that have one of the fields ``kinds`` as JSON lines."""
   path = Path(path)
-  path.write_text("".join(json.dumps(r) + "\n" for r in records(count, seed)))
+  path.write_text("".join(json.dumps(r) + "\n" for r in records(count, seed) if any(k in r for k in kinds)))
   return path
 
 
 if __name__ == "__main__":
-  from jlora.train._data import EMBEDDED_CORPUS
+  from jlora.train._data import EMBEDDED_CORPUS, EMBEDDED_QA
 
   print(write_corpus(EMBEDDED_CORPUS), EMBEDDED_CORPUS.stat().st_size, "bytes")
+  print(write_corpus(EMBEDDED_QA, kinds=("prompt",)), EMBEDDED_QA.stat().st_size, "bytes")

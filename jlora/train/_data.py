@@ -12,7 +12,8 @@ package). A record is one of
 
 Each record becomes ids ending in EOS plus a 0/1 loss mask over the same
 positions. Packing concatenates records and cuts the stream into rows of
-``seq_len`` (the last row padded); without packing each record is one row.
+``seq_len`` (the last row padded), with segment ids that keep the records
+apart; without packing each record is one row.
 Batches are drawn with ``grain``: a seeded permutation per epoch, random access
 by batch index, so the iterator's whole state is one integer (checkpointed).
 """
@@ -28,6 +29,7 @@ import grain
 import numpy as np
 
 EMBEDDED_CORPUS = Path(__file__).parent / "data" / "tiny_stories.jsonl"
+EMBEDDED_QA = Path(__file__).parent / "data" / "qa.jsonl"  # its Q/A records: the default job's data
 
 
 class DataError(ValueError):
@@ -36,21 +38,32 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-  """Packed sequences: ``tokens``, ``loss_mask`` and ``attention_mask``, each ``[N, seq_len]``.
+  """Packed sequences: ``tokens``, ``loss_mask``, ``attention_mask``, ``segment_ids``, each ``[N, seq_len]``.
 
   ``loss_mask[n, t] == 1`` when token ``t`` is a training target (predicted
-  from position ``t - 1``); ``attention_mask`` is 0 on padding.
+  from position ``t - 1``); ``attention_mask`` is 0 on padding;
+  ``segment_ids`` number the records (pieces of records) in a row 1, 2, ...
+  and are 0 on padding, so attention and positions restart at each record.
   """
 
   tokens: np.ndarray
   loss_mask: np.ndarray
   attention_mask: np.ndarray
+  segment_ids: np.ndarray
 
   def __len__(self) -> int:
     return len(self.tokens)
 
   def take(self, index) -> "Rows":
-    return Rows(self.tokens[index], self.loss_mask[index], self.attention_mask[index])
+    return Rows(*(a[index] for a in self.arrays()))
+
+  def arrays(self) -> tuple[np.ndarray, ...]:
+    return (self.tokens, self.loss_mask, self.attention_mask, self.segment_ids)
+
+  def batch(self) -> dict[str, np.ndarray]:
+    """The rows as a batch dict (the keys the train and eval steps read)."""
+    return {"tokens": self.tokens, "loss_mask": self.loss_mask, "attention_mask": self.attention_mask,
+            "segment_ids": self.segment_ids}
 
 
 # ---------------------------------------------------------------------------- reading
@@ -183,23 +196,32 @@ def _field(record: dict, name: str, where: str, what: str) -> str:
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
          packing: bool = True) -> Rows:
-  """Rows of ``seq_len`` tokens: one stream cut into rows (packing) or one record per row."""
+  """Rows of ``seq_len`` tokens: one stream cut into rows (packing) or one record per row.
+
+  Each record keeps its own segment id, so a packed row's records never see
+  (or predict) each other; a record cut by a row boundary continues in the
+  next row as a fresh segment.
+  """
   if packing:
     ids = np.fromiter((t for e, _ in examples for t in e), np.int32)
     mask = np.fromiter((m for _, ms in examples for m in ms), np.int32)
-    chunks = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    record = np.repeat(np.arange(len(examples), dtype=np.int32), [len(e) for e, _ in examples])
+    chunks = [(ids[i:i + seq_len], mask[i:i + seq_len], record[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
   else:
-    chunks = [(np.asarray(e[:seq_len], np.int32), np.asarray(m[:seq_len], np.int32)) for e, m in examples]
+    chunks = [(np.asarray(e[:seq_len], np.int32), np.asarray(m[:seq_len], np.int32),
+               np.zeros(min(len(e), seq_len), np.int32)) for e, m in examples]
   n = len(chunks)
   tokens = np.full((n, seq_len), pad_id, np.int32)
   loss_mask = np.zeros((n, seq_len), np.int32)
   attention = np.zeros((n, seq_len), np.int32)
-  for row, (t, m) in enumerate(chunks):
+  segments = np.zeros((n, seq_len), np.int32)
+  for row, (t, m, r) in enumerate(chunks):
     tokens[row, :len(t)] = t
     loss_mask[row, :len(m)] = m
     attention[row, :len(t)] = 1
+    segments[row, :len(r)] = r - r[0] + 1 if len(r) else r
   loss_mask[:, 0] = 0  # nothing predicts the first token of a row
-  return Rows(tokens, loss_mask, attention)
+  return Rows(tokens, loss_mask, attention, segments)
 
 
 def load_rows(path: str | Path, tokenizer, seq_len: int, fmt: str = "auto", text_field: str = "text",
@@ -265,8 +287,7 @@ class BatchStream:
     return batch
 
   def batch_at(self, index: int) -> dict[str, np.ndarray]:
-    rows = self.rows.take(np.asarray(self._indices[index])[self.local])
-    return {"tokens": rows.tokens, "loss_mask": rows.loss_mask, "attention_mask": rows.attention_mask}
+    return self.rows.take(np.asarray(self._indices[index])[self.local]).batch()
 
   def state(self) -> dict[str, int]:
     return {"position": int(self.position)}
@@ -282,9 +303,8 @@ def eval_batches(rows: Rows, batch_size: int, limit: int = 0) -> list[dict[str, 
     chunk = rows.take(slice(start, start + batch_size))
     pad = batch_size - len(chunk)
     if pad:
-      chunk = Rows(*(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-                     for a in (chunk.tokens, chunk.loss_mask, chunk.attention_mask)))
-    out.append({"tokens": chunk.tokens, "loss_mask": chunk.loss_mask, "attention_mask": chunk.attention_mask})
+      chunk = Rows(*(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in chunk.arrays()))
+    out.append(chunk.batch())
     if limit and len(out) >= limit:
       break
   return out

@@ -85,10 +85,12 @@ def launch_settings(env: Mapping[str, str] | None = None,
 def initialize_distributed() -> bool:
   """``jax.distributed.initialize()`` when launched as one of several processes.
 
-  Validates the environment first (``launch_settings``). A no-op for one
-  process and when already initialised (then the environment's process count
-  must match ``jax.process_count()``). On CPU the processes talk through
-  gloo collectives. Returns whether it initialised.
+  ``jlora.train`` calls it first; a script that builds the model itself (or
+  touches jax otherwise) before ``jlora.train`` must call it first. Validates
+  the environment first (``launch_settings``). A no-op for one process and
+  when already initialised (then the environment's process count must match
+  ``jax.process_count()``). On CPU the processes talk through gloo
+  collectives. Returns whether it initialised.
   """
   settings = launch_settings()
   if jax.distributed.is_initialized():
@@ -101,11 +103,16 @@ def initialize_distributed() -> bool:
     return False
   if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if settings is None:
-    jax.distributed.initialize()
-  else:
-    coordinator, count, rank = settings
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=rank)
+  kwargs = {} if settings is None else dict(zip(("coordinator_address", "num_processes", "process_id"), settings))
+  try:
+    jax.distributed.initialize(**kwargs)
+  except RuntimeError as e:
+    if "must be called before" not in str(e):
+      raise
+    raise LaunchError("This is one process of a multi-process job, but JAX already started on its own "
+                      "devices, so it can no longer join the others; call "
+                      "initialize_distributed() (from jlora.train) first thing, before building a model "
+                      "or touching jax.") from None
   return True
 
 
@@ -115,6 +122,20 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def first_signal(signum: int | None) -> int | None:
+  """A stop signal any process received, or None; every process gets the same answer.
+
+  A signal may reach the processes of a job at different steps; they must
+  still checkpoint (a collective) and stop at one step.
+  """
+  if jax.process_count() == 1:
+    return signum
+  from jax.experimental import multihost_utils
+
+  received = np.ravel(multihost_utils.process_allgather(np.asarray(signum or 0, np.int32)))
+  return next((int(s) for s in received if s), None)
 
 
 def gather_to_host(tree):

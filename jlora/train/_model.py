@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jlora.io import from_pretrained
+from jlora.models import check_attention
 from jlora.io._inject_dirs import get_peft_model
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.quant import quantize
@@ -53,7 +54,20 @@ def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
   model, model_dir = _base_model(cfg, mesh)
   if hasattr(model, "remat"):
     model.remat = cfg.remat
+  set_attention(model, cfg.attention)
   return model, model_dir
+
+
+def set_attention(model: nnx.Module, attention: str) -> None:
+  """Select the attention kernel of a ``jlora.models`` model, checked against this backend.
+
+  Raises ValueError (with the fix) for a kernel this backend cannot run, e.g.
+  ``"splash"`` off TPU, so the job fails before anything compiles. Models
+  without an ``attention`` attribute (custom ones) keep their own attention.
+  """
+  check_attention(attention, for_backend=True)
+  if hasattr(model, "attention"):
+    model.attention = attention
 
 
 def _base_model(cfg: ModelConfig, mesh: Mesh | None):

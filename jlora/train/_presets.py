@@ -1,20 +1,30 @@
-"""Named base models for demos and tests: random weights, no download.
+"""Named base models for demos and tests, no download.
+
+``"byte-stories"``: the pretrained base shipped in ``jlora/train/data/base``
+(``config.json`` + ``model.safetensors``, ~4 MB): a 4-layer, 128-wide
+Llama over the 258-id byte vocabulary (``ByteTokenizer``), trained on
+stories by ``scripts/train_base.py``. It writes stories and has never seen a
+question, which is what the default job's adapter teaches it.
 
 ``"tiny"``: a 2-layer Llama-family ``jlora.models.CausalLM`` (hidden 64,
-4 heads, 258-token byte vocabulary, 128 positions); trains on a CPU in
-minutes with the byte tokenizer.
+4 heads, 258-token byte vocabulary, 128 positions) with random weights from
+``model.seed``; trains on a CPU in seconds (tests).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 from flax import nnx
 
+from jlora.io import from_pretrained
 from jlora.models import CausalLM
 from jlora.models import ModelConfig as ArchConfig
 from jlora.train._config import ModelConfig
 from jlora.train._model import register_preset
 
+BASE_DIR = Path(__file__).parent / "data" / "base"
 TINY = dict(model_type="llama", vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=128,
             rope=(("rope_theta", 10000.0), ("rope_type", "default")))
@@ -24,4 +34,12 @@ def _tiny(cfg: ModelConfig):
   return CausalLM(ArchConfig(**TINY), dtype=getattr(jnp, cfg.dtype), rngs=nnx.Rngs(cfg.seed))
 
 
+def _byte_stories(cfg: ModelConfig):
+  if not (BASE_DIR / "model.safetensors").is_file():
+    raise ValueError(f"The shipped base model is missing from {BASE_DIR}; reinstall jlora, or recreate it "
+                     "with `python scripts/train_base.py` from a jlora checkout.")
+  return from_pretrained(BASE_DIR, dtype=getattr(jnp, cfg.dtype))
+
+
 register_preset("tiny", _tiny)
+register_preset("byte-stories", _byte_stories)

@@ -10,12 +10,14 @@ from pathlib import Path
 RUN_FILE = "run.json"
 # Everything a run writes in its output_dir (names, or glob patterns): all that overwrite=true removes.
 OUTPUTS = (RUN_FILE, "checkpoints", "adapter", "merged", "metrics.jsonl", "loss_curve.png", "samples.txt",
-           "events.out.tfevents.*", "tensorboard",
+           "events.out.tfevents.*", "tensorboard", "wandb",
            # temp names of interrupted writes
-           RUN_FILE + ".tmp", "metrics.tmp", "loss_curve.tmp.png", ".adapter.*.tmp", ".adapter.*.old")
+           RUN_FILE + ".tmp", "metrics.tmp", "loss_curve.tmp.png", "samples.txt.tmp", ".adapter.*.tmp",
+           ".adapter.*.old")
 # Keys that may change between a run and its resumption: they do not change the numbers.
 _FREE_KEYS = {"output_dir", "overwrite", "progress", "samples", "save_merged", "log_every",
-              "checkpoint.async_save"}
+              "checkpoint.async_save", "report.tensorboard", "report.wandb", "report.wandb_project",
+              "report.wandb_name"}
 
 
 class OutputDirError(ValueError):

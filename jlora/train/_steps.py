@@ -1,4 +1,4 @@
-"""The jitted pieces of training: masked causal-LM loss, optimizer, train and eval steps.
+"""The jitted pieces of training: the batch loss, optimizer, train and eval steps.
 
 The model is split once into ``(graphdef, params, rng, frozen)``: ``params`` are
 the ``LoraParam`` arrays (the only thing differentiated), ``rng`` the LoRA
@@ -8,6 +8,7 @@ base model). Steps are pure functions of those pytrees.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, NamedTuple
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 
 from jlora.nn import LoraParam
 from jlora.nn._variables import LoraRngKey
+from jlora.train._loss import chunked_nll, masked_nll
 from jlora.train._optimizer import adapter_optimizer
 
 
@@ -30,24 +32,6 @@ class Parts(NamedTuple):
 def split_model(model: nnx.Module) -> Parts:
   """``model`` as ``(graphdef, LoraParam state, LoraRngKey state, the rest)``."""
   return Parts(*nnx.split(model, LoraParam, LoraRngKey, ...))
-
-
-def masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(sum of -log p(token t | < t) over masked t, number of masked t)`` in float32.
-
-  logits ``[B, T, V]``, tokens and loss_mask ``[B, T]``; position ``t-1``
-  predicts token ``t``, so ``loss_mask[:, 0]`` is ignored. Written as
-  reductions over the full logits (no ``[B, T-1, V]`` slice, no materialised
-  log-softmax) so XLA fuses the float32 upcast into them: the loss adds no
-  logits-sized buffer beyond the logits' gradient.
-  """
-  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-  weights = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
-  logits = logits.astype(jnp.float32)
-  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-  target_logit = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-  nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-  return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float, steps: int,
@@ -70,33 +54,51 @@ def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float
   return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
-def _logits(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-  """Logits ``[B, T, V]`` of a training batch, under plain causal attention.
+def _call(fn: Callable, batch: dict[str, jax.Array]) -> jax.Array:
+  """``fn(tokens)`` of a training batch under causal attention within each packed record.
 
   Training rows are right-padded (``pack`` puts every token before any pad),
   so a query that carries loss never sees a pad key under the causal mask:
-  dropping ``attention_mask`` changes no trained logit and lets GPUs run
-  cuDNN's fused causal attention instead of a materialised ``[T, T]`` mask.
+  no ``attention_mask`` is passed, which keeps the fused attention kernels.
+  ``segment_ids`` go along when the batch has them and ``fn`` takes them
+  (``jlora.models`` do; a custom model without them attends across records,
+  though the loss still never predicts one record from another).
   """
-  return model(batch["tokens"], attention_mask=None)
+  segments = batch.get("segment_ids")
+  if segments is not None and "segment_ids" in inspect.signature(fn).parameters:
+    return fn(batch["tokens"], attention_mask=None, segment_ids=segments)
+  return fn(batch["tokens"], attention_mask=None)
 
 
-def _forward(graphdef, params, rng, frozen, batch):
+def batch_nll(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk_tokens: int = 0):
+  """``(sum nll, trained tokens)`` of a batch; the head runs in chunks of ``loss_chunk_tokens`` tokens.
+
+  Chunking applies when the model has ``hidden`` / ``head`` and the batch
+  holds more than one chunk of tokens; ``0`` turns it off.
+  """
+  tokens, loss_mask, segments = batch["tokens"], batch["loss_mask"], batch.get("segment_ids")
+  if 0 < loss_chunk_tokens < tokens.size and hasattr(model, "hidden") and hasattr(model, "head"):
+    return chunked_nll(model, _call(model.hidden, batch), tokens, loss_mask, segments, loss_chunk_tokens)
+  return masked_nll(_call(model, batch), tokens, loss_mask, segments)
+
+
+def _forward(graphdef, params, rng, frozen, batch, loss_chunk_tokens):
   model = nnx.merge(graphdef, params, rng, frozen, copy=True)
-  logits = _logits(model, batch)
-  total, count = masked_nll(logits, batch["tokens"], batch["loss_mask"])
+  total, count = batch_nll(model, batch, loss_chunk_tokens)
   return total, count, nnx.state(model, LoraRngKey)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    loss_chunk_tokens: int = 0) -> Callable:
   """The jitted step ``jlora.train`` runs, for loops of your own.
 
   ``step(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``:
   ``graphdef, params, rng, frozen = split_model(model)``; ``tx`` from
   ``make_optimizer`` (or any optax transformation over ``params``, masked
   with ``adapter_optimizer``) and ``opt_state = tx.init(params)``; ``batch``
-  a dict of ``tokens``, ``loss_mask`` and ``attention_mask``, each ``[B, T]``
-  int. Returns the updated states, the mean masked next-token loss and the
+  a dict of ``tokens``, ``loss_mask``, ``attention_mask`` and (packed rows)
+  ``segment_ids``, each ``[B, T]`` int. ``loss_chunk_tokens`` runs the output
+  head that many tokens at a time (``batch_nll``). Returns the updated states, the mean masked next-token loss and the
   number of trained tokens. Write the result back with
   ``nnx.update(model, params, rng)``. Arrays keep the shardings they come in
   with (``shard_state`` / ``put_batch`` place them on a mesh). Nothing is donated: adapter-sized state is
@@ -106,7 +108,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
 
   def step(params, opt_state, rng, frozen, batch):
     def loss_fn(p):
-      total, count, new_rng = _forward(graphdef, p, rng, frozen, batch)
+      total, count, new_rng = _forward(graphdef, p, rng, frozen, batch, loss_chunk_tokens)
       return total / jnp.maximum(count, 1.0), (count, new_rng)
 
     (loss, (count, new_rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -116,13 +118,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
   return jax.jit(step)
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, loss_chunk_tokens: int = 0) -> Callable:
   """``(params, rng, frozen, batch) -> (sum nll, trained tokens)``, jitted; dropout off."""
 
   def step(params, rng, frozen, batch):
     model = nnx.merge(graphdef, params, rng, frozen, copy=True)
     model.eval()
-    logits = _logits(model, batch)
-    return masked_nll(logits, batch["tokens"], batch["loss_mask"])
+    return batch_nll(model, batch, loss_chunk_tokens)
 
   return jax.jit(step)

@@ -21,11 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jlora.models import check_attention
+from jlora.nn import disable_adapters
 from jlora.train import _data, _distributed, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
-from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
-from jlora.train._report import Metrics, Progress, greedy_samples, plot_losses
+from jlora.train._model import add_adapter, load_model, max_length, set_attention, tokenizer_for, vocab_size
+from jlora.train._report import (
+    Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
 from jlora.train._run_dir import check_output_dir, claim_output_dir
 from jlora.train._export import export_adapter
 
@@ -82,6 +85,8 @@ class TrainResult:
     resumed_from: the checkpoint step the run resumed from, or None.
     adapter_dir: the adapter as written by ``jlora.save_peft``.
     checks: reload/merge checks: max |logit difference| of the reloaded and merged models.
+    samples: greedy continuations of ``sample_prompts`` (prompt included) with the adapter;
+      ``base_samples`` the same without it (the base model).
   """
 
   model: nnx.Module
@@ -95,6 +100,8 @@ class TrainResult:
   plot_path: Path | None
   samples: list[str]
   checks: dict[str, float]
+  sample_prompts: list[str] = dataclasses.field(default_factory=list)
+  base_samples: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def losses(self) -> list[float]:
@@ -103,7 +110,7 @@ class TrainResult:
 
 
 def _prepare_data(cfg: TrainConfig, tokenizer):
-  path = cfg.data.path or str(_data.EMBEDDED_CORPUS)
+  path = cfg.data.path or str(_data.EMBEDDED_QA)
   load = lambda p: _data.load_rows(p, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field,
                                    cfg.data.packing)
   rows = load(path)
@@ -127,11 +134,15 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   out = Path(cfg.output_dir)
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
+  check_report(cfg.report)
   mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
+  check_attention(cfg.model.attention, for_backend=True)  # before any weights are read
   mesh = _sharding.make_mesh(mesh_shape)
   model_dir = None
   if model is None:
     model, model_dir = load_model(cfg.model, mesh)
+  else:
+    set_attention(model, cfg.model.attention)
   tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
@@ -170,10 +181,12 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     (params, opt_state, rng), meta = ckpt.restore(start, (params, opt_state, rng))
     stream.restore(meta["data"])
   step = start or 0
-  metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=jax.process_index() == 0)
-  train_step = _steps.make_train_step(graphdef, tx)
+  primary = jax.process_index() == 0  # writes the reports
+  metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
+                    sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
+  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
-  eval_step = _steps.make_eval_step(graphdef)
+  eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens)
 
   def evaluate():
     totals = [eval_step(params, rng, frozen, put({k: v[local] for k, v in b.items()})) for b in held_out]
@@ -181,7 +194,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     count = sum(float(c) for _, c in totals)
     return nll / max(count, 1.0)
 
-  progress = Progress(cfg.steps, step, cfg.progress and jax.process_index() == 0)
+  progress = Progress(cfg.steps, step, cfg.progress and primary)
   stop = _StopSignals()
   try:
     stop.__enter__()
@@ -212,8 +225,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
         record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
       record["tokens_per_s"] = progress.update(loss, tokens, eval_loss)
       metrics.log(record)
-      if not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
+      if primary and not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
         progress.write(f"step {step}: loss {loss:.4f}" + (f", held-out {eval_loss:.4f}" if eval_loss else ""))
+      stop.signum = _distributed.first_signal(stop.signum)  # all processes stop at the same step
       if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop.signum is not None:
         ckpt.save(step, (params, opt_state, rng), {"step": step, "data": stream.state()})
       if stop.signum is not None and step < cfg.steps:
@@ -256,28 +270,18 @@ def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> Train
   if primary:
     adapter_dir, merged_dir, checks = export_adapter(model, out, probe, cfg.save_merged)
   plot = plot_losses(history, out / "loss_curve.png") if primary and history else None
-  samples = []
+  prompts, samples, base_samples = [], [], []
   if primary and cfg.samples and whole:
-    prompts = _sample_prompts(tokenizer, held_out, cfg.samples)
-    samples = greedy_samples(model, tokenizer, prompts, max_new_tokens=min(32, cfg.data.seq_len // 2),
-                             seq_len=cfg.data.seq_len)
-    (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
+    prompts = sample_prompts(tokenizer, held_out, cfg.samples)
+    sample = lambda: greedy_samples(model, tokenizer, prompts, max_new_tokens=min(32, cfg.data.seq_len // 2),
+                                    seq_len=cfg.data.seq_len)
+    with disable_adapters(model):
+      base_samples = sample()
+    samples = sample()
+    write_samples(out / "samples.txt", prompts, base_samples, samples)
   eval_losses = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
   return TrainResult(model=model, output_dir=out, history=history, eval_losses=eval_losses,
                      resumed_from=start, adapter_dir=adapter_dir, merged_dir=merged_dir,
-                     metrics_path=out / "metrics.jsonl", plot_path=plot, samples=samples, checks=checks)
+                     metrics_path=out / "metrics.jsonl", plot_path=plot, samples=samples, checks=checks,
+                     sample_prompts=prompts, base_samples=base_samples)
 
-
-def _sample_prompts(tokenizer, held_out, n: int) -> list[str]:
-  """The first few tokens of a record (after an EOS in a packed row) of held-out rows, as prompts."""
-  prompts = []
-  for batch in held_out:
-    for row, mask in zip(batch["tokens"], batch["attention_mask"]):
-      row = [int(t) for t, m in zip(row, mask) if m]
-      start = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row[:-12] else 0
-      ids = [t for t in row[start:start + 12] if t != tokenizer.eos_id]
-      if ids:
-        prompts.append(tokenizer.decode(ids))
-      if len(prompts) == n:
-        return prompts
-  return prompts or ["Once upon a time"][:n]

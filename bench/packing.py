@@ -1,0 +1,145 @@
+"""Packed rows on one GPU: what segment ids and the chunked loss cost, side by side in one call.
+
+A TinyLlama-shaped Llama (random bf16 weights, LoRA r=16 on all 7 linear
+projections), the jlora train step at ``--batch x --seq``, each variant in
+its own subprocess (so peak memory does not mix):
+
+- ``plain``: rows without segment ids (causal attention over the whole row);
+- ``packed``: segment ids of records 100..900 tokens long, ``attention=auto``
+  (cuDNN's packed layout on Hopper);
+- ``packed-xla``: the same rows on XLA's attention with a ``[B, 1, T, T]`` mask;
+- ``packed-chunked``: ``packed`` with the loss head run 4096 tokens at a time.
+
+It first checks that cuDNN's packed attention equals XLA's on one packed row.
+
+    bench/on_device.sh bench/packing.py --batch 8 --seq 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+VARIANTS = {"plain": ("auto", False, 0), "packed": ("auto", True, 0), "packed-xla": ("xla", True, 0),
+            "packed-chunked": ("auto", True, 4096)}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def model(attention: str, layers: int):
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import jlora
+  from jlora.models import CausalLM, ModelConfig
+
+  config = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                       num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
+                       max_position_embeddings=4096, norm_eps=1e-5,
+                       rope=(("rope_theta", 10000.0), ("rope_type", "default")))
+  m = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention=attention)
+  jlora.get_peft_model(m, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False))
+  return m
+
+
+def batch(b: int, t: int, packed: bool) -> dict:
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 32000, (b, t)).astype(np.int32)
+  segments = np.ones((b, t), np.int32)
+  if packed:
+    for row in segments:
+      start, sid = 0, 1
+      while start < t:
+        n = int(rng.integers(100, 900))
+        row[start:start + n] = sid
+        start, sid = start + n, sid + 1
+  out = dict(tokens=tokens, loss_mask=np.ones_like(tokens), attention_mask=np.ones_like(tokens))
+  if packed:
+    out["segment_ids"] = segments
+  return out
+
+
+def check_cudnn_equals_xla(seq: int) -> float:
+  import jax.numpy as jnp
+  import numpy as np
+
+  m = model("cudnn", 2)
+  b = {k: jnp.asarray(v[:1]) for k, v in batch(1, seq, True).items()}
+  outs = []
+  for impl in ("cudnn", "xla"):
+    m.attention = impl
+    outs.append(np.asarray(m.hidden(b["tokens"], segment_ids=b["segment_ids"]), np.float32))
+  return float(np.max(np.abs(outs[0] - outs[1])))
+
+
+def run(variant: str, args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from jlora.train import make_optimizer, make_train_step, split_model
+
+  attention, packed, chunk = VARIANTS[variant]
+  m = model(attention, args.layers)
+  parts = split_model(m)
+  tx = make_optimizer(m, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
+  step = make_train_step(parts.graphdef, tx, chunk)
+  carry = [parts.params, tx.init(parts.params), parts.rng]
+  inputs = jax.tree.map(jnp.asarray, batch(args.batch, args.seq, packed))
+
+  def once():
+    carry[0], carry[1], carry[2], loss, _ = step(carry[0], carry[1], carry[2], parts.frozen, inputs)
+    return loss
+
+  start = time.perf_counter()
+  loss = float(once())
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    jax.block_until_ready(once())
+    times.append(time.perf_counter() - start)
+  step_s = sorted(times)[len(times) // 2]
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(variant=variant, batch=args.batch, seq=args.seq, loss=loss, first_step_s=compile_s, step_s=step_s,
+              tokens_per_s=args.batch * args.seq / step_s, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=2048)
+  parser.add_argument("--layers", type=int, default=22)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--variant", choices=list(VARIANTS))
+  parser.add_argument("--timeout", type=int, default=500)
+  args = parser.parse_args()
+  import jax_compat
+
+  jax_compat.patch_hijax()
+  if args.variant:
+    print("RESULT " + json.dumps(run(args.variant, args)), flush=True)
+    return
+  print(json.dumps({"cudnn_packed_vs_xla_max_abs_diff": check_cudnn_equals_xla(args.seq)}), flush=True)
+  for variant in VARIANTS:
+    cmd = [sys.executable, __file__, "--variant", variant] + [
+        f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "layers", "steps")]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+      print(json.dumps({"variant": variant, "error": f"timed out after {args.timeout} s"}), flush=True)
+      continue
+    lines = [l[len("RESULT "):] for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    print(lines[0] if lines else json.dumps({"variant": variant, "error": proc.stderr[-1500:]}), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,72 @@
+"""What the subcommands share: errors, loading a base model by preset name or directory, tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CliError(Exception):
+  """A bad argument or input file; the message names the problem and the fix."""
+
+
+def describe(doc: str) -> str:
+  """A module docstring's second paragraph as ``--help`` text (RST literals unquoted)."""
+  return doc.split("\n\n")[1].replace("``", "")
+
+
+def load_base(name: str, dtype: str = "float32"):
+  """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
+  from jlora.train._config import ModelConfig
+  from jlora.train._model import load_model, presets
+
+  if name not in presets() and not Path(name).expanduser().is_dir():
+    raise CliError(f"{name!r} is neither a model preset ({', '.join(presets())}) nor a local checkpoint "
+                   "directory; pass a directory holding config.json and model.safetensors.")
+  try:
+    return load_model(ModelConfig(name=name, dtype=dtype, remat="none"))
+  except ValueError as e:
+    raise CliError(str(e)) from None
+
+
+def has_tokenizer(directory: str | Path | None) -> bool:
+  return directory is not None and any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def tokenizer_for(model, model_dir: str | None, spec: str = ""):
+  """``spec`` (``"bytes"`` or a tokenizer dir), else the checkpoint's tokenizer, else bytes where they fit.
+
+  Presets, and checkpoints without tokenizer files whose vocabulary is the
+  258 byte ids (the shipped base and models merged from it), use the byte
+  tokenizer.
+  """
+  from jlora.train._tokenizer import ByteTokenizer, load_tokenizer
+
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  tokenizer = None
+  try:
+    if spec:
+      tokenizer = load_tokenizer(spec, None)
+    elif model_dir is None or has_tokenizer(model_dir):
+      tokenizer = load_tokenizer("", model_dir)
+  except (ValueError, OSError) as e:
+    raise CliError(str(e)) from None
+  if tokenizer is None and vocab == ByteTokenizer.vocab_size:
+    tokenizer = ByteTokenizer()
+  if tokenizer is not None:
+    if vocab is not None and tokenizer.vocab_size > vocab:
+      raise CliError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
+                     "model's own tokenizer (--tokenizer DIR).")
+    return tokenizer
+  raise CliError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR "
+                 "(a directory with the model's tokenizer), or --tokenizer bytes for a byte-level model.")
+
+
+def refuse_non_empty(directory: Path, what: str) -> None:
+  """CliError unless ``directory`` is absent or an empty directory (nothing of the user's is replaced)."""
+  if directory.exists() and not directory.is_dir():
+    raise CliError(f"{what} {directory} is a file; pass a new directory path.")
+  if directory.is_dir() and any(directory.iterdir()):
+    raise CliError(f"{what} {directory} is not empty; choose a new directory or empty this one.")
