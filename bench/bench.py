@@ -171,7 +171,7 @@ def _jlora_train_step(model, mesh=None):
   params, rng, frozen = parts.params, parts.rng, parts.frozen
   if mesh is not None:
     params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
-  return _steps.make_train_step(parts.graphdef, tx), [params, tx.init(params), rng], frozen
+  return _steps.make_train_step(parts.graphdef, tx, mesh), [params, tx.init(params), rng], frozen
 
 
 def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:

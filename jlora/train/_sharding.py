@@ -122,6 +122,43 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*spec)
 
 
+def gathered_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """The spec one layer's variable is computed with: ``param_spec`` without the ``fsdp`` axis.
+
+  FSDP stores weights split over ``fsdp`` and gathers them for the matmul;
+  the ``tensor`` split stays (Megatron-style column / row parallel layers).
+  """
+  return P(*(None if axis == "fsdp" else axis for axis in param_spec(path, shape, mesh)))
+
+
+class MeshPlacement:
+  """The ``jlora.models`` layer placement of a mesh: batch-split activations, per-layer gathered weights."""
+
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
+
+  def activations(self, x: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh))
+
+  def layer_weights(self, state: nnx.State) -> nnx.State:
+    return jax.tree_util.tree_map_with_path(self._gather, state)
+
+  def _gather(self, path, x):
+    spec = param_spec(path, np.shape(x), self.mesh)
+    if "fsdp" not in spec:
+      return x
+    dim = list(spec).index("fsdp")
+    gather = lambda local: jax.lax.all_gather(local, "fsdp", axis=dim, tiled=True)
+    return jax.shard_map(gather, mesh=self.mesh, in_specs=spec, out_specs=gathered_spec(path, np.shape(x), self.mesh), check_vma=False)(x)
+
+
+def placement(mesh: Mesh | None) -> MeshPlacement | None:
+  """The placement to trace the model under, or None on one device (nothing to place)."""
+  if mesh is None or mesh.size == 1:
+    return None
+  return MeshPlacement(mesh)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh):
   """A ``NamedSharding`` per array of ``state`` (same tree structure)."""
   return jax.tree_util.tree_map_with_path(

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jlora.models._remat import placed
 from jlora.nn import LoraParam
 from jlora.nn._variables import LoraRngKey
 from jlora.train._optimizer import adapter_optimizer
+from jlora.train._sharding import placement
 
 
 class Parts(NamedTuple):
@@ -85,34 +87,42 @@ def _forward(graphdef, params, rng, frozen, batch):
   return total, count, nnx.state(model, LoraRngKey)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh=None) -> Callable:
   """``(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``, jitted.
 
+  With a ``mesh`` of several devices the model is traced under its placement
+  (``_sharding.MeshPlacement``): activations split over the batch axes,
+  scanned layers' weights gathered one layer at a time.
   ``loss`` is the mean over the batch's trained tokens; arrays keep the
   shardings they come in with. Nothing is donated: adapter-sized state is
   small, WLoRA upstreams may share buffers, and async checkpoints still
   read the previous step's arrays.
   """
 
+  where = placement(mesh)
+
   def step(params, opt_state, rng, frozen, batch):
     def loss_fn(p):
       total, count, new_rng = _forward(graphdef, p, rng, frozen, batch)
       return total / jnp.maximum(count, 1.0), (count, new_rng)
 
-    (loss, (count, new_rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    with placed(where):
+      (loss, (count, new_rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, new_rng, loss, count
 
   return jax.jit(step)
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-  """``(params, rng, frozen, batch) -> (sum nll, trained tokens)``, jitted; dropout off."""
+def make_eval_step(graphdef: nnx.GraphDef, mesh=None) -> Callable:
+  """``(params, rng, frozen, batch) -> (sum nll, trained tokens)``, jitted; dropout off; ``mesh`` as above."""
+  where = placement(mesh)
 
   def step(params, rng, frozen, batch):
     model = nnx.merge(graphdef, params, rng, frozen, copy=True)
     model.eval()
-    logits = _logits(model, batch)
+    with placed(where):
+      logits = _logits(model, batch)
     return masked_nll(logits, batch["tokens"], batch["loss_mask"])
 
   return jax.jit(step)

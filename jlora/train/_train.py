@@ -123,8 +123,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     stream.restore(meta["data"])
   step = start or 0
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=jax.process_index() == 0)
-  train_step = _steps.make_train_step(graphdef, tx)
-  eval_step = _steps.make_eval_step(graphdef)
+  train_step = _steps.make_train_step(graphdef, tx, mesh)
+  eval_step = _steps.make_eval_step(graphdef, mesh)
 
   def evaluate():
     totals = [eval_step(params, rng, frozen, _sharding.put_batch(b, mesh)) for b in held_out]
