@@ -13,6 +13,7 @@ from jlora.train._config import (
     load_config,
 )
 from jlora.train._data import BatchStream, DataError, Rows, encode_record, load_rows, pack, read_records
+from jlora.train._memory import MemoryPlan, MemoryPlanError, plan_defaults, plan_memory
 from jlora.train._model import register_preset
 from jlora.train._optimizer import adapter_optimizer, trainable_mask
 from jlora.train._run_dir import OutputDirError

@@ -8,12 +8,18 @@
   ``vocab`` to ``tensor``. Leading (scan) dims and dims the mesh axis does not
   divide are replicated.
 - An adapter is sharded like its base layer: ``lora_A [.., in, r]`` takes the
-  kernel's ``in`` axis, ``lora_B [.., r, out]`` its ``out`` axis; the rank
-  dim is replicated.
+  kernel's ``in`` axis, ``lora_B [.., r, out]`` its ``out`` axis, and both
+  are also split over ``fsdp`` where that axis is not already theirs (so the
+  adapter and its optimizer state shrink about 1/fsdp); the rank dim is
+  replicated. A matrix no rule names (``kernel`` / ``embedding``) splits its
+  larger side over ``fsdp``.
+- Under a mesh the train step gathers each scanned layer's weights inside the
+  scan body, one layer at a time (``MeshPlacement``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -92,6 +98,24 @@ def _logical_axes(module_path: str) -> tuple[str, str] | None:
   return None
 
 
+def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+  """Mesh axes wanted per dim of a variable (before the divisibility check)."""
+  if len(shape) < 2:
+    return {}
+  last, prev = len(shape) - 1, len(shape) - 2
+  if axes is None:  # a matrix no rule names: FSDP still splits its larger side
+    return {max((prev, last), key=lambda d: shape[d]): ("fsdp",)} if name in ("kernel", "embedding") else {}
+  in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
+  with_fsdp = lambda axis: (axis,) if axis == "fsdp" else (axis, "fsdp")
+  if name in ("kernel", "embedding"):
+    return {prev: (in_axis,), last: (out_axis,)}
+  if name == "lora_A":  # [.., in, r]: split like the kernel's in side, and over fsdp too
+    return {prev: with_fsdp(in_axis)}
+  if name == "lora_B":  # [.., r, out]
+    return {last: with_fsdp(out_axis)}
+  return {}
+
+
 def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
   """The ``PartitionSpec`` of one variable, from its path and shape (see the module doc)."""
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
@@ -103,23 +127,21 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     if k in _WRAPPER_PARTS:
       module = module[:i]
       break
-  axes = _logical_axes(".".join(module))
-  spec = [None] * len(shape)
-  if axes is None or len(shape) < 2:
-    return P(*spec)
-  in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
-  if name in ("kernel", "embedding"):
-    dims = {len(shape) - 2: in_axis, len(shape) - 1: out_axis}
-  elif name == "lora_A":
-    dims = {len(shape) - 2: in_axis}
-  elif name == "lora_B":
-    dims = {len(shape) - 1: out_axis}
-  else:
-    dims = {}
-  for dim, axis in dims.items():
-    if shape[dim] % mesh.shape[axis] == 0:
-      spec[dim] = axis
+  spec: list = [None] * len(shape)
+  for dim, wanted in _dim_axes(name, _logical_axes(".".join(module)), shape).items():
+    for n in range(len(wanted), 0, -1):  # the most axes that divide the dim
+      axes = wanted[:n]
+      if shape[dim] % math.prod(mesh.shape[a] for a in axes) == 0:
+        spec[dim] = axes[0] if n == 1 else axes
+        break
   return P(*spec)
+
+
+def _fsdp_dim(spec: P) -> int | None:
+  for dim, axes in enumerate(spec):
+    if axes == "fsdp" or (isinstance(axes, tuple) and "fsdp" in axes):
+      return dim
+  return None
 
 
 def gathered_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -128,11 +150,22 @@ def gathered_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
   FSDP stores weights split over ``fsdp`` and gathers them for the matmul;
   the ``tensor`` split stays (Megatron-style column / row parallel layers).
   """
-  return P(*(None if axis == "fsdp" else axis for axis in param_spec(path, shape, mesh)))
+  def drop(axes):
+    if isinstance(axes, tuple):
+      rest = tuple(a for a in axes if a != "fsdp")
+      return rest[0] if len(rest) == 1 else (rest or None)
+    return None if axes == "fsdp" else axes
+  return P(*(drop(axes) for axes in param_spec(path, shape, mesh)))
 
 
 class MeshPlacement:
-  """The ``jlora.models`` layer placement of a mesh: batch-split activations, per-layer gathered weights."""
+  """The ``jlora.models`` layer placement of a mesh: batch-split activations, per-layer gathered weights.
+
+  Each scanned layer's weights are gathered over ``fsdp`` with an explicit
+  ``all_gather`` (``shard_map``) on that layer's slice: the partitioner then
+  neither gathers the stacked weights of all layers at once nor transposes
+  the whole stack to suit a gather, and activations never leave their rows.
+  """
 
   def __init__(self, mesh: Mesh):
     self.mesh = mesh
@@ -141,15 +174,18 @@ class MeshPlacement:
     return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh))
 
   def layer_weights(self, state: nnx.State) -> nnx.State:
+    if self.mesh.shape["fsdp"] == 1:
+      return state
     return jax.tree_util.tree_map_with_path(self._gather, state)
 
   def _gather(self, path, x):
     spec = param_spec(path, np.shape(x), self.mesh)
-    if "fsdp" not in spec:
+    dim = _fsdp_dim(spec)
+    if dim is None:
       return x
-    dim = list(spec).index("fsdp")
     gather = lambda local: jax.lax.all_gather(local, "fsdp", axis=dim, tiled=True)
-    return jax.shard_map(gather, mesh=self.mesh, in_specs=spec, out_specs=gathered_spec(path, np.shape(x), self.mesh), check_vma=False)(x)
+    return jax.shard_map(gather, mesh=self.mesh, in_specs=spec, check_vma=False,
+                         out_specs=gathered_spec(path, np.shape(x), self.mesh))(x)
 
 
 def placement(mesh: Mesh | None) -> MeshPlacement | None:

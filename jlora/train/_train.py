@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jlora.train import _data, _sharding, _steps
+from jlora.train import _data, _memory, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
 from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
@@ -86,7 +86,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   out = Path(cfg.output_dir)
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
-  mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
+  m = cfg.mesh
+  if m.fsdp != -1:
+    mesh_shape = _sharding.resolve_mesh_shape(m.data, m.fsdp, m.tensor, cfg.batch_size)
   model_dir = None
   if model is None:
     model, model_dir = load_model(cfg.model)
@@ -104,6 +106,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
+  mesh_shape = _plan_memory(cfg, model, mesh_shape if m.fsdp != -1 else (m.data, -1, m.tensor))
   if jax.process_index() == 0:
     claim_output_dir(out, config_dict, decision)
   mesh = _sharding.make_mesh(mesh_shape)
@@ -172,6 +175,22 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
 
   nnx.update(model, params, rng)
   return _finish(cfg, model, tokenizer, out, metrics.records, start, held_out)
+
+
+def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int]):
+  """Print the per-device memory plan; pick ``fsdp`` (and remat) for ``mesh.fsdp=-1``; refuse what won't fit."""
+  plan, planned, remat, said = _memory.plan_job(
+      model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
+      remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+      capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
+  if mesh_shape[1] == -1:
+    if hasattr(model, "remat"):
+      model.remat = remat
+    mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data if plan is None else planned[0],
+                                              1 if plan is None else planned[1], cfg.mesh.tensor, cfg.batch_size)
+  if plan is not None and jax.process_index() == 0:
+    print(plan.describe() + (f"\n  {said}" if said else ""), flush=True)
+  return mesh_shape
 
 
 def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> TrainResult:
