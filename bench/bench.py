@@ -196,24 +196,69 @@ def run_jlora_train(args) -> list[dict]:
   return [_time_train(_jlora_model(args, args.adapter), args.batch, args.seq, args)]
 
 
+WIDE70B = dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+               num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+               norm_eps=1e-5, rope=(("rope_theta", 500000.0), ("rope_type", "default")))
+
+
+def _wide_model(args, mesh):
+  """A Llama of 70B-class width (``args.layers`` deep), created already split over ``mesh``.
+
+  ``nnx.eval_shape`` gives the shapes, the jitted init writes each array
+  straight into its shard (``out_shardings``): the whole model never exists
+  on one device. bf16 base, LoRA r=16 on the seven projections.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  import jlora
+  from jlora.models import CausalLM, ModelConfig
+  from jlora.train import _sharding
+
+  config = ModelConfig(num_hidden_layers=args.layers, **WIDE70B)
+  make = lambda: CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+                          remat=args.remat)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=_sharding.state_shardings(abstract, mesh))()
+  model = nnx.merge(graphdef, state)
+  jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                               init_lora_weights=False))
+  return model
+
+
+def _plan_bytes(model, args, mesh_shape, batch: int) -> int | None:
+  """The memory plan's per-device estimate for this run (``jlora.train._memory``)."""
+  import jax
+  from jlora.train import _memory
+  plan = _memory.plan_job(model, devices=int(__import__("math").prod(mesh_shape)), batch_size=batch,
+                          seq_len=args.seq, mesh=mesh_shape, remat=args.remat, r=16, targets=TARGETS,
+                          capacity_gib=1e6, backend=jax.default_backend())[0]
+  return None if plan is None else plan.total
+
+
 def run_jlora_scaling(args) -> list[dict]:
-  """Weak scaling: ``args.batch`` rows per GPU on 1 GPU, then on all of them (data, then FSDP mesh)."""
+  """Weak scaling: ``args.batch`` rows per data-parallel GPU on the mesh ``args.mesh`` ("data,fsdp,tensor")."""
   _import_jax()
   import jax
   import numpy as np
   from jax.sharding import Mesh
   from jlora.train import _sharding
-  n = jax.device_count()
-  meshes = [(1, (1, 1, 1)), (n, (n, 1, 1)), (n, (1, n, 1))]
-  results = []
-  for devices, shape in meshes:
-    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), _sharding.AXES)
-    result = _time_train(_jlora_model(args, "lora"), args.batch * devices, args.seq, args, mesh)
-    stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
-    result.update(devices=devices, mesh=dict(zip(_sharding.AXES, shape)), batch=args.batch * devices,
-                  peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats))
-    results.append(result)
-  return results
+  shape = tuple(int(x) for x in args.mesh.split(","))
+  devices = int(np.prod(shape))
+  mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), _sharding.AXES)
+  batch = args.batch * shape[0] * shape[1]
+  model = _wide_model(args, mesh) if args.model == "wide70b" else _jlora_model(args, "lora")
+  plan = _plan_bytes(model, args, shape, batch)
+  result = _time_train(model, batch, args.seq, args, mesh)
+  stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
+  result.update(devices=devices, mesh=dict(zip(_sharding.AXES, shape)), batch=batch, rows=args.batch,
+                model=args.model,
+                peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats), plan_bytes=plan)
+  if args.model == "wide70b":
+    from jlora.models import ModelConfig
+    from jlora.train._memory import Arch
+    result["params"] = Arch.of(ModelConfig(num_hidden_layers=args.layers, **WIDE70B)).base_params()
+  return [result]
 
 
 def _time_jax(fn, args) -> dict:
@@ -241,7 +286,7 @@ def worker(args) -> None:
     results = run(args)
   else:
     results = run_peft(args)
-  n = param_count(args.ckpt)
+  n = results[0].get("params") or param_count(args.ckpt)
   for result in results:
     result = dict(dict(framework=args.framework, task=args.task, batch=args.batch, seq=args.seq,
                        layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False), **result)
@@ -257,7 +302,8 @@ def spawn(args, **overrides) -> list[dict]:
               remat=args.remat, steps=args.steps, warmup=args.warmup)
   opts.update(overrides)
   ckpt = f"/dev/shm/tinyllama-{opts['layers']}"
-  make_checkpoint(ckpt, opts["layers"])
+  if opts.get("model", "tinyllama") == "tinyllama":
+    make_checkpoint(ckpt, opts["layers"])
   cmd = [sys.executable, __file__, "worker", "--ckpt", ckpt]
   for key, value in opts.items():
     cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -280,7 +326,12 @@ SUITES = {
     "moslora": lambda b: [dict(framework="jlora", task="train", batch=n, adapter="moslora") for n in b],
     "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s)
                           for (n, s) in ((1, 128), (8, 1024)) for f in ("jlora", "peft")],
-    "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n) for n in b],
+    # 1 GPU, then data=2, fsdp=2, tensor=2 at the same rows per data-parallel GPU (2 GPUs).
+    "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m)
+                          for n in b for m in ("1,1,1", "2,1,1", "1,2,1", "1,1,2")],
+    # A Llama of 70B width, 48 layers: 43B params, 86 GB in bf16, more than one 80 GB GPU; fsdp=2.
+    "wide": lambda b: [dict(framework="jlora", task="scaling", batch=1, seq=2048, model="wide70b", layers=48,
+                            mesh="1,2,1", remat="full", steps=4, warmup=1)],
     "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n)
                           for n in (11, 22)],
 }
@@ -301,6 +352,8 @@ def main() -> None:
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")
   parser.add_argument("--remat", default="matmuls", help="jlora: what the backward pass keeps per layer")
+  parser.add_argument("--mesh", default="1,1,1", help="scaling: data,fsdp,tensor")
+  parser.add_argument("--model", default="tinyllama", help="scaling: tinyllama (checkpoint) or wide70b (sharded init)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=int, default=400)
