@@ -163,26 +163,26 @@ def run_jlora_forward(args) -> list[dict]:
 
 def _jlora_train_step(model, mesh=None):
   """The step ``jlora.train`` runs (masked causal-LM loss, AdamW on the adapter only), placed on ``mesh``."""
-  from jlora.train import _sharding, _steps
-  parts = _steps.split_model(model)
-  tx = _steps.make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
+  from jlora.train import make_optimizer, make_train_step, shard_state, split_model
+  parts = split_model(model)
+  tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
                              end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0,
                              grad_accum=1)
   params, rng, frozen = parts.params, parts.rng, parts.frozen
   if mesh is not None:
-    params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
-  return _steps.make_train_step(parts.graphdef, tx, mesh), [params, tx.init(params), rng], frozen
+    params, rng, frozen = (shard_state(s, mesh) for s in (params, rng, frozen))
+  return make_train_step(parts.graphdef, tx, mesh), [params, tx.init(params), rng], frozen
 
 
 def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jlora.train import _sharding
+  from jlora.train import put_batch
   train_step, carry, frozen = _jlora_train_step(model, mesh)
   ids = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq), 0, TINYLLAMA["vocab_size"]))
   host = dict(tokens=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids))
-  inputs = _sharding.put_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
+  inputs = put_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
 
   def step():
     carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, inputs)
@@ -232,7 +232,7 @@ def _plan_bytes(model, args, mesh_shape, batch: int) -> int | None:
   from jlora.train import _memory
   plan = _memory.plan_job(model, devices=int(__import__("math").prod(mesh_shape)), batch_size=batch,
                           seq_len=args.seq, mesh=mesh_shape, remat=args.remat, r=16, targets=TARGETS,
-                          capacity_gib=1e6, backend=jax.default_backend())[0]
+                          capacity_gib=1e6, backend=jax.default_backend())
   return None if plan is None else plan.total
 
 
@@ -242,16 +242,16 @@ def run_jlora_scaling(args) -> list[dict]:
   import jax
   import numpy as np
   from jax.sharding import Mesh
-  from jlora.train import _sharding
+  from jlora.train import MESH_AXES
   shape = tuple(int(x) for x in args.mesh.split(","))
   devices = int(np.prod(shape))
-  mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), _sharding.AXES)
+  mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), MESH_AXES)
   batch = args.batch * shape[0] * shape[1]
   model = _wide_model(args, mesh) if args.model == "wide70b" else _jlora_model(args, "lora")
   plan = _plan_bytes(model, args, shape, batch)
   result = _time_train(model, batch, args.seq, args, mesh)
   stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
-  result.update(devices=devices, mesh=dict(zip(_sharding.AXES, shape)), batch=batch, rows=args.batch,
+  result.update(devices=devices, mesh=dict(zip(MESH_AXES, shape)), batch=batch, rows=args.batch,
                 model=args.model,
                 peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats), plan_bytes=plan)
   if args.model == "wide70b":

@@ -36,13 +36,16 @@ def main(argv: list[str] | None = None) -> int:
   if args.print_config:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
-  from jlora.train import train
+  from jlora.train import TrainingInterrupted, train
 
   try:
     result = train(cfg)
   except (ConfigError, DataError, MeshError, OutputDirError, ValueError, FloatingPointError) as e:
     print(f"jlora: error: {e}", file=sys.stderr)
     return 1
+  except TrainingInterrupted as e:
+    print(f"jlora: stopped by {e}", file=sys.stderr)
+    return 128 + e.signum
   evals = result.eval_losses
   if evals:
     print(f"held-out loss: {evals[0][1]:.4f} (step {evals[0][0]}) -> {evals[-1][1]:.4f} (step {evals[-1][0]})")

@@ -70,7 +70,7 @@ def test_save_pretrained_refuses_unmerged_lora(llama_dir, tmp_path):
 def test_save_pretrained_replaces_a_stale_sharded_checkpoint(tmp_path):
   hf_doubles.save("llama", tmp_path / "d", max_shard_size="20KB")
   model = jlora.from_pretrained(tmp_path / "d", dtype=jnp.float32)
-  jlora.save_pretrained(model, tmp_path / "d")
+  jlora.save_pretrained(model, tmp_path / "d", overwrite=True)
   assert not (tmp_path / "d" / "model.safetensors.index.json").exists()
   assert sorted(p.name for p in (tmp_path / "d").glob("*.safetensors")) == ["model.safetensors"]
 

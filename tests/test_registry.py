@@ -72,7 +72,7 @@ def adapted_net(randomize: bool = True, adapter_seed: int = 0):
 
 
 def test_unregistered_layer_types_cannot_be_targeted():
-  with pytest.raises(ValueError, match="matches no module"):
+  with pytest.raises(ValueError, match="Net has no layers that can take LoRA"):
     jlora.get_peft_model(Net(), CONFIG)
 
 

@@ -18,9 +18,9 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from jlora.train import _train as t
 put = t._sharding.put_batch
-def slow_put(batch, mesh):
+def slow_put(*args, **kwargs):
   time.sleep(0.1)  # slow enough to be killed mid-run; the numbers do not change
-  return put(batch, mesh)
+  return put(*args, **kwargs)
 t._sharding.put_batch = slow_put
 from train_doubles import run_tiny_job
 run_tiny_job({out!r}, steps=24, **{{"checkpoint.every": 2, "checkpoint.async_save": True,

@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jlora.io import _safetensors
+from jlora.io._files import check_directory_path, writing
+from jlora.io._placement import ParamSource, place, sharding_for
 from jlora.models import ModelConfig, from_hf_config, model_class
 from jlora.models._config import SUPPORTED
 from jlora.nn import LoraLayer
@@ -34,6 +37,9 @@ _IGNORED = (r".*\.attn\.(masked_)?bias$", r".*rotary_emb\.inv_freq$")
 
 
 def _read_config(model_dir: Path) -> ModelConfig:
+  if model_dir.is_file():
+    raise ValueError(f"Checkpoint path {model_dir} is a file; pass the directory that holds config.json "
+                     f"and the weights (probably {model_dir.parent}).")
   if not model_dir.is_dir():
     raise ValueError(f"Checkpoint directory {model_dir} does not exist; pass a local directory holding "
                      "config.json and model.safetensors (download it first, e.g. `hf download`).")
@@ -49,8 +55,27 @@ def _read_config(model_dir: Path) -> ModelConfig:
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     raise ValueError(f"{path} has model_type={kind!r}, which jlora does not implement; supported model "
                      f"types: {', '.join(SUPPORTED)}.")
+  _check_heads(raw, path)
   from transformers import AutoConfig
   return from_hf_config(AutoConfig.from_pretrained(str(model_dir)))
+
+
+def _check_heads(raw: dict, path: Path) -> None:
+  """Head counts must split the hidden size (and the KV heads the query heads), checked before transformers."""
+  hidden = raw.get("hidden_size", raw.get("n_embd"))
+  heads = raw.get("num_attention_heads", raw.get("n_head"))
+  kv = raw.get("num_key_value_heads") or heads
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, heads, kv)):
+    return  # absent: transformers' defaults apply
+  if min(hidden, heads, kv) < 1:
+    raise ValueError(f"{path}: hidden size {hidden}, {heads} attention heads and {kv} key/value heads must "
+                     "all be positive; fix config.json.")
+  if hidden % heads:
+    raise ValueError(f"{path}: the hidden size {hidden} is not a multiple of the {heads} attention heads; "
+                     "fix config.json so that hidden_size is divisible by num_attention_heads.")
+  if heads % kv:
+    raise ValueError(f"{path}: the {heads} attention heads are not a multiple of the {kv} key/value heads; "
+                     "fix config.json so that num_attention_heads is divisible by num_key_value_heads.")
 
 
 def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -103,13 +128,23 @@ def _hf_layout(array: np.ndarray, transpose: bool) -> np.ndarray:
   return np.swapaxes(array, -1, -2) if transpose else array
 
 
-def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None) -> nnx.Module:
+def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None,
+                    mesh: Mesh | None = None) -> nnx.Module:
   """Load a local HF checkpoint directory into a jlora model.
+
+  The model is built abstractly (no weights allocated); each parameter is
+  then read from the memory-mapped safetensors files block by block straight
+  onto its devices, so host memory peaks at about one parameter, not the model.
 
   Args:
     model_dir: directory with ``config.json`` and safetensors weights.
     dtype: computation dtype of activations.
-    param_dtype: dtype of the parameters (default: ``dtype``).
+    param_dtype: dtype of the parameters (default: ``dtype``); each block is
+      converted as it is read.
+    mesh: a ``(data, fsdp, tensor)`` mesh (``jlora.train.make_mesh``): every
+      device reads only its shard of each parameter, laid out by the sharding
+      rules ``jlora.train.param_spec`` (in a multi-host job each process
+      reads only what its devices hold). None: whole arrays on the default device.
 
   Returns:
     ``CausalLM`` (llama, mistral, qwen2, qwen3) or ``Gpt2LMHeadModel``:
@@ -124,27 +159,39 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   param_dtype = param_dtype or dtype
   cls = model_class(config)
   abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(state))
+  for source in param_sources(model_dir, abstract, config):
+    sharding = None if mesh is None else sharding_for(source, mesh)
+    flat[source.path].set_value(place(source, param_dtype, sharding))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def param_sources(model_dir: Path, abstract: nnx.Module, config: ModelConfig) -> list[ParamSource]:
+  """Where each parameter of ``abstract`` is in the checkpoint, checked against the headers.
+
+  Only the safetensors headers are read (the data stays memory-mapped), so a
+  checkpoint that does not fit the config fails before any weight is loaded.
+  """
   tensors = read_weights(model_dir)
   if config.model_type == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
     tensors = {("lm_head.weight" if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in tensors.items()}
   used = set()
-  graphdef, state = nnx.split(abstract)
-  flat = dict(nnx.to_flat_state(state))
-  missing = []
+  flat = dict(nnx.to_flat_state(nnx.state(abstract)))
+  missing, sources = [], []
   for path, names, transpose, is_stacked in _param_names(abstract):
     if any(n not in tensors for n in names):
       missing += [n for n in names if n not in tensors]
       continue
-    want = tuple(flat[path].shape[1:] if is_stacked else flat[path].shape)
+    shape = tuple(flat[path].shape)
+    want = shape[1:] if is_stacked else shape
     want_hf = want[::-1] if transpose else want
     for name in names:
       if tuple(tensors[name].shape) != want_hf:
         raise ValueError(f"{model_dir}: tensor {name!r} has shape {tuple(tensors[name].shape)} but "
                          f"config.json implies {want_hf}; the weights do not belong to this config "
                          "(check config.json).")
-    arrays = [_hf_layout(tensors[n], transpose) for n in names]
-    value = np.stack(arrays) if is_stacked else arrays[0]
-    flat[path].set_value(jnp.asarray(value, dtype=param_dtype))
+    sources.append(ParamSource(path, names, tuple(tensors[n] for n in names), transpose, is_stacked, shape))
     used.update(names)
   if missing:
     raise ValueError(f"{model_dir}: the checkpoint lacks {len(missing)} weight(s) that config.json needs, "
@@ -154,7 +201,7 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
     raise ValueError(f"{model_dir}: the checkpoint has {len(unexpected)} weight(s) this "
                      f"{config.model_type} model does not use, e.g. {', '.join(sorted(unexpected)[:5])}; "
                      "check that config.json matches the weights (layer count, tie_word_embeddings).")
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return sources
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -163,11 +210,15 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
   return any(re.fullmatch(p, name) for p in _IGNORED)
 
 
-def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
   """Write ``config.json`` and ``model.safetensors`` that transformers loads as the same model.
 
-  Each file is written to a temp name and renamed. A model carrying LoRA
-  layers is refused: merge first with ``jlora.merge_and_unload(model)``.
+  Each file is written to a temp name and renamed; a failed write leaves no
+  temp file. A model carrying LoRA layers is refused: merge first with
+  ``jlora.merge_and_unload(model)``. ``out_dir`` may be new, hold no
+  checkpoint files, or hold a checkpoint jlora wrote (it leaves a small
+  ``.jlora`` marker); another checkpoint there is only replaced with
+  ``overwrite=True``. Other files (a tokenizer, a README) are kept.
   """
   if any(isinstance(node, LoraLayer) for _, node in nnx.iter_graph(model)):
     raise ValueError("save_pretrained writes plain HF weights but this model has LoRA layers; call "
@@ -177,7 +228,7 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     raise ValueError("save_pretrained needs a jlora.models model (with a ModelConfig at .config), "
                      f"got {type(model).__name__}.")
   out_dir = Path(out_dir).expanduser()
-  out_dir.mkdir(parents=True, exist_ok=True)
+  _check_save_target(out_dir, overwrite)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}
   for path, names, transpose, is_stacked in _param_names(model):
@@ -185,15 +236,31 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     for i, name in enumerate(names):
       tensors[name] = _hf_layout(value[i] if is_stacked else value, transpose)
   dtypes = {str(v.dtype) for v in tensors.values()}
-  _safetensors.write(tensors, out_dir / SINGLE)
   hf = config.hf_dict()
   if len(dtypes) == 1:
     hf["dtype"] = dtypes.pop()
-  tmp = out_dir / ".config.json.tmp"
-  tmp.write_text(json.dumps(hf, indent=2, sort_keys=True))
-  os.replace(tmp, out_dir / "config.json")
-  _remove_stale_shards(out_dir)
+  with writing(out_dir, "the model"):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("written by jlora.save_pretrained\n")
+    _safetensors.write(tensors, out_dir / SINGLE)
+    _safetensors.write_text(json.dumps(hf, indent=2, sort_keys=True), out_dir / "config.json")
+    _remove_stale_shards(out_dir)
   return out_dir
+
+
+MARKER = ".jlora"  # left by save_pretrained: the checkpoint files here are jlora's to replace
+
+
+def _check_save_target(out_dir: Path, overwrite: bool) -> None:
+  check_directory_path(out_dir, "save_pretrained's out_dir")
+  if overwrite or not out_dir.is_dir() or (out_dir / MARKER).is_file():
+    return
+  ours = ("config.json", SINGLE, INDEX)
+  found = sorted(p.name for p in out_dir.iterdir()
+                 if p.name in ours or re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name))
+  if found:
+    raise ValueError(f"{out_dir} already holds a checkpoint jlora did not write ({', '.join(found)}); "
+                     "refusing to overwrite it. Choose a new or empty directory, or pass overwrite=True.")
 
 
 def _remove_stale_shards(out_dir: Path) -> None:

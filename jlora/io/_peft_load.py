@@ -5,6 +5,11 @@ The adapter is injected from the directory's config exactly as
 stacked layers), then every factor is overwritten with the checkpoint's
 tensor. The modules the config selects must be exactly the modules the
 checkpoint holds; anything else is an error that names the keys.
+
+Into a model sharded over a mesh (``from_pretrained(..., mesh=...)``) each
+factor goes straight to its devices, laid out like its layer's kernel:
+``lora_A [.., in, r]`` split as the kernel's ``in`` dim, ``lora_B [.., r, out]``
+as its ``out`` dim, the rank dim replicated.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
@@ -34,6 +41,9 @@ _CONVERT = (
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, np.ndarray]]:
   """The jlora config and the raw tensors of a PEFT adapter directory."""
   path = Path(adapter_dir).expanduser()
+  if path.is_file():
+    raise ValueError(f"PEFT adapter path {path} is a file; pass the directory that holds {CONFIG_NAME} and "
+                     f"{WEIGHTS_NAME} (probably {path.parent}).")
   if not path.is_dir():
     raise ValueError(
         f"PEFT adapter directory {path} does not exist; pass a local directory holding "
@@ -145,10 +155,13 @@ def _fill(model: nnx.Module, name: str, tensors: dict, file: Path) -> None:
                            f"MoSLoRA mixer of rank {r} needs {(r, r)}.")
         mixer[i, :r, :r] = w.T  # lora_AB(h) = h @ W.T, i.e. M = W.T
     stack = layer.stack_shape
-    updates.append((adapter.lora_A, a.reshape(stack + a.shape[1:])))
-    updates.append((adapter.lora_B, b.reshape(stack + b.shape[1:])))
+    kernel = type(layer).base_kernel(layer.base_layer)[...]
+    a, b = a.reshape(stack + a.shape[1:]), b.reshape(stack + b.shape[1:])
+    updates.append((adapter.lora_A, a, _factor_sharding(kernel, len(stack), a.ndim, "A")))
+    updates.append((adapter.lora_B, b, _factor_sharding(kernel, len(stack), b.ndim, "B")))
     if mixer is not None:
-      updates.append((adapter.lora_mixer, mixer.reshape(stack + mixer.shape[1:])))
+      mixer = mixer.reshape(stack + mixer.shape[1:])
+      updates.append((adapter.lora_mixer, mixer, _factor_sharding(kernel, len(stack), mixer.ndim, "mixer")))
   if missing:
     raise ValueError(
         f"{file} lacks {len(missing)} tensor(s) that adapter_config.json implies, e.g. "
@@ -162,8 +175,30 @@ def _fill(model: nnx.Module, name: str, tensors: dict, file: Path) -> None:
         f"{', '.join(sorted(tensors)[:4])}; the adapter targets modules the model lacks (another "
         "architecture or more layers), or adapter_config.json's target_modules leaves them out."
     )
-  for variable, value in updates + base_updates:
-    variable[...] = jnp.asarray(value, variable[...].dtype)
+  for variable, value, sharding in updates + base_updates:
+    value = np.asarray(value, variable[...].dtype)
+    variable[...] = jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+
+
+def _factor_sharding(kernel: jax.Array, stack_ndim: int, ndim: int, factor: str) -> NamedSharding | None:
+  """Where a factor of a layer whose kernel is sharded on a mesh goes; None when it is not.
+
+  Stack dims follow the kernel's, ``A [.., in, r]`` its ``in`` dims (all but
+  the last), ``B [.., r, out]`` its ``out`` dim; rank dims are replicated.
+  """
+  sharding = getattr(kernel, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
+  if factor == "A":
+    dims = spec[:-1] + (None,)
+  elif factor == "B":
+    dims = spec[:stack_ndim] + (None, spec[-1])
+  else:
+    dims = spec[:stack_ndim] + (None, None)
+  if len(dims) != ndim:
+    dims = spec[:stack_ndim] + (None,) * (ndim - stack_ndim)
+  return NamedSharding(sharding.mesh, P(*dims))
 
 
 def _base_weights(model: nnx.Module, tensors: dict) -> list:
@@ -193,5 +228,6 @@ def _base_weights(model: nnx.Module, tensors: dict) -> list:
           "the vocabulary was resized for the adapter; resize the model's embeddings to match first."
       )
     tensors.pop(key)
-    updates.append((kernel, value))
+    sharding = getattr(kernel[...], "sharding", None)
+    updates.append((kernel, value, sharding if isinstance(sharding, NamedSharding) else None))
   return updates

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
+from jlora.io._files import check_directory_path, writing
 from jlora.io._peft_config import CONFIG_NAME, to_peft_dict
 from jlora.io._peft_load import WEIGHTS_NAME
 from jlora.nn import LoraAdapter, LoraConfig, LoraLayer, lora_layers, peft_config
@@ -135,8 +136,7 @@ def _fan_in_fan_out(model: nnx.Module, config) -> bool:
 
 
 def _check_target(out: Path) -> None:
-  if out.exists() and not out.is_dir():
-    raise ValueError(f"{out} exists and is not a directory; choose another output path.")
+  check_directory_path(out, "save_peft's out_dir")
   if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
     raise ValueError(
         f"{out} is a non-empty directory without {CONFIG_NAME}, i.e. not a PEFT adapter; refusing "
@@ -145,18 +145,24 @@ def _check_target(out: Path) -> None:
 
 
 def _write_dir(out: Path, tensors: dict, config: dict) -> None:
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-  try:
-    _safetensors.write(tensors, tmp / WEIGHTS_NAME)
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-      os.replace(out, old / "adapter")
-      os.replace(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
+  with writing(out, "the adapter"):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = None
+    try:
+      _safetensors.write(tensors, tmp / WEIGHTS_NAME)
+      _safetensors.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", tmp / CONFIG_NAME)
+      if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / "adapter")
+        try:
+          os.replace(tmp, out)
+        except BaseException:
+          os.replace(old / "adapter", out)  # put the previous adapter back
+          raise
+      else:
+        os.replace(tmp, out)
+    finally:
+      for leftover in (tmp, old):
+        if leftover is not None and leftover.exists():
+          shutil.rmtree(leftover, ignore_errors=True)

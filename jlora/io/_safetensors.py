@@ -67,6 +67,10 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
                        f"{info['shape']} and dtype {info['dtype']}; the file is corrupt; {_FIX}.")
     tensors[name] = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                   offset=begin).reshape(info["shape"])
+    if dtype.kind == "f" or dtype == DTYPES["BF16"]:
+      if not np.isfinite(tensors[name]).all():
+        raise ValueError(f"{path}: tensor {name!r} holds NaN or inf values; the checkpoint is corrupt or "
+                         f"was saved from a diverged run. Use an earlier checkpoint, or {_FIX}.")
   return tensors
 
 
@@ -87,9 +91,23 @@ def write(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dic
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)
   tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)))
-    f.write(encoded)
-    for array in arrays:
-      f.write(array.tobytes())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(encoded)))
+      f.write(encoded)
+      for array in arrays:
+        f.write(array.tobytes())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)  # only left after a failure: never a half-written file
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+  """Write ``text`` to ``path`` atomically (temp file, then rename; no temp file left on failure)."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)

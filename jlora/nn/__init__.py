@@ -19,5 +19,5 @@ from jlora.nn._merge import merge, merge_adapter, merge_and_unload, unload, unme
 from jlora.nn._registry import lora_layer_type, register_lora_layer, registered_types, unregister_lora_layer
 from jlora.nn._state import ADAPTER_STATE, adapter_state, load_adapter_state, split_adapter
 from jlora.nn._targets import mark_stacked
-from jlora.nn._variables import LoraBuffer, LoraParam, LoraRngKey, UpstreamLoraParam
+from jlora.nn._variables import TRAINABLE, LoraBuffer, LoraParam, LoraRngKey, UpstreamLoraParam
 from jlora.nn._weighted import add_weighted_adapter

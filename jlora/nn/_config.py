@@ -214,6 +214,8 @@ def _check_rank(rank, what: str) -> None:
 def _check_alpha(alpha, what: str) -> None:
   if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
     raise ValueError(f"{what} must be a number, got {alpha!r}.")
+  if not math.isfinite(alpha):
+    raise ValueError(f"{what} must be a finite number, got {alpha!r} (e.g. 16); NaN and inf make every output NaN.")
 
 
 def _check_regex(pattern, what: str) -> None:

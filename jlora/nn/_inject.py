@@ -18,7 +18,7 @@ from flax import nnx
 from jlora.nn._config import AdapterConfig, LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.nn._layer import LoraLayer, frozen_copy, new_wlora_adapter
 from jlora.nn._adapters import LoraAdapter
-from jlora.nn._registry import lora_layer_type
+from jlora.nn._registry import lora_layer_type, registered_types
 from jlora.nn._targets import (
     Candidate, candidates, describe, is_selected, name_matches, output_head_name)
 from jlora.nn._variables import LoraBuffer, UpstreamLoraParam
@@ -34,7 +34,10 @@ def peft_config(model: nnx.Module) -> dict[str, AdapterConfig]:
 
 def _set_configs(model: nnx.Module, configs: Mapping[str, AdapterConfig]) -> None:
   # A tuple of pairs of frozen dataclasses: hashable, so it can sit in a graphdef.
-  setattr(model, CONFIG_ATTR, tuple(configs.items()))
+  if configs:
+    setattr(model, CONFIG_ATTR, tuple(configs.items()))
+  elif hasattr(model, CONFIG_ATTR):  # no adapters left: the model is the plain base model again
+    delattr(model, CONFIG_ATTR)
 
 
 def lora_layers(model: nnx.Module) -> Iterator[tuple[tuple, LoraLayer]]:
@@ -66,14 +69,27 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: AdapterConfig) -> 
         f"The model already has an adapter named {adapter_name!r}; pick another name or "
         "delete_adapter() it first."
     )
-  if isinstance(config, WLoraConfig):
-    _add_wlora(model, adapter_name, config, configs)
-  elif isinstance(config, LoraConfig):
-    _add_lora(model, adapter_name, config)
-  else:
+  if not isinstance(config, (LoraConfig, WLoraConfig)):
     raise TypeError(f"Expected a LoraConfig, MoSLoraConfig or WLoraConfig, got {type(config).__name__}.")
+  try:
+    if isinstance(config, WLoraConfig):
+      _add_wlora(model, adapter_name, config, configs)
+    else:
+      _add_lora(model, adapter_name, config)
+  except BaseException:
+    _discard(model, adapter_name)
+    raise
   configs[adapter_name] = config
   _set_configs(model, configs)
+
+
+def _discard(model: nnx.Module, adapter_name: str) -> None:
+  """Undo a failed ``add_adapter``: drop ``adapter_name`` and unwrap the layers it alone wrapped."""
+  for path, layer in list(lora_layers(model)):
+    if adapter_name in layer.adapters:
+      layer.remove(adapter_name)
+    if not layer.adapters:
+      _replace(model, path, layer.base_layer)
 
 
 def _wrapper_for(cand: Candidate) -> LoraLayer:
@@ -91,6 +107,12 @@ def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
     )
   head = output_head_name(model)
   cands = list(candidates(model))
+  if not cands:
+    kinds = ", ".join(sorted(t.__name__ for t in registered_types()))
+    raise ValueError(
+        f"{type(model).__name__} has no layers that can take LoRA (layer types with a LoRA wrapper: "
+        f"{kinds}); add such layers, or register a wrapper for yours with jlora.register_lora_layer."
+    )
   plans = []
   for cand in cands:
     selected = [is_selected(config, name, cand, head) for name in cand.names]

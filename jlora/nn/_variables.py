@@ -5,8 +5,13 @@ pulls the adapter out of a model as a pytree of its own::
 
     graphdef, adapter, base, rest = nnx.split(model, LoraParam, nnx.Param, ...)
 
-``LoraParam`` subclasses ``nnx.Param`` (it *is* a parameter), which is why the
-adapter filter must come before ``nnx.Param`` in a split.
+``LoraParam`` subclasses Flax's ``nnx.LoRAParam``, itself an ``nnx.Param`` (it
+*is* a parameter), which is why the adapter filter must come before
+``nnx.Param`` in a split. Trainers that select ``nnx.LoRAParam`` (tunix's
+``PeftTrainer``, MaxText) therefore train jlora adapters as they are. Such a
+selection also takes WLoRA's frozen upstream factors (``UpstreamLoraParam``);
+select ``TRAINABLE`` instead, or use ``jlora.adapter_optimizer``, to keep them
+frozen.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from flax import nnx
 
 
-class LoraParam(nnx.Param):
+class LoraParam(nnx.LoRAParam):
   """A trainable adapter parameter (LoRA A/B, MoSLoRA mixer, WLoRA logits)."""
 
 
@@ -36,3 +41,7 @@ class LoraBuffer(nnx.Variable):
 
 class LoraRngKey(nnx.Variable):
   """Per-layer PRNG key and counter used by LoRA dropout."""
+
+
+TRAINABLE = nnx.All(LoraParam, nnx.Not(UpstreamLoraParam))
+"""NNX filter of the adapter params an optimizer may change (all but WLoRA upstreams)."""

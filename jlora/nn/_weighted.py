@@ -12,6 +12,8 @@ The new adapter has ``lora_alpha = r``, i.e. scaling 1.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import jax
@@ -38,6 +40,9 @@ def add_weighted_adapter(
 ) -> None:
   """Add ``adapter_name`` combining ``adapters`` with ``weights`` (not activated)."""
   adapters, weights = list(adapters), [float(w) for w in weights]
+  if not all(math.isfinite(w) for w in weights):
+    raise ValueError(f"add_weighted_adapter weights must be finite numbers, got {weights}; NaN or inf "
+                     "would make the new adapter's every output NaN.")
   configs = _require(model, adapters)
   if adapter_name in configs:
     raise ValueError(f"The model already has an adapter named {adapter_name!r}.")
@@ -63,8 +68,9 @@ def add_weighted_adapter(
     for layer in layers:
       if not layer.svd_compatible():
         raise ValueError(f"combination_type='svd' is not supported for {type(layer).__name__}.")
+    _check_svd_rank(svd_rank, layers)
 
-  names = set()
+  names, built = set(), []  # every layer's factors first, so an error leaves the model as it was
   for layer in layers:
     present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
     factors = [(layer.adapters[a].lora_factors(layer), w) for a, w in present]
@@ -74,12 +80,25 @@ def add_weighted_adapter(
       a, b = _svd(layer, factors, new_rank)
     else:
       a, b = _task_arithmetic(layer, factors, combination_type, density, majority_sign_method)
-    layer.add(adapter_name, LoraAdapter(a, b, jnp.ones(layer.stack_shape, jnp.float32)))
+    built.append((layer, LoraAdapter(a, b, jnp.ones(layer.stack_shape, jnp.float32))))
     names.update(n.rsplit(".", 1)[-1] for n in layer.module_names)
+  for layer, adapter in built:
+    layer.add(adapter_name, adapter)
 
   # Scaling is folded into the factors, so the new adapter has alpha = r (scaling 1).
   configs[adapter_name] = LoraConfig(r=new_rank, lora_alpha=new_rank, target_modules=tuple(sorted(names)))
   _set_configs(model, configs)
+
+
+def _check_svd_rank(svd_rank, layers: list[LoraLayer]) -> None:
+  """``svd_rank`` is None or an int in ``[1, max over layers of min(in, out)]``; a higher rank is only
+  zero padding (a layer narrower than ``svd_rank`` keeps its exact full-rank update, padded)."""
+  if svd_rank is None:
+    return
+  limit = max(min(math.prod(a[:-1]), math.prod(b[1:])) for a, b in (l.factor_shapes(1) for l in layers))
+  if isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral) or not 1 <= svd_rank <= limit:
+    raise ValueError(f"svd_rank must be an int in [1, {limit}] (min(in, out) of the widest adapted layer) "
+                     f"or None for the largest input rank, got {svd_rank!r}.")
 
 
 def _per_stack(values: jax.Array, ndim: int) -> jax.Array:

@@ -10,6 +10,7 @@ Unknown keys and wrong types raise ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -189,7 +190,22 @@ def _plain(x):
   return x
 
 
+def _non_finite(obj, prefix: str = "") -> list[tuple[str, float]]:
+  """``(dotted key, value)`` of every float field that is NaN or infinite."""
+  bad = []
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value):
+      bad += _non_finite(value, f"{prefix}{f.name}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      bad.append((prefix + f.name, value))
+  return bad
+
+
 def _check_values(cfg: TrainConfig) -> None:
+  for key, value in _non_finite(cfg):
+    raise ConfigError(f"{key} must be a finite number, got {value}; set it to a real value "
+                      f"(default: {_default(key)}).")
   positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
               "log_every": cfg.log_every, "data.seq_len": cfg.data.seq_len, "adapter.r": cfg.adapter.r,
               "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
@@ -217,6 +233,14 @@ def _check_values(cfg: TrainConfig) -> None:
     raise ConfigError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {cfg.mesh.data}.")
   if cfg.adapter.kind == "wlora" and not cfg.adapter.upstream_loras:
     raise ConfigError("adapter.kind=wlora needs adapter.upstream_loras: a list of PEFT adapter directories.")
+
+
+def _default(key: str):
+  node = TrainConfig.__dataclass_fields__
+  *sections, leaf = key.split(".")
+  for section in sections:
+    node = type(node[section].default).__dataclass_fields__
+  return node[leaf].default
 
 
 # ---------------------------------------------------------------------------- loading

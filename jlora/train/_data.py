@@ -66,8 +66,13 @@ def read_records(path: str | Path) -> list[tuple[Any, str]]:
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
     records = []
-    with path.open(encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+      for lineno, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); a "
+                          ".jsonl file must be UTF-8 JSON, one object per line. Is it a binary file?") from None
         if not line.strip():
           continue
         try:
@@ -77,20 +82,28 @@ def read_records(path: str | Path) -> list[tuple[Any, str]]:
     return records
   if suffix == ".json":
     try:
-      data = json.loads(path.read_text(encoding="utf-8"))
+      data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
       raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from e
     if not isinstance(data, list):
       raise DataError(f"{path}: a .json data file must hold a list of records.")
     return [(r, f"{path.name}[{i}]") for i, r in enumerate(data)]
   if suffix in (".txt", ".text", ".md"):
-    return [({"text": path.read_text(encoding="utf-8")}, path.name)]
+    return [({"text": _read_text(path)}, path.name)]
   if suffix == ".parquet":
     import pyarrow.parquet as pq
 
     rows = pq.read_table(path).to_pylist()
     return [(r, f"{path.name} row {i}") for i, r in enumerate(rows)]
   raise DataError(f"Unsupported data file {path.name!r}: use .jsonl, .json, .txt, .parquet or a saved dataset dir.")
+
+
+def _read_text(path: Path) -> str:
+  try:
+    return path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text (byte offset {e.start}); data files must be UTF-8. Is it a "
+                    "binary file?") from None
 
 
 def _read_saved_dataset(path: Path) -> list[tuple[Any, str]]:
@@ -199,6 +212,14 @@ def load_rows(path: str | Path, tokenizer, seq_len: int, fmt: str = "auto", text
   return pack(examples, seq_len, tokenizer.pad_id, packing)
 
 
+def check_vocab(rows: Rows, vocab_size: int, source: str) -> None:
+  """Every token id of ``rows`` must be a row of the model's embedding (``< vocab_size``)."""
+  if rows.tokens.size and (rows.tokens.min() < 0 or rows.tokens.max() >= vocab_size):
+    bad = int(rows.tokens.max()) if rows.tokens.max() >= vocab_size else int(rows.tokens.min())
+    raise DataError(f"{source}: token id {bad} is outside the model's vocabulary [0, {vocab_size}); the "
+                    "tokenizer does not belong to this model (use data.tokenizer='' for the model's own).")
+
+
 def split_rows(rows: Rows, eval_fraction: float, seed: int) -> tuple[Rows, Rows]:
   """A seeded ``(train, held_out)`` split of rows; ``held_out`` is empty when the fraction is 0."""
   n_eval = int(round(len(rows) * eval_fraction))
@@ -216,9 +237,12 @@ class BatchStream:
 
   ``state()`` / ``restore(state)`` give and take the position; a restored
   stream yields exactly the batches the original would have yielded next.
+  ``local`` (a slice of ``range(batch_size)``) makes it yield only those rows
+  of each global batch: a process of a multi-host job gathers just its own
+  share, and the shares of all processes make up the one global batch.
   """
 
-  def __init__(self, rows: Rows, batch_size: int, seed: int, shuffle: bool = True):
+  def __init__(self, rows: Rows, batch_size: int, seed: int, shuffle: bool = True, local: slice = slice(None)):
     if len(rows) < batch_size:
       raise DataError(
           f"The training data packs into {len(rows)} sequences of data.seq_len tokens, fewer than "
@@ -229,6 +253,7 @@ class BatchStream:
     if shuffle:
       ds = ds.shuffle(seed=seed)
     self._indices = ds.repeat(None).batch(batch_size, drop_remainder=True)
+    self.local = local
     self.position = 0
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -240,7 +265,7 @@ class BatchStream:
     return batch
 
   def batch_at(self, index: int) -> dict[str, np.ndarray]:
-    rows = self.rows.take(np.asarray(self._indices[index]))
+    rows = self.rows.take(np.asarray(self._indices[index])[self.local])
     return {"tokens": rows.tokens, "loss_mask": rows.loss_mask, "attention_mask": rows.attention_mask}
 
   def state(self) -> dict[str, int]:

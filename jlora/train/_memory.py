@@ -290,16 +290,8 @@ def check_tensor_split(arch: Arch, tensor: int) -> None:
                       f"splits it across devices. Use mesh.tensor in {fits or [1]} (or mesh.fsdp instead).")
 
 
-def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[int, int, int], remat: str,
-             r: int, targets, capacity_gib: float = 0.0, backend: str = "cpu"):
-  """The plan of a ``jlora.train`` job, or None for a model without a Llama-style config.
-
-  ``mesh`` is ``(data, fsdp, tensor)`` with ``fsdp=-1`` for "pick the
-  smallest that fits" (then remat may move to ``"full"`` too). Returns
-  ``(plan, mesh, remat, sentence or "")``; raises ``MeshError`` for a
-  tensor split the model cannot take and ``MemoryPlanError`` when it
-  cannot fit, before anything is compiled.
-  """
+def model_sizes(model) -> dict | None:
+  """``Arch`` and byte sizes of a built model (with its adapter), or None without a Llama-style config."""
   import jax
   import numpy as np
   from flax import nnx
@@ -307,32 +299,66 @@ def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[
 
   arch = Arch.of(getattr(model, "config", None))
   if arch is None:
-    return None, mesh, remat, ""
-  data, fsdp, tensor = mesh
-  check_tensor_split(arch, tensor)
-  if fsdp == -1 and data != -1:
-    fsdp = devices // (data * tensor)
+    return None
   frozen = [x for x in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoraParam))))
             if np.ndim(x) >= 2]
-  base_bytes = sum(x.size * x.dtype.itemsize for x in frozen) / max(sum(x.size for x in frozen), 1)
-  act_bytes = np.dtype(getattr(model, "dtype", None) or np.float32).itemsize
   lora = jax.tree.leaves(nnx.state(model, LoraParam))
-  adapter_bytes = lora[0].dtype.itemsize if lora else 4
-  targets = tuple(targets) if not isinstance(targets, str) else PROJECTIONS
-  capacity = int(capacity_gib * GiB) if capacity_gib > 0 else (device_capacity() if backend != "cpu" else None)
-  kwargs = dict(seq_len=seq_len, base_bytes_per_param=base_bytes, activation_bytes=act_bytes,
-                adapter_bytes=adapter_bytes, r=r, targets=targets,
-                fused_attention=backend in ("gpu", "tpu") and act_bytes == 2)
-  said = ""
-  if fsdp == -1:
-    plan, said = plan_defaults(arch, devices=devices, capacity=capacity, tensor=tensor, batch_size=batch_size,
-                               **kwargs)
-    mesh, remat = plan.mesh, plan.remat
-  else:
-    if data == -1:
-      data = devices // (fsdp * tensor)
-    mesh = (data, fsdp, tensor)
-    plan = plan_memory(arch, mesh=mesh, remat=remat, rows_per_device=batch_size // (data * fsdp),
-                       capacity=capacity, **kwargs)
+  act = np.dtype(getattr(model, "dtype", None) or np.float32).itemsize
+  return dict(arch=arch, base_bytes_per_param=sum(x.size * x.dtype.itemsize for x in frozen) /
+              max(sum(x.size for x in frozen), 1), activation_bytes=act,
+              adapter_bytes=lora[0].dtype.itemsize if lora else 4)
+
+
+def checkpoint_sizes(config_json: str, dtype_bytes: int) -> dict | None:
+  """``Arch`` and byte sizes from a Hugging Face ``config.json`` (before loading any weight)."""
+  import json
+  import types
+
+  arch = Arch.of(types.SimpleNamespace(**json.loads(open(config_json).read())))
+  return None if arch is None else dict(arch=arch, base_bytes_per_param=dtype_bytes,
+                                        activation_bytes=dtype_bytes, adapter_bytes=4)
+
+
+def _capacity(capacity_gib: float, backend: str) -> int | None:
+  return int(capacity_gib * GiB) if capacity_gib > 0 else (device_capacity() if backend != "cpu" else None)
+
+
+def auto_mesh(sizes: dict, *, devices: int, batch_size: int, seq_len: int, data: int, tensor: int,
+              r: int, targets, capacity_gib: float = 0.0, backend: str = "cpu") -> tuple[tuple, str, str]:
+  """``mesh.fsdp=-1``: ``((data, fsdp, tensor), remat, sentence)`` of the leanest fit (see ``plan_defaults``)."""
+  if data != -1:  # the user fixed data: fsdp takes the rest
+    fsdp = devices // (data * tensor)
+    return (data, fsdp, tensor), "", ""
+  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend)
+  plan, said = plan_defaults(sizes["arch"], devices=devices, capacity=_capacity(capacity_gib, backend),
+                             tensor=tensor, batch_size=batch_size, **kwargs)
+  return plan.mesh, plan.remat, said
+
+
+def _plan_kwargs(sizes: dict, seq_len: int, r: int, targets, backend: str) -> dict:
+  act = sizes["activation_bytes"]
+  return dict(seq_len=seq_len, base_bytes_per_param=sizes["base_bytes_per_param"], activation_bytes=act,
+              adapter_bytes=sizes["adapter_bytes"], r=r,
+              targets=PROJECTIONS if isinstance(targets, str) else tuple(targets),
+              fused_attention=backend in ("gpu", "tpu") and act == 2)
+
+
+def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[int, int, int], remat: str,
+             r: int, targets, capacity_gib: float = 0.0, backend: str = "cpu") -> MemoryPlan | None:
+  """The plan of a ``jlora.train`` job on ``mesh = (data, fsdp, tensor)``, checked before any compile.
+
+  None for a model without a Llama-style config. Raises ``MeshError`` for a
+  tensor split the model cannot take and ``MemoryPlanError`` (with the fix)
+  when it does not fit the device.
+  """
+  sizes = model_sizes(model)
+  if sizes is None:
+    return None
+  arch = sizes["arch"]
+  data, fsdp, tensor = mesh
+  check_tensor_split(arch, tensor)
+  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend)
+  plan = plan_memory(arch, mesh=mesh, remat=remat, rows_per_device=batch_size // (data * fsdp),
+                     capacity=_capacity(capacity_gib, backend), **kwargs)
   check_fits(plan, suggestions(plan, arch, devices, batch_size, **kwargs))
-  return plan, mesh, remat, said
+  return plan

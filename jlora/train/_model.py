@@ -13,8 +13,10 @@ from typing import Callable
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jlora.io import from_pretrained
+from jlora.io._inject_dirs import get_peft_model
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.train._config import AdapterConfig, ModelConfig
 from jlora.train._tokenizer import load_tokenizer
@@ -40,21 +42,26 @@ def _load_builtin_presets() -> None:
   from jlora.train import _presets  # noqa: F401  (registers "tiny" and friends)
 
 
-def load_model(cfg: ModelConfig):
-  """``(model, model_dir or None)`` for a preset name or a local checkpoint directory."""
-  model, model_dir = _base_model(cfg)
+def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
+  """``(model, model_dir or None)`` for a preset name or a local checkpoint directory.
+
+  With a ``mesh`` a checkpoint is read shard by shard straight onto the
+  devices (``from_pretrained(..., mesh=mesh)``): no process ever holds the
+  whole model. Presets are built whole (they are small, random and local).
+  """
+  model, model_dir = _base_model(cfg, mesh)
   if hasattr(model, "remat"):
     model.remat = cfg.remat
   return model, model_dir
 
 
-def _base_model(cfg: ModelConfig):
+def _base_model(cfg: ModelConfig, mesh: Mesh | None):
   _load_builtin_presets()
   if cfg.name in _PRESETS:
     return _PRESETS[cfg.name](cfg), None
   path = Path(cfg.name).expanduser()
-  if path.is_dir():
-    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype)), str(path)
+  if path.is_dir() or path.is_file():  # a file gets from_pretrained's error: pass its directory
+    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), mesh=mesh), str(path)
   raise ValueError(
       f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
       "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")
@@ -95,7 +102,5 @@ def adapter_config(cfg: AdapterConfig):
 
 
 def add_adapter(model: nnx.Module, cfg: AdapterConfig, name: str = "default") -> nnx.Module:
-  """Inject the configured adapter (WLoRA upstream directories are loaded by ``jlora.get_peft_model``)."""
-  import jlora
-
-  return jlora.get_peft_model(model, adapter_config(cfg), adapter_name=name)
+  """Inject the configured adapter (WLoRA upstream directories are loaded too, as ``jlora.get_peft_model`` does)."""
+  return get_peft_model(model, adapter_config(cfg), adapter_name=name)

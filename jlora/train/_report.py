@@ -121,10 +121,8 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, se
   import jax.numpy as jnp
   from flax import nnx
 
-  import jlora
-
   model.eval()
-  if hasattr(jlora, "generate") and hasattr(getattr(model, "config", None), "num_key_value_heads"):
+  if hasattr(getattr(model, "config", None), "num_key_value_heads"):
     try:
       return _generate_cached(model, tokenizer, prompts, max_new_tokens)
     except (ValueError, TypeError) as e:  # keep the run's outputs; the loop below needs only the forward
@@ -161,12 +159,12 @@ def _generate_cached(model, tokenizer, prompts: list[str], max_new_tokens: int) 
   """Greedy samples with ``jlora.generate`` (KV cache), cut at EOS."""
   import jax.numpy as jnp
 
-  import jlora
+  from jlora.models import generate
 
   out = []
   for prompt in prompts:
     ids = tokenizer.encode(prompt)
-    tokens = jlora.generate(model, jnp.asarray([ids]), max_new_tokens, eos_token_id=tokenizer.eos_id)
+    tokens = generate(model, jnp.asarray([ids]), max_new_tokens, eos_token_id=tokenizer.eos_id)
     new = [int(t) for t in np.asarray(tokens)[0, len(ids):]]
     out.append(prompt + tokenizer.decode(new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new))
   return out

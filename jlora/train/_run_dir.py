@@ -8,6 +8,11 @@ import shutil
 from pathlib import Path
 
 RUN_FILE = "run.json"
+# Everything a run writes in its output_dir (names, or glob patterns): all that overwrite=true removes.
+OUTPUTS = (RUN_FILE, "checkpoints", "adapter", "merged", "metrics.jsonl", "loss_curve.png", "samples.txt",
+           "events.out.tfevents.*", "tensorboard",
+           # temp names of interrupted writes
+           RUN_FILE + ".tmp", "metrics.tmp", "loss_curve.tmp.png", ".adapter.*.tmp", ".adapter.*.old")
 # Keys that may change between a run and its resumption: they do not change the numbers.
 _FREE_KEYS = {"output_dir", "overwrite", "progress", "samples", "save_merged", "log_every",
               "checkpoint.async_save"}
@@ -41,6 +46,9 @@ def check_output_dir(directory: str | Path, config: dict, overwrite: bool) -> st
   written or removed here, so later validation errors leave it intact.
   """
   directory = Path(directory)
+  if directory.exists() and not directory.is_dir():
+    raise OutputDirError(f"output_dir {str(directory)!r} is an existing file; set output_dir to a directory "
+                         "path (a new one is created).")
   if not directory.exists() or not any(directory.iterdir()):
     return "fresh"
   run_file = directory / RUN_FILE
@@ -65,11 +73,22 @@ def check_output_dir(directory: str | Path, config: dict, overwrite: bool) -> st
 
 
 def claim_output_dir(directory: str | Path, config: dict, decision: str = "fresh") -> None:
-  """Write ``run.json`` (atomically) so later jobs recognise this run; ``"replace"`` clears the dir first."""
+  """Write ``run.json`` (atomically) so later jobs recognise this run.
+
+  ``"replace"`` first removes what the previous run wrote (``OUTPUTS``); files
+  the user put in the directory stay.
+  """
   directory = Path(directory)
-  if decision == "replace":
-    shutil.rmtree(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / (RUN_FILE + ".tmp")
-  tmp.write_text(json.dumps({"config": config}, indent=2))
-  os.replace(tmp, directory / RUN_FILE)
+  try:
+    if decision == "replace":
+      for pattern in OUTPUTS:
+        for path in directory.glob(pattern):
+          shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"config": config}, indent=2))
+    os.replace(tmp, directory / RUN_FILE)
+  except PermissionError as e:
+    raise OutputDirError(f"Cannot write the run to output_dir {str(directory)!r}: permission denied on "
+                         f"{e.filename!r}. Choose an output_dir you can write to, or make it writable "
+                         "(e.g. chmod u+w).") from None

@@ -1,67 +1,28 @@
 """One code path from one CPU to many hosts: a ``(data, fsdp, tensor)`` mesh and where arrays live.
 
 - Batches are split over ``("data", "fsdp")``.
-- Model params follow logical-axis rules keyed by Hugging Face module names:
-  a projection into the hidden size's wide side (``q_proj``, ``up_proj`` …)
-  is ``[embed, mlp]``, one back (``o_proj``, ``down_proj``) ``[mlp, embed]``;
-  logical ``embed`` goes to mesh axis ``fsdp``, ``mlp`` / ``heads`` /
-  ``vocab`` to ``tensor``. Leading (scan) dims and dims the mesh axis does not
-  divide are replicated.
-- An adapter is sharded like its base layer: ``lora_A [.., in, r]`` takes the
-  kernel's ``in`` axis, ``lora_B [.., r, out]`` its ``out`` axis, and both
-  are also split over ``fsdp`` where that axis is not already theirs (so the
-  adapter and its optimizer state shrink about 1/fsdp); the rank dim is
-  replicated. A matrix no rule names (``kernel`` / ``embedding``) splits its
-  larger side over ``fsdp``.
+- Params, adapters and optimizer state follow the rules of
+  ``jlora.models._sharding`` (``param_spec``), re-exported here.
 - Under a mesh the train step gathers each scanned layer's weights inside the
   scan body, one layer at a time (``MeshPlacement``).
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from jlora.models._sharding import (  # noqa: F401  (the rules live beside the models; re-exported)
+    AXES, LOGICAL_RULES, LOGICAL_TO_MESH, make_mesh, param_spec, replicated, shard_state, state_shardings)
+from jlora.train._distributed import initialize_distributed  # noqa: F401  (re-exported)
 
-# (regex searched in the module part of a param's path, logical axes of the kernel's (in, out) dims)
-LOGICAL_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
-    (r"(^|\.)(q_proj|k_proj|v_proj|query|key|value|c_attn)$", ("embed", "heads")),
-    (r"(^|\.)(gate_proj|up_proj|fc1|c_fc|w1|w3)$", ("embed", "mlp")),
-    (r"(^|\.)(o_proj|out_proj|c_proj)$", ("heads", "embed")),
-    (r"(^|\.)(down_proj|fc2|w2)$", ("mlp", "embed")),
-    (r"(^|\.)(embed_tokens|wte|tok_embeddings)$", ("vocab", "embed")),
-    (r"(^|\.)(lm_head)$", ("embed", "vocab")),
-)
-LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
-_WRAPPER_PARTS = ("base_layer", "adapters", "upstreams")
+BATCH_AXES = ("data", "fsdp")
 
 
 class MeshError(ValueError):
   """A mesh that does not fit the devices or the batch."""
-
-
-def initialize_distributed() -> bool:
-  """``jax.distributed.initialize()`` when launched as one of several processes.
-
-  Detected from ``JAX_COORDINATOR_ADDRESS`` (set by the launcher, with
-  ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``) or a multi-worker TPU VM; a no-op
-  otherwise and when already initialised. Returns whether it initialised.
-  """
-  multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or multi_tpu):
-    return False
-  if jax.distributed.is_initialized():
-    return False
-  jax.distributed.initialize()
-  return True
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, batch_size: int,
@@ -85,56 +46,8 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, batch_size: int,
   return data, fsdp, tensor
 
 
-def make_mesh(shape: tuple[int, int, int]) -> Mesh:
-  """A ``Mesh`` of every device (all hosts) with axes ``(data, fsdp, tensor)``."""
-  devices = np.asarray(jax.devices()).reshape(shape)
-  return Mesh(devices, AXES)
-
-
-def _logical_axes(module_path: str) -> tuple[str, str] | None:
-  for pattern, axes in LOGICAL_RULES:
-    if re.search(pattern, module_path):
-      return axes
-  return None
-
-
-def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
-  """Mesh axes wanted per dim of a variable (before the divisibility check)."""
-  if len(shape) < 2:
-    return {}
-  last, prev = len(shape) - 1, len(shape) - 2
-  if axes is None:  # a matrix no rule names: FSDP still splits its larger side
-    return {max((prev, last), key=lambda d: shape[d]): ("fsdp",)} if name in ("kernel", "embedding") else {}
-  in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
-  with_fsdp = lambda axis: (axis,) if axis == "fsdp" else (axis, "fsdp")
-  if name in ("kernel", "embedding"):
-    return {prev: (in_axis,), last: (out_axis,)}
-  if name == "lora_A":  # [.., in, r]: split like the kernel's in side, and over fsdp too
-    return {prev: with_fsdp(in_axis)}
-  if name == "lora_B":  # [.., r, out]
-    return {last: with_fsdp(out_axis)}
-  return {}
-
-
-def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """The ``PartitionSpec`` of one variable, from its path and shape (see the module doc)."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
-    path = path[:-1]  # an nnx.Variable's ``.value``
-  keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  name = keys[-1] if keys else ""
-  module = keys[:-1]
-  for i, k in enumerate(module):
-    if k in _WRAPPER_PARTS:
-      module = module[:i]
-      break
-  spec: list = [None] * len(shape)
-  for dim, wanted in _dim_axes(name, _logical_axes(".".join(module)), shape).items():
-    for n in range(len(wanted), 0, -1):  # the most axes that divide the dim
-      axes = wanted[:n]
-      if shape[dim] % math.prod(mesh.shape[a] for a in axes) == 0:
-        spec[dim] = axes[0] if n == 1 else axes
-        break
-  return P(*spec)
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def _fsdp_dim(spec: P) -> int | None:
@@ -195,31 +108,38 @@ def placement(mesh: Mesh | None) -> MeshPlacement | None:
   return MeshPlacement(mesh)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh):
-  """A ``NamedSharding`` per array of ``state`` (same tree structure)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)), state)
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+  """The rows of a global batch of ``batch_size`` that this process's devices hold.
+
+  Rows are split over ``(data, fsdp)`` in device order, so a process's rows
+  are one contiguous run (the whole batch with one process).
+  """
+  index = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+  starts = [range(batch_size)[i[0]].start for i in index]
+  stops = [range(batch_size)[i[0]].stop for i in index]
+  return slice(min(starts), max(stops))
 
 
-def shard_state(state, mesh: Mesh):
-  """``state`` placed on the mesh by ``state_shardings``."""
-  return jax.device_put(state, state_shardings(state, mesh))
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_size: int | None = None) -> dict[str, jax.Array]:
+  """Host rows as global arrays split over ``(data, fsdp)``; works across hosts.
 
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """A host-side global batch as arrays split over ``(data, fsdp)``; works across hosts.
-
-  Every process holds the same global batch (the data stream is
-  deterministic); each places only the shards its devices own.
+  ``global_size=None``: ``batch`` is the whole global batch. Otherwise it
+  holds only this process's rows, ``process_rows(mesh, global_size)`` of a
+  global batch of ``global_size`` rows, and each device takes its rows from them.
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+  if global_size is None:
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+  rows = process_rows(mesh, global_size)
+  for k, v in batch.items():
+    if len(v) != rows.stop - rows.start:
+      raise ValueError(f"batch[{k!r}] has {len(v)} rows but this process holds rows {rows.start}:{rows.stop} "
+                       f"of the global batch of {global_size}; pass exactly those rows.")
+
+  def local(v, idx):
+    r = range(global_size)[idx[0]]
+    return v[(slice(r.start - rows.start, r.stop - rows.start),) + tuple(idx[1:])]
+
+  return {k: jax.make_array_from_callback((global_size,) + v.shape[1:], sharding, lambda idx, v=v: local(v, idx))
           for k, v in batch.items()}

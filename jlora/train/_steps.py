@@ -88,13 +88,20 @@ def _forward(graphdef, params, rng, frozen, batch):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh=None) -> Callable:
-  """``(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``, jitted.
+  """The jitted step ``jlora.train`` runs, for loops of your own.
 
-  With a ``mesh`` of several devices the model is traced under its placement
-  (``_sharding.MeshPlacement``): activations split over the batch axes,
-  scanned layers' weights gathered one layer at a time.
-  ``loss`` is the mean over the batch's trained tokens; arrays keep the
-  shardings they come in with. Nothing is donated: adapter-sized state is
+  ``step(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``:
+  ``graphdef, params, rng, frozen = split_model(model)``; ``tx`` from
+  ``make_optimizer`` (or any optax transformation over ``params``, masked
+  with ``adapter_optimizer``) and ``opt_state = tx.init(params)``; ``batch``
+  a dict of ``tokens``, ``loss_mask`` and ``attention_mask``, each ``[B, T]``
+  int. Returns the updated states, the mean masked next-token loss and the
+  number of trained tokens. Write the result back with
+  ``nnx.update(model, params, rng)``. Arrays keep the shardings they come in
+  with (``shard_state`` / ``put_batch`` place them on a mesh); pass that
+  ``mesh`` so the model is traced under its placement
+  (``_sharding.MeshPlacement``: activations split over the batch axes,
+  scanned layers' weights gathered one layer at a time). Nothing is donated: adapter-sized state is
   small, WLoRA upstreams may share buffers, and async checkpoints still
   read the previous step's arrays.
   """

@@ -12,19 +12,59 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jlora.train import _data, _memory, _sharding, _steps
+from jlora.train import _data, _distributed, _memory, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
 from jlora.train._model import add_adapter, load_model, max_length, tokenizer_for, vocab_size
 from jlora.train._report import Metrics, Progress, greedy_samples, plot_losses
 from jlora.train._run_dir import check_output_dir, claim_output_dir
 from jlora.train._export import export_adapter
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """SIGINT (Ctrl-C) or SIGTERM (e.g. preemption) stopped the run after saving a checkpoint.
+
+  ``str(e)`` is one line saying where the checkpoint is and how to resume;
+  ``e.signum`` is the signal's number.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopSignals:
+  """While active, SIGINT/SIGTERM only set ``signum``; the loop then checkpoints and stops.
+
+  A second signal gets the previous handler (a second Ctrl-C interrupts at once).
+  """
+
+  def __init__(self):
+    self.signum, self._previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,8 +117,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
 
   ``model`` / ``tokenizer`` override ``cfg.model`` / ``cfg.data.tokenizer``
   with objects built in code (a model without adapters).
-  Raises ConfigError, OutputDirError, DataError, MeshError or ValueError on
-  bad input before any compute, and NonFiniteLossError if the loss diverges.
+  Raises LaunchError, ConfigError, OutputDirError, DataError, MeshError or ValueError on
+  bad input before any compute, NonFiniteLossError if the loss diverges, and
+  TrainingInterrupted after SIGINT/SIGTERM, once the current step is checkpointed.
   """
   if not isinstance(cfg, TrainConfig):
     raise TypeError(f"train() takes a jlora.TrainConfig, got {type(cfg).__name__}.")
@@ -86,12 +127,16 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   out = Path(cfg.output_dir)
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
-  m = cfg.mesh
-  if m.fsdp != -1:
-    mesh_shape = _sharding.resolve_mesh_shape(m.data, m.fsdp, m.tensor, cfg.batch_size)
-  model_dir = None
+  model_dir, remat, picked = None, "", ""
+  if cfg.mesh.fsdp == -1:
+    model, model_dir, mesh_shape, remat, picked = _auto_mesh(cfg, model)
+  else:
+    mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
+  mesh = _sharding.make_mesh(mesh_shape)
   if model is None:
-    model, model_dir = load_model(cfg.model)
+    model, model_dir = load_model(cfg.model, mesh)
+  if remat and hasattr(model, "remat"):
+    model.remat = remat
   tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
@@ -102,14 +147,19 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
                      "model's own tokenizer (data.tokenizer='').")
   train_rows, eval_rows = _prepare_data(cfg, tokenizer)
-  stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed)
+  if vocab is not None:
+    _data.check_vocab(train_rows, vocab, cfg.data.path or "the demo corpus")
+    _data.check_vocab(eval_rows, vocab, cfg.data.eval_path or cfg.data.path or "the demo corpus")
+  local = _sharding.process_rows(mesh, cfg.batch_size)  # this process's rows of every global batch
+  stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed, local=local)
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
-  mesh_shape = _plan_memory(cfg, model, mesh_shape if m.fsdp != -1 else (m.data, -1, m.tensor))
+  _plan_memory(cfg, model, mesh_shape, picked)
+  _distributed.barrier("jlora:checked-output-dir")  # every process decided before process 0 writes
   if jax.process_index() == 0:
     claim_output_dir(out, config_dict, decision)
-  mesh = _sharding.make_mesh(mesh_shape)
+  _distributed.barrier("jlora:claimed-output-dir")
   graphdef, params, rng, frozen = _steps.split_model(model)
   params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
   o = cfg.optim
@@ -127,23 +177,26 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   step = start or 0
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=jax.process_index() == 0)
   train_step = _steps.make_train_step(graphdef, tx, mesh)
+  put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
   eval_step = _steps.make_eval_step(graphdef, mesh)
 
   def evaluate():
-    totals = [eval_step(params, rng, frozen, _sharding.put_batch(b, mesh)) for b in held_out]
+    totals = [eval_step(params, rng, frozen, put({k: v[local] for k, v in b.items()})) for b in held_out]
     nll = sum(float(t) for t, _ in totals)
     count = sum(float(c) for _, c in totals)
     return nll / max(count, 1.0)
 
   progress = Progress(cfg.steps, step, cfg.progress and jax.process_index() == 0)
+  stop = _StopSignals()
   try:
+    stop.__enter__()
     if step == 0 and held_out:
       loss0 = evaluate()
       metrics.log({"step": 0, "eval_loss": loss0, "eval_ppl": math.exp(min(loss0, 50))})
     while step < cfg.steps:
       micro_losses, tokens = [], 0
       for _ in range(o.grad_accum):
-        batch = _sharding.put_batch(next(stream), mesh)
+        batch = put(next(stream))
         params, opt_state, rng, loss, count = train_step(params, opt_state, rng, frozen, batch)
         micro_losses.append(loss)
         tokens += int(count)
@@ -166,43 +219,87 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
       metrics.log(record)
       if not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
         progress.write(f"step {step}: loss {loss:.4f}" + (f", held-out {eval_loss:.4f}" if eval_loss else ""))
-      if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+      if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop.signum is not None:
         ckpt.save(step, (params, opt_state, rng), {"step": step, "data": stream.state()})
+      if stop.signum is not None and step < cfg.steps:
+        ckpt.wait()
+        raise TrainingInterrupted(
+            f"{signal.Signals(stop.signum).name} at step {step}/{cfg.steps}: checkpoint saved in "
+            f"{ckpt.directory}; run the same command (same output_dir) again to resume from step {step}.",
+            stop.signum)
   finally:
+    stop.__exit__()
     progress.close()
     metrics.close()
     ckpt.close()
 
+  if jax.process_count() > 1:  # the adapter whole on every host, for process 0 to write
+    params, rng = jax.tree.map(jnp.asarray, _distributed.gather_to_host((params, rng)))
   nnx.update(model, params, rng)
   return _finish(cfg, model, tokenizer, out, metrics.records, start, held_out)
 
 
-def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int]):
-  """Print the per-device memory plan; pick ``fsdp`` (and remat) for ``mesh.fsdp=-1``; refuse what won't fit."""
-  plan, planned, remat, said = _memory.plan_job(
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
+  """``mesh.fsdp=-1``: ``(model, model_dir, mesh shape, remat or "", sentence)`` the memory plan picks.
+
+  A checkpoint's sizes come from its ``config.json`` (its weights are then
+  loaded onto the picked mesh); a preset is built first (presets are small).
+  """
+  model_dir = None
+  path = Path(cfg.model.name).expanduser()
+  if model is None and (path / "config.json").is_file():
+    sizes = _memory.checkpoint_sizes(str(path / "config.json"), _DTYPE_BYTES[cfg.model.dtype])
+  else:
+    if model is None:
+      model, model_dir = load_model(cfg.model)
+    sizes = _memory.model_sizes(model)
+  m, remat, said = cfg.mesh, "", ""
+  shape = (m.data, 1, m.tensor)
+  if sizes is not None:
+    shape, remat, said = _memory.auto_mesh(
+        sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
+        tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+        capacity_gib=m.device_memory_gib, backend=jax.default_backend())
+  return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
+
+
+def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
+  """Print the per-device memory plan (and what ``mesh.fsdp=-1`` picked); refuse what won't fit."""
+  plan = _memory.plan_job(
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
       remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
       capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
-  if mesh_shape[1] == -1:
-    if hasattr(model, "remat"):
-      model.remat = remat
-    mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data if plan is None else planned[0],
-                                              1 if plan is None else planned[1], cfg.mesh.tensor, cfg.batch_size)
   if plan is not None and jax.process_index() == 0:
-    print(plan.describe() + (f"\n  {said}" if said else ""), flush=True)
-  return mesh_shape
+    print(plan.describe() + (f"\n  {picked}" if picked else ""), flush=True)
 
 
 def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> TrainResult:
-  """Write the adapter (and merged model), check reload and merge, plot, sample."""
+  """Write the adapter (and merged model), check reload and merge, plot, sample.
+
+  Process 0 writes everything. The checks and samples run the model on
+  process 0 alone, so they need the base whole there: in a multi-host job
+  whose base was loaded sharded they are skipped, unless ``save_merged``
+  (which needs the whole base anyway) gathers it to every host first.
+  """
   primary = jax.process_index() == 0
   adapter_dir, merged_dir, checks = None, None, {}
-  probe = held_out[0]["tokens"][:1] if held_out else None
+  whole = _distributed.is_local(nnx.state(model))
+  if not whole and cfg.save_merged:
+    gather = lambda x: x if x.is_fully_addressable else jnp.asarray(_distributed.gather_to_host(x))
+    nnx.update(model, jax.tree.map(gather, nnx.state(model, nnx.Param)))
+    whole = _distributed.is_local(nnx.state(model))
+  if not whole and primary and (held_out or cfg.samples):
+    print("jlora: the base model is sharded over several processes; the reload/merge checks and samples "
+          "are skipped (set save_merged=true to gather it to one host for them).")
+  probe = held_out[0]["tokens"][:1] if held_out and whole else None
   if primary:
     adapter_dir, merged_dir, checks = export_adapter(model, out, probe, cfg.save_merged)
   plot = plot_losses(history, out / "loss_curve.png") if primary and history else None
   samples = []
-  if primary and cfg.samples:
+  if primary and cfg.samples and whole:
     prompts = _sample_prompts(tokenizer, held_out, cfg.samples)
     samples = greedy_samples(model, tokenizer, prompts, max_new_tokens=min(32, cfg.data.seq_len // 2),
                              seq_len=cfg.data.seq_len)

@@ -1,0 +1,108 @@
+"""The house rules the code keeps: dependency direction, public training pieces, NNX interop."""
+
+import ast
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jlora
+from jlora import testing
+from train_doubles import CausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imports_of(path: Path) -> list[str]:
+  """Every module an ``import`` names in ``path`` (``from a import b`` gives ``a`` and ``a.b``)."""
+  names = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names += [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+  return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jlora" / "train").glob("*.py")), ids=lambda p: p.name)
+def test_train_never_imports_the_top_level_face(path):
+  face = [n for n in imports_of(path) if n == "jlora" or (n.startswith("jlora.") and n.count(".") == 1
+                                                           and n.split(".")[1] not in ("nn", "io", "models", "train"))]
+  assert face == [], f"{path.name} imports {face}; use jlora.nn, jlora.io or jlora.models"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("*.py")), ids=lambda p: p.name)
+def test_bench_uses_only_public_training_pieces(path):
+  private = [n for n in imports_of(path) if n.startswith("jlora.train._")]
+  assert private == []
+
+
+def test_the_train_step_is_public_and_trains_an_adapter():
+  from jlora.train import make_optimizer, make_train_step, split_model
+
+  model = jlora.get_peft_model(CausalLM(), jlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+  graphdef, params, rng, frozen = split_model(model)
+  tx = make_optimizer(model, params, learning_rate=1e-2, steps=10, warmup_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0, grad_accum=1)
+  step = make_train_step(graphdef, tx)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 258, (2, 6)), jnp.int32)
+  batch = dict(tokens=tokens, loss_mask=jnp.ones_like(tokens), attention_mask=jnp.ones_like(tokens))
+  state, losses = [params, tx.init(params), rng], []
+  for _ in range(3):
+    state[0], state[1], state[2], loss, count = step(*state, frozen, batch)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0] and int(count) == 10
+
+
+# ---- LoraParam is Flax's LoRAParam ------------------------------------------------------
+
+def test_lora_param_is_an_nnx_lora_param_and_a_param():
+  assert issubclass(jlora.LoraParam, nnx.LoRAParam) and issubclass(jlora.LoraParam, nnx.Param)
+
+
+def adapted_model():
+  model = testing.TinyLM()
+  jlora.get_peft_model(model, jlora.MoSLoraConfig(r=2, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+  return model
+
+
+def test_selecting_nnx_lora_param_selects_exactly_the_adapter_params():
+  model = adapted_model()
+  selected = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+  adapter = {path for path, _ in nnx.to_flat_state(nnx.state(model, jlora.LoraParam))}
+  assert selected == adapter and any("lora_mixer" in map(str, p) for p in selected)
+  assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Not(jlora.LoraParam))))
+
+
+def test_an_optimizer_over_nnx_lora_param_trains_the_adapter_and_only_it():
+  model = adapted_model()
+  testing.randomize_adapters(model)
+  base_before = jax.tree.map(np.array, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+  lora_before = jax.tree.map(np.array, nnx.state(model, nnx.LoRAParam))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.LoRAParam)
+  ids = testing.token_ids()
+  grads = nnx.grad(lambda m: jnp.mean(m(ids) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  optimizer.update(model, grads)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), lora_before,
+                         nnx.state(model, nnx.LoRAParam))
+  assert all(jax.tree.leaves(changed))
+  jax.tree.map(np.testing.assert_array_equal, base_before, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+
+
+def test_wlora_upstreams_stay_frozen_under_jloras_masks():
+  model = testing.TinyLM()
+  for seed, name in enumerate(("u1", "u2")):
+    jlora.add_adapter(model, name, jlora.LoraConfig(r=2, target_modules=["q_proj"], seed=seed))
+  testing.randomize_adapters(model)
+  jlora.get_peft_model(model, jlora.WLoraConfig(upstream_loras=["u1", "u2"]), "w")
+  upstream_before = jax.tree.map(np.array, nnx.state(model, jlora.UpstreamLoraParam))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=jlora.nn.TRAINABLE)
+  ids = testing.token_ids()
+  grads = nnx.grad(lambda m: jnp.mean(m(ids) ** 2), argnums=nnx.DiffState(0, jlora.nn.TRAINABLE))(model)
+  optimizer.update(model, grads)
+  jax.tree.map(np.testing.assert_array_equal, upstream_before, nnx.state(model, jlora.UpstreamLoraParam))
+  assert not np.array_equal(np.zeros(2), testing.module_at(model, "model.layers.0.self_attn.q_proj").adapters["w"].logits[...])
