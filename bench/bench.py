@@ -213,13 +213,13 @@ def _wide_model(args, mesh):
   from flax import nnx
   import jlora
   from jlora.models import CausalLM, ModelConfig
-  from jlora.train import _sharding
+  from jlora.train import state_shardings
 
   config = ModelConfig(num_hidden_layers=args.layers, **WIDE70B)
   make = lambda: CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
                           remat=args.remat)
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
-  state = jax.jit(lambda: nnx.state(make()), out_shardings=_sharding.state_shardings(abstract, mesh))()
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh))()
   model = nnx.merge(graphdef, state)
   jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                                init_lora_weights=False))
@@ -229,8 +229,8 @@ def _wide_model(args, mesh):
 def _plan_bytes(model, args, mesh_shape, batch: int) -> int | None:
   """The memory plan's per-device estimate for this run (``jlora.train._memory``)."""
   import jax
-  from jlora.train import _memory
-  plan = _memory.plan_job(model, devices=int(__import__("math").prod(mesh_shape)), batch_size=batch,
+  from jlora.train import plan_job
+  plan = plan_job(model, devices=int(__import__("math").prod(mesh_shape)), batch_size=batch,
                           seq_len=args.seq, mesh=mesh_shape, remat=args.remat, r=16, targets=TARGETS,
                           capacity_gib=1e6, backend=jax.default_backend())
   return None if plan is None else plan.total
@@ -256,7 +256,7 @@ def run_jlora_scaling(args) -> list[dict]:
                 peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats), plan_bytes=plan)
   if args.model == "wide70b":
     from jlora.models import ModelConfig
-    from jlora.train._memory import Arch
+    from jlora.train import Arch
     result["params"] = Arch.of(ModelConfig(num_hidden_layers=args.layers, **WIDE70B)).base_params()
   return [result]
 
