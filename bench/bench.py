@@ -1,17 +1,20 @@
 """jlora vs PEFT on one GPU: training tokens/s, MFU, peak memory, compile time, forward cost.
 
-Both frameworks run the same work in the same call: a TinyLlama-1.1B-shaped
-Llama (random init, bf16 base), LoRA r=16 / alpha=32 on all 7 linear
-projections, AdamW, causal-LM loss. Each measurement runs in its own
-subprocess so peak-memory figures do not mix.
+Both frameworks run the same work in the same call: a Llama of a named shape
+(TinyLlama-1.1B or Llama-3.2-3B, random init, bf16 base), LoRA r=16 / alpha=32
+on all 7 linear projections, AdamW, causal-LM loss. Each measurement runs in
+its own subprocess so peak-memory figures do not mix. jlora's levers are
+flags, so one call compares them side by side:
 
-    python bench/bench.py run --suite train --batches 4,8 --out $OUT/results.jsonl
+    python bench/bench.py run --suite train,forward,mixed,variants --out $OUT/results.jsonl
     python bench/bench.py report $OUT/results.jsonl > bench/RESULTS.md
 
-MFU uses the usual 6·N·tokens training FLOPs (N = all base parameters) over
-989 TFLOP/s (H100 SXM dense bf16), the convention behind the issue's anchor
-numbers. LoRA training does no base weight-gradient matmuls, so the work done
-is nearer 4·N·tokens; the table states both.
+MFU (headline) counts the work a LoRA step does: ``4·N_base`` (forward and
+input gradients of the frozen matmuls, no weight gradients) ``+ 3·F_attn``
+(causal attention forward, backward twice that) ``+ 6·N_adapter`` per token,
+over 989 TFLOP/s (H100 SXM dense bf16). ``N_base`` counts matmul weights
+(the lm_head, tied or not, but not the embedding lookup). 6N and 4N with N =
+all parameters are kept as extra columns for comparison with published tables.
 """
 
 from __future__ import annotations
@@ -26,20 +29,44 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEAK_FLOPS = 989e12
-TINYLLAMA_LAYERS = 22
+RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+SHAPES = {
+    "tinyllama": dict(layers=22, hf=dict(
+        hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+        vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "llama3b": dict(layers=28, hf=dict(
+        hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+        head_dim=128, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_theta=500000.0)),
+    "wide70b": dict(layers=48, hf=dict(  # 70B-class width; initialised sharded, no checkpoint
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, vocab_size=128256)),
+}
 
 
-def make_checkpoint(path: str, layers: int) -> None:
-  """A random-init Llama of TinyLlama's shape, saved as HF safetensors (bf16)."""
+def flop_counts(shape: str, layers: int, seq: int, rank: int = RANK) -> dict:
+  """Per-token FLOP terms of the honest MFU: matmul weights, adapter factors, causal attention."""
+  c = SHAPES[shape]["hf"]
+  h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+  d = c.get("head_dim", h // c["num_attention_heads"])
+  q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+  projections = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
+  n_base = layers * sum(i * o for i, o in projections) + h * v
+  n_adapter = layers * sum(rank * (i + o) for i, o in projections)
+  # Per layer and query token: QK^T and PV, 2·d FLOPs per head and key each, over T/2 keys on average.
+  attn_fwd = layers * 2 * 2 * c["num_attention_heads"] * d * seq / 2
+  return dict(n_base=n_base, n_adapter=n_adapter, attn_fwd=attn_fwd,
+              train_flops_per_token=4 * n_base + 3 * attn_fwd + 6 * n_adapter)
+
+
+def make_checkpoint(path: str, shape: str, layers: int) -> None:
+  """A random-init Llama of the named shape, saved as HF safetensors (bf16)."""
   if os.path.exists(os.path.join(path, "config.json")):
     return
   import torch
   import transformers
-  config = transformers.LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", **TINYLLAMA)
+  config = transformers.LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", **SHAPES[shape]["hf"])
   torch.manual_seed(0)
   with torch.device("cuda"):
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
@@ -57,6 +84,10 @@ def param_count(path: str) -> int:
   return total
 
 
+def _vocab(args) -> int:
+  return SHAPES[args.shape]["hf"]["vocab_size"]
+
+
 # ---------------------------------------------------------------- PEFT side
 
 def run_peft(args) -> dict:
@@ -68,9 +99,9 @@ def run_peft(args) -> dict:
   model = transformers.LlamaForCausalLM.from_pretrained(
       args.ckpt, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
   config_cls = peft.LoraConfig
-  model = peft.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS))
+  model = peft.get_peft_model(model, config_cls(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS))
   step_model = torch.compile(model) if args.framework == "peft-compile" else model
-  ids = torch.randint(0, TINYLLAMA["vocab_size"], (args.batch, args.seq), device="cuda")
+  ids = torch.randint(0, _vocab(args), (args.batch, args.seq), device="cuda")
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
   def train_step():
@@ -124,40 +155,87 @@ def _import_jax():
   jax_compat.patch_hijax()
 
 
-def _jlora_model(args, adapter: str | None):
+def _jlora_model(args, adapter: str | None, matmul: str | None = None):
+  """The checkpoint with ``adapter`` ("lora" / "moslora" / "wlora" over two LoRAs) on the 7 projections.
+
+  ``matmul`` (default ``args.lora_matmul``) picks plain autodiff or the fused
+  LoRA matmul; ``args.shared`` lets q/k/v and gate/up share one input matmul.
+  """
+  import jax
   import jax.numpy as jnp
+  from flax import nnx
   import jlora
+  from jlora.nn import set_lora_matmul
   model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
   model.remat = args.remat
+  lora = lambda: jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
+  if adapter == "moslora":
+    jlora.get_peft_model(model, jlora.MoSLoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS,
+                                                    init_lora_weights=False))
+  elif adapter == "wlora":
+    jlora.get_peft_model(model, lora(), "up1")
+    jlora.add_adapter(model, "up2", lora())
+    jlora.add_adapter(model, "default", jlora.WLoraConfig(upstream_loras=["up1", "up2"]))
+    jlora.set_adapter(model, "default")
+  elif adapter:
+    jlora.get_peft_model(model, lora())
   if adapter:
-    config_cls = jlora.MoSLoraConfig if adapter == "moslora" else jlora.LoraConfig
-    jlora.get_peft_model(model, config_cls(r=16, lora_alpha=32, target_modules=TARGETS,
-                                           init_lora_weights=False))
+    set_lora_matmul(model, matmul or args.lora_matmul, shared_input=bool(args.shared))
+  if adapter and args.adapter_dtype == "bfloat16":
+    params = nnx.state(model, jlora.LoraParam)
+    nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
   return model
 
 
-def run_jlora_forward(args) -> list[dict]:
-  """Base, unmerged LoRA, merged LoRA and unmerged MoSLoRA forward passes, in that order."""
-  _import_jax()
+def _forward_timer(args, ids):
   import jax
   from flax import nnx
-  import jlora
-
-  ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, TINYLLAMA["vocab_size"])
 
   def time_forward(model):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
     return _time_jax(lambda: forward(state, ids), args)
 
-  results = [dict(time_forward(_jlora_model(args, None)), base_only=True, merged=False, adapter="lora")]
+  return time_forward
+
+
+def run_jlora_forward(args) -> list[dict]:
+  """Base, unmerged LoRA (plain and fused matmul), merged LoRA and unmerged MoSLoRA forward passes."""
+  _import_jax()
+  import jax
+  import jlora
+  time_forward = _forward_timer(args, jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, _vocab(args)))
+  results = [dict(time_forward(_jlora_model(args, None)), base_only=True, variant="base")]
+  for matmul in ("plain", "auto"):
+    results.append(dict(time_forward(_jlora_model(args, "lora", matmul)), variant=f"unmerged lora ({matmul})",
+                        lora_matmul=matmul))
   model = _jlora_model(args, "lora")
-  results.append(dict(time_forward(model), base_only=False, merged=False, adapter="lora"))
   jlora.merge_and_unload(model)
-  results.append(dict(time_forward(model), base_only=False, merged=True, adapter="lora"))
+  results.append(dict(time_forward(model), merged=True, variant="merged"))
   del model
-  results.append(dict(time_forward(_jlora_model(args, "moslora")), base_only=False, merged=False,
-                      adapter="moslora"))
+  results.append(dict(time_forward(_jlora_model(args, "moslora", "auto")), adapter="moslora",
+                      variant="unmerged moslora (auto)", lora_matmul="auto"))
+  return results
+
+
+def run_jlora_mixed(args) -> list[dict]:
+  """8 distinct adapters, one per row group, in one batch vs one adapter for every row (unmerged)."""
+  _import_jax()
+  import jax
+  import jlora
+  time_forward = _forward_timer(args, jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, _vocab(args)))
+  results = []
+  for matmul in ("plain", "auto"):
+    results.append(dict(time_forward(_jlora_model(args, "lora", matmul)), variant=f"single adapter ({matmul})",
+                        lora_matmul=matmul))
+  model = _jlora_model(args, "lora")
+  names = [f"task{i}" for i in range(8)]
+  for i, name in enumerate(names):
+    jlora.add_adapter(model, name, jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS,
+                                                    init_lora_weights=False))
+  rows = [names[i * len(names) // args.batch] for i in range(args.batch)]
+  with jlora.per_sample_adapters(model, rows):
+    results.append(dict(time_forward(model), variant=f"{len(set(rows))} adapters mixed (gathered)"))
   return results
 
 
@@ -180,7 +258,7 @@ def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
   import numpy as np
   from jlora.train import put_batch
   train_step, carry, frozen = _jlora_train_step(model, mesh)
-  ids = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq), 0, TINYLLAMA["vocab_size"]))
+  ids = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq), 0, _vocab(args)))
   host = dict(tokens=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids))
   inputs = put_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
 
@@ -223,6 +301,8 @@ def _wide_model(args, mesh):
   model = nnx.merge(graphdef, state)
   jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                                init_lora_weights=False))
+  from jlora.nn import set_lora_matmul
+  set_lora_matmul(model, args.lora_matmul, shared_input=bool(args.shared))
   return model
 
 
@@ -282,28 +362,38 @@ def _time_jax(fn, args) -> dict:
 
 def worker(args) -> None:
   if args.framework == "jlora":
-    run = {"train": run_jlora_train, "forward": run_jlora_forward, "scaling": run_jlora_scaling}[args.task]
+    run = {"train": run_jlora_train, "forward": run_jlora_forward, "scaling": run_jlora_scaling,
+           "mixed": run_jlora_mixed}[args.task]
     results = run(args)
   else:
     results = run_peft(args)
   n = results[0].get("params") or param_count(args.ckpt)
+  flops = flop_counts(args.shape, args.layers, args.seq)
   for result in results:
-    result = dict(dict(framework=args.framework, task=args.task, batch=args.batch, seq=args.seq,
-                       layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False), **result)
+    base = dict(framework=args.framework, task=args.task, shape=args.shape, batch=args.batch, seq=args.seq,
+                layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False)
+    if args.framework == "jlora":
+      base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype)
+    result = dict(base, **result)
     result["tokens_per_s"] = result["batch"] * result["seq"] / result["step_s"]
     if args.task in ("train", "scaling"):
-      result["mfu_6n"] = 6 * n * result["tokens_per_s"] / PEAK_FLOPS / result.get("devices", 1)
-      result["params"] = n
+      per_device = result["tokens_per_s"] / result.get("devices", 1)
+      result.update(params=n, **flops)
+      result["mfu"] = flops["train_flops_per_token"] * per_device / PEAK_FLOPS
+      result["mfu_6n"] = 6 * n * per_device / PEAK_FLOPS
+      result["mfu_4n"] = 4 * n * per_device / PEAK_FLOPS
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(args, **overrides) -> list[dict]:
-  opts = dict(framework="jlora", task="train", batch=4, seq=2048, layers=22, adapter="lora",
-              remat=args.remat, steps=args.steps, warmup=args.warmup)
+  opts = dict(framework="jlora", task="train", shape="tinyllama", batch=8, seq=2048, adapter="lora",
+              remat=args.remat, lora_matmul=args.lora_matmul, shared=args.shared,
+              adapter_dtype=args.adapter_dtype, steps=args.steps, warmup=args.warmup)
   opts.update(overrides)
-  ckpt = f"/dev/shm/tinyllama-{opts['layers']}"
-  if opts.get("model", "tinyllama") == "tinyllama":
-    make_checkpoint(ckpt, opts["layers"])
+  opts.setdefault("layers", SHAPES[opts["shape"]]["layers"])
+  ckpt = f"/dev/shm/{opts['shape']}-{opts['layers']}"
+  if opts.get("model", "tinyllama") == "tinyllama":  # the wide model is initialised on the GPUs
+    make_checkpoint(ckpt, opts["shape"], opts["layers"])
   cmd = [sys.executable, __file__, "worker", "--ckpt", ckpt]
   for key, value in opts.items():
     cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -320,19 +410,35 @@ def spawn(args, **overrides) -> list[dict]:
   return [json.loads(l[len("RESULT "):]) for l in lines]
 
 
+FUSED = dict(lora_matmul="auto", shared=1)
+PLAIN = dict(lora_matmul="plain", shared=0)
+
+
 SUITES = {
-    "train": lambda b: [dict(framework=f, task="train", batch=n)
-                        for n in b for f in ("jlora", "peft", "peft-compile")],
-    "moslora": lambda b: [dict(framework="jlora", task="train", batch=n, adapter="moslora") for n in b],
-    "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s)
+    # jlora's matmul levers beside PEFT (eager and torch.compile), TinyLlama shape.
+    "train": lambda b: [dict(framework="jlora", batch=n, **PLAIN) for n in b]
+                       + [dict(framework="jlora", batch=n, lora_matmul="auto", shared=0) for n in b]
+                       + [dict(framework="jlora", batch=n, **FUSED) for n in b]
+                       + [dict(framework="jlora", batch=n, lora_matmul="fused", shared=1) for n in b]
+                       + [dict(framework=f, batch=n) for n in b for f in ("peft", "peft-compile")],
+    # Adapter kinds, remat policies and adapter dtype, all on the fused matmul.
+    "variants": lambda b: [dict(framework="jlora", batch=n, **FUSED, **extra) for n in b for extra in (
+        dict(adapter="moslora"), dict(adapter="wlora"), dict(remat="none"), dict(remat="full"),
+        dict(adapter_dtype="bfloat16"))],
+    "moslora": lambda b: [dict(framework="jlora", batch=n, adapter="moslora", **FUSED) for n in b],
+    "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s, **FUSED)
                           for (n, s) in ((1, 128), (8, 1024)) for f in ("jlora", "peft")],
+    "mixed": lambda b: [dict(framework="jlora", task="mixed", batch=8, seq=1024, **FUSED)],
+    # Llama-3.2-3B shape at 2x4096 (and a bigger batch for jlora, which fits more).
+    "llama3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=n, seq=4096, **FUSED) for n in (2, 4)]
+                         + [dict(framework=f, shape="llama3b", batch=2, seq=4096) for f in ("peft-compile",)],
     # 1 GPU, then data=2, fsdp=2, tensor=2 at the same rows per data-parallel GPU (2 GPUs).
-    "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m)
+    "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m, **FUSED)
                           for n in b for m in ("1,1,1", "2,1,1", "1,2,1", "1,1,2")],
     # A Llama of 70B width, 48 layers: 43B params, 86 GB in bf16, more than one 80 GB GPU; fsdp=2.
-    "wide": lambda b: [dict(framework="jlora", task="scaling", batch=1, seq=2048, model="wide70b", layers=48,
-                            mesh="1,2,1", remat="full", steps=4, warmup=1)],
-    "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n)
+    "wide": lambda b: [dict(framework="jlora", task="scaling", shape="wide70b", model="wide70b", batch=1,
+                            seq=2048, mesh="1,2,1", remat="full", steps=4, warmup=1, **FUSED)],
+    "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
                           for n in (11, 22)],
 }
 
@@ -342,13 +448,18 @@ def main() -> None:
   parser.add_argument("mode", choices=["run", "worker", "report"])
   parser.add_argument("results", nargs="?")
   parser.add_argument("--suite", default="train")
-  parser.add_argument("--batches", default="4,8")
+  parser.add_argument("--batches", default="8")
   parser.add_argument("--out", default="results.jsonl")
   parser.add_argument("--framework", default="jlora")
   parser.add_argument("--task", default="train")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--layers", type=int, default=22)
+  parser.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
+  parser.add_argument("--lora-matmul", default="auto", choices=["auto", "fused", "plain"],
+                      help="jlora: plain autodiff, or the fused LoRA matmul (merged on the fly)")
+  parser.add_argument("--shared", type=int, default=1, help="jlora: fuse q/k/v and gate/up input matmuls")
+  parser.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")
   parser.add_argument("--remat", default="matmuls", help="jlora: what the backward pass keeps per layer")
@@ -358,6 +469,12 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=int, default=400)
   args = parser.parse_args()
+  if args.mode == "run" and args.suite == "quant":  # quantized bases: bench/quant_suite.py, self-contained
+    import quant_suite
+    quant_suite.run(args.out, steps=args.steps, warmup=args.warmup, timeout=min(args.timeout, 120),
+                    shapes=os.environ.get("QUANT_SHAPES", "tinyllama,llama3b").split(","),
+                    budget_s=float(os.environ.get("QUANT_BUDGET_S", 290)))
+    return
   if args.mode == "worker":
     worker(args)
   elif args.mode == "run":

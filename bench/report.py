@@ -15,31 +15,53 @@ def render(results: list[dict]) -> str:
   ok = [r for r in results if "error" not in r]
   failed = [r for r in results if "error" in r]
   out = []
-  train = [r for r in ok if r["task"] == "train" and r.get("layers", 22) == 22 and r["batch"] > 1]
+  train = [r for r in ok if r["task"] == "train" and r["batch"] > 1 and r.get("layers") in (22, 28)]
   if train:
-    out += ["### Training step (TinyLlama-1.1B shape, bf16 base, LoRA r=16 on 7 projections, AdamW)", "",
-            _row(["framework", "adapter", "batch", "tokens/s", "MFU (6N)", "MFU (4N)", "peak GiB",
-                  "first step s"]),
-            _row(["---"] * 8)]
-    for r in sorted(train, key=lambda r: (r["batch"], r["adapter"], r["framework"])):
-      out.append(_row([r["framework"], r["adapter"], f"{r['batch']}×{r['seq']}",
-                       f"{r['tokens_per_s']:,.0f}", f"{r['mfu_6n']:.1%}",
-                       f"{r['mfu_6n'] * 4 / 6:.1%}", _gib(r["peak_bytes"]),
+    out += ["### Training step (bf16 base, LoRA r=16 on 7 projections, AdamW)", "",
+            "MFU = (4·N_base + 3·F_attn + 6·N_adapter)·tokens/s / 989e12; 6N and 4N use N = all params. "
+            "× PEFT+compile: same shape and batch.", "",
+            _row(["shape", "framework", "adapter", "matmul", "shared", "remat", "adapter dtype", "batch",
+                  "tokens/s", "× PEFT+compile", "MFU", "MFU (6N)", "MFU (4N)", "peak GiB", "first step s"]),
+            _row(["---"] * 15)]
+    compiled = {(r.get("shape", "tinyllama"), r["batch"], r["seq"]): r["tokens_per_s"] for r in train
+                if r["framework"] == "peft-compile"}
+    for r in sorted(train, key=lambda r: (r.get("shape", "tinyllama"), r["batch"], r["framework"],
+                                          r["adapter"], r.get("lora_matmul", ""))):
+      shape = r.get("shape", "tinyllama")
+      ref = compiled.get((shape, r["batch"], r["seq"]))
+      jl = r["framework"] == "jlora"
+      out.append(_row([shape, r["framework"], r["adapter"], r.get("lora_matmul", "-") if jl else "-",
+                       ("yes" if r.get("shared") else "no") if jl else "-", r["remat"] if jl else "-",
+                       r.get("adapter_dtype", "-") if jl else "-", f"{r['batch']}×{r['seq']}",
+                       f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / ref:.2f}" if ref else "-",
+                       f"{r['mfu']:.1%}" if "mfu" in r else "-", f"{r['mfu_6n']:.1%}",
+                       f"{r.get('mfu_4n', r['mfu_6n'] * 4 / 6):.1%}", _gib(r["peak_bytes"]),
                        f"{r['first_step_s']:.1f}"]))
     out.append("")
   forward = [r for r in ok if r["task"] == "forward"]
   if forward:
     out += ["### Forward pass (no grad): unmerged vs merged vs plain base", "",
-            _row(["framework", "batch", "variant", "ms", "× base"]), _row(["---"] * 5)]
+            _row(["framework", "batch", "variant", "ms", "× base", "× merged"]), _row(["---"] * 6)]
     for key in sorted({(r["framework"], r["batch"], r["seq"]) for r in forward}):
       group = [r for r in forward if (r["framework"], r["batch"], r["seq"]) == key]
       base = next((r for r in group if r["base_only"]), None)
+      merged = next((r for r in group if r["merged"]), None)
       for r in group:
-        variant = ("base" if r["base_only"] else "merged" if r["merged"] else
-                   f"unmerged {r['adapter']}")
-        ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
+        variant = r.get("variant") or ("base" if r["base_only"] else "merged" if r["merged"] else
+                                       f"unmerged {r['adapter']}")
+        ratio = lambda ref: f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
         out.append(_row([r["framework"], f"{r['batch']}×{r['seq']}", variant,
-                         f"{r['step_s'] * 1e3:.2f}", ratio]))
+                         f"{r['step_s'] * 1e3:.2f}", ratio(base), ratio(merged)]))
+    out.append("")
+  mixed = [r for r in ok if r["task"] == "mixed"]
+  if mixed:
+    out += ["### Mixed-adapter batch (a different adapter per row) vs one adapter, forward", "",
+            _row(["batch", "variant", "ms", "tokens/s", "× single adapter (plain)"]), _row(["---"] * 5)]
+    single = next((r for r in mixed if r.get("variant") == "single adapter (plain)"), None)
+    for r in mixed:
+      ratio = f"{single['step_s'] / r['step_s']:.2f}" if single else "-"
+      out.append(_row([f"{r['batch']}×{r['seq']}", r.get("variant", "?"), f"{r['step_s'] * 1e3:.2f}",
+                       f"{r['tokens_per_s']:,.0f}", ratio]))
     out.append("")
   depth = [r for r in ok if r["task"] == "train" and r["batch"] == 1]
   if depth:

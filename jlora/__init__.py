@@ -8,6 +8,7 @@ The user API, by concern:
 * adapters (``jlora.nn``): configs, injection, multi-adapter control, merging;
 * checkpoints (``jlora.io``): HF safetensors models and PEFT adapters, both ways;
 * models (``jlora.models``): generation with a KV cache;
+* quantized bases (``jlora.quant``): NF4 / int8 / fp8 frozen kernels under adapters;
 * training (``jlora.train``): the job and its optimizer helpers.
 
 ``jlora.train`` is the training *function*; import the package's other names
@@ -36,7 +37,6 @@ from jlora.nn import (
     mark_stacked,
     merge,
     merge_adapter,
-    merge_and_unload,
     peft_config,
     per_sample_adapters,
     register_lora_layer,
@@ -46,6 +46,7 @@ from jlora.nn import (
     unmerge,
     unmerge_adapter,
 )
+from jlora.quant import dequantize, merge_and_unload, quantize
 from jlora.train import TrainConfig, adapter_optimizer, train, trainable_mask
 
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ from jlora.models import ModelConfig, from_hf_config, model_class
 from jlora.models._config import SUPPORTED
 from jlora.nn import LoraLayer
 from jlora.nn._targets import STACK_ATTR
+from jlora.quant import LoadQuantizer, QuantizedWeight
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 _CONVERT = ("convert it to safetensors with transformers: AutoModelForCausalLM.from_pretrained(dir)"
@@ -129,7 +130,8 @@ def _hf_layout(array: np.ndarray, transpose: bool) -> np.ndarray:
 
 
 def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=None,
-                    mesh: Mesh | None = None) -> nnx.Module:
+                    mesh: Mesh | None = None, *, quantize: str | None = None,
+                    quantize_options: dict | None = None) -> nnx.Module:
   """Load a local HF checkpoint directory into a jlora model.
 
   The model is built abstractly (no weights allocated); each parameter is
@@ -145,6 +147,10 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
       device reads only its shard of each parameter, laid out by the sharding
       rules ``jlora.train.param_spec`` (in a multi-host job each process
       reads only what its devices hold). None: whole arrays on the default device.
+    quantize: ``"nf4"``, ``"int8"`` or ``"fp8"`` to store the Linear kernels
+      quantized (``jlora.quantize``), each as soon as it is placed, so device
+      memory peaks at the quantized model plus one parameter.
+    quantize_options: ``block_size``, ``double_quant``, ``targets`` for ``jlora.quantize``.
 
   Returns:
     ``CausalLM`` (llama, mistral, qwen2, qwen3) or ``Gpt2LMHeadModel``:
@@ -159,12 +165,17 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   param_dtype = param_dtype or dtype
   cls = model_class(config)
   abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  quantizer = LoadQuantizer(abstract, quantize, **(quantize_options or {})) if quantize else None
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   for source in param_sources(model_dir, abstract, config):
     sharding = None if mesh is None else sharding_for(source, mesh)
-    flat[source.path].set_value(place(source, param_dtype, sharding))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    value = place(source, param_dtype, sharding)
+    if quantizer is None or not quantizer.take(source.path, value):
+      flat[source.path].set_value(value)
+    del value
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return quantizer.finish(model) if quantizer is not None else model
 
 
 def param_sources(model_dir: Path, abstract: nnx.Module, config: ModelConfig) -> list[ParamSource]:
@@ -223,6 +234,10 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, overwrite: bo
   if any(isinstance(node, LoraLayer) for _, node in nnx.iter_graph(model)):
     raise ValueError("save_pretrained writes plain HF weights but this model has LoRA layers; call "
                      "jlora.merge_and_unload(model) first (or save just the adapter).")
+  if nnx.to_flat_state(nnx.state(model, QuantizedWeight)):
+    raise ValueError("save_pretrained writes full-precision HF weights but this model's Linear kernels are "
+                     "quantized; call jlora.dequantize(model) (or jlora.merge_and_unload(model), which "
+                     "dequantizes) first, or save just the adapter with jlora.save_peft.")
   config = getattr(model, "config", None)
   if not isinstance(config, ModelConfig):
     raise ValueError("save_pretrained needs a jlora.models model (with a ModelConfig at .config), "

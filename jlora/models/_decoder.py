@@ -22,7 +22,7 @@ from jlora.models._cache import KVCache
 from jlora.models._config import ModelConfig
 from jlora.models._remat import check_remat, placement, rematerialized, saved
 from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
-from jlora.nn import mark_stacked
+from jlora.nn import lora_projections, mark_stacked
 
 
 def linear(d_in: int, d_out: int, bias: bool, dtypes: dict, rngs: nnx.Rngs) -> nnx.Linear:
@@ -86,9 +86,8 @@ class Attention(nnx.Module):
   def __call__(self, h, kv, mask, cos, sin, index):
     heads, kv_heads, d = self.shape
     b, t, _ = h.shape
-    q = saved(self.q_proj(h)).reshape(b, t, heads, d)
-    k = saved(self.k_proj(h)).reshape(b, t, kv_heads, d)
-    v = saved(self.v_proj(h)).reshape(b, t, kv_heads, d)
+    q, k, v = (saved(y) for y in lora_projections((self.q_proj, self.k_proj, self.v_proj), h))
+    q, k, v = q.reshape(b, t, heads, d), k.reshape(b, t, kv_heads, d), v.reshape(b, t, kv_heads, d)
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -104,7 +103,8 @@ class Mlp(nnx.Module):
     self.act = c.hidden_act
 
   def __call__(self, h):
-    return self.down_proj(activation(self.act)(saved(self.gate_proj(h))) * saved(self.up_proj(h)))
+    gate, up = (saved(y) for y in lora_projections((self.gate_proj, self.up_proj), h))
+    return self.down_proj(activation(self.act)(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

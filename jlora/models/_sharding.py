@@ -15,6 +15,8 @@ and training (``jlora.train`` places params, adapter and optimizer state).
   adapter and its optimizer state shrink about 1/fsdp); the rank dim is
   replicated. A matrix no rule names (``kernel`` / ``embedding``) splits its
   larger side over ``fsdp``.
+- A quantized kernel's arrays (``qkernel``, ``kernel_scale``, ``scale_offset``,
+  ``scale_step``, all ``[.., rows, out]``) are sharded like the kernel.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
 )
 LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 _WRAPPER_PARTS = ("base_layer", "adapters", "upstreams")
+_KERNEL_NAMES = ("kernel", "embedding", "qkernel", "kernel_scale", "scale_offset", "scale_step")
 
 
 def make_mesh(shape: tuple[int, int, int]) -> Mesh:
@@ -64,7 +67,7 @@ def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -
     return {max((prev, last), key=lambda d: shape[d]): ("fsdp",)} if name in ("kernel", "embedding") else {}
   in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
   with_fsdp = lambda axis: (axis,) if axis == "fsdp" else (axis, "fsdp")
-  if name in ("kernel", "embedding"):
+  if name in _KERNEL_NAMES:
     return {prev: (in_axis,), last: (out_axis,)}
   if name == "lora_A":  # [.., in, r]: split like the kernel's in side, and over fsdp too
     return {prev: with_fsdp(in_axis)}

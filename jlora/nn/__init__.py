@@ -14,7 +14,9 @@ from jlora.nn._inject import (
     per_sample_adapters,
     set_adapter,
 )
+from jlora.nn._fused import MATMUL_MODES, lora_matmul
 from jlora.nn._layer import LoraLayer
+from jlora.nn._matmul import lora_projections, set_lora_matmul
 from jlora.nn._merge import merge, merge_adapter, merge_and_unload, unload, unmerge, unmerge_adapter
 from jlora.nn._registry import lora_layer_type, register_lora_layer, registered_types, unregister_lora_layer
 from jlora.nn._state import ADAPTER_STATE, adapter_state, load_adapter_state, split_adapter

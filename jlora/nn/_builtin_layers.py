@@ -14,13 +14,63 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
-from jlora.nn._layer import LoraLayer
+from jlora.nn._fused import lora_matmul
+from jlora.nn._layer import LoraLayer, dropout_active
 from jlora.nn._registry import register_lora_layer
 
 
 @register_lora_layer(nnx.Linear)
 class LoraLinear(LoraLayer):
-  """``nnx.Linear`` (kernel ``[in, out]``): A ``[in, r]``, B ``[r, out]``."""
+  """``nnx.Linear`` (kernel ``[in, out]``): A ``[in, r]``, B ``[r, out]``.
+
+  Its forward pass goes through ``lora_matmul`` (merged on the fly above a
+  token threshold, low-rank backward) unless ``matmul_mode`` is ``"plain"``
+  or the call needs the generic path (dropout, per-sample routing, a custom
+  ``dot_general``). ``set_lora_matmul`` sets the mode for a whole model.
+  """
+
+  matmul_mode: str = "plain"
+  """``"auto"`` | ``"fused"`` | ``"plain"`` (``jlora.nn._fused.MATMUL_MODES``); ``set_lora_matmul``
+  opts a model in. The fused modes change float rounding (one rounding of ``W + A·B`` to the
+  compute dtype), not the math."""
+  shared_input: bool = True
+  """Whether ``lora_projections`` may fuse this layer with siblings reading the same input."""
+
+  def fused_parts(self, x):
+    """``(x, kernel, bias, (A', B), dtype)`` for ``lora_matmul``, or None when it must run unfused.
+
+    ``A'`` is every active adapter's folded, scaled A concatenated along the
+    rank (``[in, R]``, R may be 0), ``B`` the matching ``[R, out]``.
+    """
+    if self.matmul_mode == "plain" or self.routing is not None:
+      return None
+    adapters = [] if self.disabled else [
+        self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
+    if any(dropout_active(a) for a in adapters):
+      return None
+    parts = linear_parts(self.base_layer, x)
+    if parts is None:
+      return None
+    x, kernel, bias, dtype = parts
+    a_parts, b_parts = [], []
+    for adapter in adapters:
+      a, b, scaling = adapter.lora_factors(self)
+      a_parts.append(a * scaling.astype(a.dtype))
+      b_parts.append(b)
+    if not a_parts:
+      return x, kernel, bias, zero_rank(kernel), dtype
+    a = a_parts[0] if len(a_parts) == 1 else jnp.concatenate(a_parts, axis=-1)
+    b = b_parts[0] if len(b_parts) == 1 else jnp.concatenate(b_parts, axis=0)
+    return x, kernel, bias, (a, b), dtype
+
+  def __call__(self, x, *args, **kwargs):
+    parts = None if args or kwargs else self.fused_parts(x)
+    if parts is None:
+      return super().__call__(x, *args, **kwargs)
+    x, kernel, bias, factors, dtype = parts
+    (y,) = lora_matmul(x, [kernel], [factors], mode=self.matmul_mode, dtype=dtype,
+                       precision=self.base_layer.precision)
+    return y if bias is None else y + bias
 
   @classmethod
   def kernel_ndim(cls, base):
@@ -37,6 +87,25 @@ class LoraLinear(LoraLayer):
 
   def factors_to_weight(self, a, b):
     return a @ b
+
+
+def linear_parts(base: nnx.Linear, x):
+  """``(x, kernel, bias, dtype)`` of an ``nnx.Linear`` call promoted as the layer does, or None
+  when the layer computes in a way ``lora_matmul`` does not reproduce (custom dot_general,
+  preferred element type, stacked kernel)."""
+  if base.dot_general is not jax.lax.dot_general or base.preferred_element_type is not None:
+    return None
+  kernel = base.kernel[...]
+  if kernel.ndim != 2:
+    return None
+  bias = base.bias[...] if base.bias is not None else None
+  x, kernel, bias = base.promote_dtype((x, kernel, bias), dtype=base.dtype)
+  return x, kernel, bias, x.dtype
+
+
+def zero_rank(kernel):
+  """Empty factors (``A [in, 0]``, ``B [0, out]``) for a projection without adapters."""
+  return jnp.zeros(kernel.shape[:1] + (0,), kernel.dtype), jnp.zeros((0,) + kernel.shape[1:], kernel.dtype)
 
 
 @register_lora_layer(nnx.LinearGeneral)

@@ -224,13 +224,40 @@ class LoraLayer(nnx.Module):
     return y
 
   def _routed_delta(self, x, dtype):
-    """Per-sample adapters: row i of the batch uses ``routing[i]``'s adapter."""
+    """Per-sample adapters: row i of the batch uses ``routing[i]``'s adapter (a one-hot row; all
+    zeros for the base model).
+
+    Every routed adapter's factors are folded to plain LoRA (``lora_factors``),
+    padded to one rank, scaled into A and stacked with an all-zero adapter for
+    base rows; each row then gathers its own ``A``, ``B`` and the delta is one
+    batched ``x·A`` and one batched ``h·B`` over the rows (punica / S-LoRA
+    style), whatever the number of adapters.
+    """
     weights = self.routing[...]
     if x.shape[:1] != weights.shape[:1]:
       raise ValueError(
           f"per_sample_adapters got {weights.shape[0]} adapter names but {self.module_names[0]} "
           f"sees a batch of {x.shape[0] if x.ndim else 'none'}; pass one name per batch row."
       )
+    present = [j for j, name in enumerate(self.routing_names) if name in self.adapters]
+    if not present:
+      return jnp.zeros((), dtype)
+    adapters = [self.adapters[self.routing_names[j]] for j in present]
+    if any(dropout_active(adapter) for adapter in adapters):
+      return self._looped_delta(x, weights, dtype)
+    factors = [adapter.lora_factors(self) for adapter in adapters]
+    rank = max(a.shape[-1] for a, _, _ in factors)
+    a_all = jnp.stack([_pad_axis(a * s.astype(a.dtype), -1, rank) for a, _, s in factors]
+                      + [jnp.zeros(factors[0][0].shape[:-1] + (rank,), factors[0][0].dtype)])
+    b_all = jnp.stack([_pad_axis(b, self.b_rank_axis, rank) for _, b, _ in factors]
+                      + [jnp.zeros_like(_pad_axis(factors[0][1], self.b_rank_axis, rank))])
+    chosen = weights[:, jnp.asarray(present)]
+    rows = jnp.where(chosen.max(axis=-1) > 0, jnp.argmax(chosen, axis=-1), len(present))
+    one_row = lambda x, a, b: self.project_out(self.project_in(x, a), b)
+    return jax.vmap(one_row)(x, a_all[rows].astype(dtype), b_all[rows].astype(dtype))
+
+  def _looped_delta(self, x, weights, dtype):
+    """Per-sample routing by evaluating every routed adapter on the whole batch (used with dropout)."""
     total = 0
     for j, name in enumerate(self.routing_names):
       if name not in self.adapters:
@@ -261,6 +288,21 @@ class LoraLayer(nnx.Module):
         continue
       kernel[...] = (kernel[...] - self.delta_weight(name)).astype(kernel.dtype)
       self.merged_adapters = tuple(n for n in self.merged_adapters if n != name)
+
+
+def dropout_active(adapter: Adapter) -> bool:
+  """Whether ``adapter`` (or a WLoRA upstream) applies dropout to its input in this call."""
+  if isinstance(adapter, LoraAdapter):
+    return adapter.dropout_key is not None and not adapter.deterministic
+  return any(dropout_active(u) for u in adapter.upstreams)
+
+
+def _pad_axis(array: jax.Array, axis: int, size: int) -> jax.Array:
+  """``array`` zero-padded at the end of ``axis`` (negative axes count from the end) to ``size``."""
+  axis = axis % array.ndim
+  pad = [(0, 0)] * array.ndim
+  pad[axis] = (0, size - array.shape[axis])
+  return jnp.pad(array, pad)
 
 
 def new_wlora_adapter(layer: LoraLayer, upstreams: list[LoraAdapter]) -> WLoraAdapter:

@@ -36,12 +36,17 @@ class ModelConfig:
       attention outputs; elementwise work is recomputed), ``"none"``
       (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
       only; least memory, one extra forward pass).
+    quantize: ``""`` (full precision) or ``"nf4"`` / ``"int8"`` / ``"fp8"``:
+      store the loaded model's Linear kernels quantized and frozen under the
+      adapter (``jlora.quantize``; QLoRA with ``"nf4"``). A model passed to
+      ``jlora.train(model=...)`` is used as given (quantize it yourself).
   """
 
   name: str = "tiny"
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
+  quantize: Literal["", "nf4", "int8", "fp8"] = ""
 
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",

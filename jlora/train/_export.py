@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from jlora.io import load_peft, save_peft, save_pretrained
-from jlora.nn import merge_and_unload, unload
+from jlora.nn import unload
+from jlora.quant import merge_and_unload  # dequantizes a quantized base first
 
 
 def _logits(model, ids) -> np.ndarray:

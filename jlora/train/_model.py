@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jlora.io import from_pretrained
 from jlora.io._inject_dirs import get_peft_model
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
+from jlora.quant import quantize
 from jlora.train._config import AdapterConfig, ModelConfig
 from jlora.train._tokenizer import load_tokenizer
 
@@ -58,10 +59,12 @@ def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
 def _base_model(cfg: ModelConfig, mesh: Mesh | None):
   _load_builtin_presets()
   if cfg.name in _PRESETS:
-    return _PRESETS[cfg.name](cfg), None
+    model = _PRESETS[cfg.name](cfg)
+    return (quantize(model, cfg.quantize) if cfg.quantize else model), None
   path = Path(cfg.name).expanduser()
   if path.is_dir() or path.is_file():  # a file gets from_pretrained's error: pass its directory
-    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), mesh=mesh), str(path)
+    return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), mesh=mesh,
+                           quantize=cfg.quantize or None), str(path)
   raise ValueError(
       f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
       "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")
