@@ -40,6 +40,9 @@ SHAPES = {
         hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
         head_dim=128, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
         tie_word_embeddings=True, rope_theta=500000.0)),
+    "wide70b": dict(layers=48, hf=dict(  # 70B-class width; initialised sharded, no checkpoint
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, vocab_size=128256)),
 }
 
 
@@ -250,7 +253,7 @@ def _jlora_train_step(model, mesh=None):
   params, rng, frozen = parts.params, parts.rng, parts.frozen
   if mesh is not None:
     params, rng, frozen = (shard_state(s, mesh) for s in (params, rng, frozen))
-  return make_train_step(parts.graphdef, tx), [params, tx.init(params), rng], frozen
+  return make_train_step(parts.graphdef, tx, mesh=mesh), [params, tx.init(params), rng], frozen
 
 
 def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
@@ -275,24 +278,71 @@ def run_jlora_train(args) -> list[dict]:
   return [_time_train(_jlora_model(args, args.adapter), args.batch, args.seq, args)]
 
 
+WIDE70B = dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+               num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+               norm_eps=1e-5, rope=(("rope_theta", 500000.0), ("rope_type", "default")))
+
+
+def _wide_model(args, mesh):
+  """A Llama of 70B-class width (``args.layers`` deep), created already split over ``mesh``.
+
+  ``nnx.eval_shape`` gives the shapes, the jitted init writes each array
+  straight into its shard (``out_shardings``): the whole model never exists
+  on one device. bf16 base, LoRA r=16 on the seven projections.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  import jlora
+  from jlora.models import CausalLM, ModelConfig
+  from jlora.train import state_shardings
+
+  config = ModelConfig(num_hidden_layers=args.layers, **WIDE70B)
+  make = lambda: CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+                          remat=args.remat)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh))()
+  model = nnx.merge(graphdef, state)
+  jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                               init_lora_weights=False))
+  from jlora.nn import set_lora_matmul
+  set_lora_matmul(model, args.lora_matmul, shared_input=bool(args.shared))
+  return model
+
+
+def _plan_bytes(model, args, mesh_shape, batch: int) -> int | None:
+  """The memory plan's per-device estimate for this run (``jlora.train._memory``)."""
+  import jax
+  from jlora.train import plan_job
+  plan = plan_job(model, devices=int(__import__("math").prod(mesh_shape)), batch_size=batch,
+                          seq_len=args.seq, mesh=mesh_shape, remat=args.remat, r=16, targets=TARGETS,
+                          capacity_gib=1e6, backend=jax.default_backend())
+  return None if plan is None else plan.total
+
+
 def run_jlora_scaling(args) -> list[dict]:
-  """Weak scaling: ``args.batch`` rows per GPU on 1 GPU, then on all of them (data, then FSDP mesh)."""
+  """Weak scaling: ``args.batch`` rows per data-parallel GPU on the mesh ``args.mesh`` ("data,fsdp,tensor")."""
   _import_jax()
   import jax
   import numpy as np
   from jax.sharding import Mesh
   from jlora.train import MESH_AXES
-  n = jax.device_count()
-  meshes = [(1, (1, 1, 1)), (n, (n, 1, 1)), (n, (1, n, 1))]
-  results = []
-  for devices, shape in meshes:
-    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), MESH_AXES)
-    result = _time_train(_jlora_model(args, "lora"), args.batch * devices, args.seq, args, mesh)
-    stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
-    result.update(devices=devices, mesh=dict(zip(MESH_AXES, shape)), batch=args.batch * devices,
-                  peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats))
-    results.append(result)
-  return results
+  shape = tuple(int(x) for x in args.mesh.split(","))
+  devices = int(np.prod(shape))
+  mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), MESH_AXES)
+  batch = args.batch * shape[0] * shape[1]
+  model = _wide_model(args, mesh) if args.model == "wide70b" else _jlora_model(args, "lora")
+  plan = _plan_bytes(model, args, shape, batch)
+  result = _time_train(model, batch, args.seq, args, mesh)
+  stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
+  result.update(devices=devices, mesh=dict(zip(MESH_AXES, shape)), batch=batch, rows=args.batch,
+                model=args.model,
+                peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats), plan_bytes=plan)
+  if args.model == "wide70b":
+    from jlora.models import ModelConfig
+    from jlora.train import Arch
+    result["params"] = Arch.of(ModelConfig(num_hidden_layers=args.layers, **WIDE70B)).base_params()
+  return [result]
 
 
 def _time_jax(fn, args) -> dict:
@@ -321,7 +371,7 @@ def worker(args) -> None:
     results = run(args)
   else:
     results = run_peft(args)
-  n = param_count(args.ckpt)
+  n = results[0].get("params") or param_count(args.ckpt)
   flops = flop_counts(args.shape, args.layers, args.seq)
   for result in results:
     base = dict(framework=args.framework, task=args.task, shape=args.shape, batch=args.batch, seq=args.seq,
@@ -346,7 +396,8 @@ def spawn(args, **overrides) -> list[dict]:
   opts.update(overrides)
   opts.setdefault("layers", SHAPES[opts["shape"]]["layers"])
   ckpt = f"/dev/shm/{opts['shape']}-{opts['layers']}"
-  make_checkpoint(ckpt, opts["shape"], opts["layers"])
+  if opts.get("model", "tinyllama") == "tinyllama":  # the wide model is initialised on the GPUs
+    make_checkpoint(ckpt, opts["shape"], opts["layers"])
   cmd = [sys.executable, __file__, "worker", "--ckpt", ckpt]
   for key, value in opts.items():
     cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -388,7 +439,12 @@ SUITES = {
     # Llama-3.2-3B shape at 2x4096 (and a bigger batch for jlora, which fits more).
     "llama3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=n, seq=4096, **FUSED) for n in (2, 4)]
                          + [dict(framework=f, shape="llama3b", batch=2, seq=4096) for f in ("peft-compile",)],
-    "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, **FUSED) for n in b],
+    # 1 GPU, then data=2, fsdp=2, tensor=2 at the same rows per data-parallel GPU (2 GPUs).
+    "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m, **FUSED)
+                          for n in b for m in ("1,1,1", "2,1,1", "1,2,1", "1,1,2")],
+    # A Llama of 70B width, 48 layers: 43B params, 86 GB in bf16, more than one 80 GB GPU; fsdp=2.
+    "wide": lambda b: [dict(framework="jlora", task="scaling", shape="wide70b", model="wide70b", batch=1,
+                            seq=2048, mesh="1,2,1", remat="full", steps=4, warmup=1, **FUSED)],
     "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
                           for n in (11, 22)],
 }
@@ -414,6 +470,8 @@ def main() -> None:
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")
   parser.add_argument("--remat", default="matmuls", help="jlora: what the backward pass keeps per layer")
+  parser.add_argument("--mesh", default="1,1,1", help="scaling: data,fsdp,tensor")
+  parser.add_argument("--model", default="tinyllama", help="scaling: tinyllama (checkpoint) or wide70b (sharded init)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=int, default=400)

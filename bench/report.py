@@ -72,13 +72,18 @@ def render(results: list[dict]) -> str:
     out.append("")
   scaling = [r for r in ok if r["task"] == "scaling"]
   if scaling:
-    out += ["### Multi-GPU weak scaling (jlora)", "",
-            _row(["GPUs", "mesh", "global batch", "tokens/s", "efficiency"]), _row(["---"] * 5)]
-    one = next((r for r in scaling if r["devices"] == 1), None)
-    for r in sorted(scaling, key=lambda r: r["devices"]):
-      eff = r["tokens_per_s"] / (one["tokens_per_s"] * r["devices"]) if one else float("nan")
-      out.append(_row([r["devices"], r.get("mesh", ""), r["batch"], f"{r['tokens_per_s']:,.0f}",
-                       f"{eff:.1%}"]))
+    out += ["### Multi-GPU scaling (jlora; same rows per data-parallel GPU; plan = jlora's memory plan)", "",
+            _row(["model", "GPUs", "mesh", "global batch", "tokens/s", "weak-scaling efficiency",
+                  "peak GiB/GPU", "plan GiB/GPU"]), _row(["---"] * 8)]
+    for r in sorted(scaling, key=lambda r: (r.get("model", "tinyllama"), r["devices"], str(r.get("mesh")))):
+      one = next((o for o in scaling if o["devices"] == 1 and o.get("model") == r.get("model")
+                  and o.get("rows") == r.get("rows") and o["seq"] == r["seq"]), None)
+      eff = "-" if one is None or r["devices"] == 1 else f"{r['tokens_per_s'] / (one['tokens_per_s'] * r['devices']):.1%}"
+      mesh = r.get("mesh", {})
+      mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.items() if v > 1) if isinstance(mesh, dict) else mesh
+      plan = _gib(r["plan_bytes"]) if r.get("plan_bytes") else "-"
+      out.append(_row([r.get("model", "tinyllama"), r["devices"], mesh_text or "1 GPU", f"{r['batch']}×{r['seq']}",
+                       f"{r['tokens_per_s']:,.0f}", eff, _gib(r["peak_bytes"]), plan]))
     out.append("")
   for r in failed:
     out.append(f"- FAILED {r.get('framework')} {r.get('task')} batch {r.get('batch')}: "

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jlora.train import MeshError, param_spec
-from jlora.train._sharding import resolve_mesh_shape
+from jlora.train._sharding import gathered_spec, resolve_mesh_shape
 
 TESTS = Path(__file__).parent
 MESH = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 4})
@@ -51,21 +51,35 @@ def test_projection_out_is_tensor_by_fsdp():
   assert param_spec(path("mlp", "down_proj", "kernel"), (32, 16), MESH) == P("tensor", "fsdp")
 
 
-def test_adapter_factors_follow_their_base_layer():
+def test_adapter_factors_follow_their_base_layer_and_also_split_over_fsdp():
   base = ("model", "layers", "self_attn", "q_proj")
   a = param_spec(path(*base, "adapters", "default", "lora_A"), (2, 16, 4), MESH)
   b = param_spec(path(*base, "adapters", "default", "lora_B"), (2, 4, 16), MESH)
   kernel = param_spec(path(*base, "base_layer", "kernel"), (2, 16, 16), MESH)
-  assert (a, b, kernel) == (P(None, "fsdp", None), P(None, None, "tensor"), P(None, "fsdp", "tensor"))
+  assert (a, b, kernel) == (P(None, "fsdp", None), P(None, None, ("tensor", "fsdp")), P(None, "fsdp", "tensor"))
+
+
+def test_adapter_factor_keeps_its_base_axis_when_fsdp_does_not_divide_too():
+  b = param_spec(path("mlp", "up_proj", "adapters", "default", "lora_B"), (4, 12), MESH)
+  assert b == P(None, "tensor")
+
+
+def test_gathered_spec_drops_only_fsdp():
+  base = ("model", "layers", "mlp", "down_proj")
+  assert gathered_spec(path(*base, "base_layer", "kernel"), (32, 16), MESH) == P("tensor", None)
+  assert gathered_spec(path(*base, "adapters", "default", "lora_A"), (32, 4), MESH) == P("tensor", None)
 
 
 def test_dims_the_axis_does_not_divide_are_replicated():
   assert param_spec(path("lm_head", "kernel"), (16, 258), MESH) == P("fsdp", None)
 
 
-def test_norms_and_unknown_modules_are_replicated():
+def test_norms_are_replicated():
   assert param_spec(path("model", "norm", "scale"), (16,), MESH) == P(None)
-  assert param_spec(path("model", "mystery", "kernel"), (16, 16), MESH) == P(None, None)
+
+
+def test_a_matrix_no_rule_names_splits_its_larger_side_over_fsdp():
+  assert param_spec(path("model", "mystery", "kernel"), (3, 8, 32), MESH) == P(None, None, "fsdp")
 
 
 JOB = """

@@ -20,7 +20,7 @@ from jlora.models import _cache
 from jlora.models._attention import RMSNorm, activation, attend, build_mask, check_attention, segment_positions
 from jlora.models._cache import KVCache
 from jlora.models._config import ModelConfig
-from jlora.models._remat import check_remat, rematerialized, saved
+from jlora.models._remat import check_remat, placement, rematerialized, saved
 from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
 from jlora.nn import lora_projections, mark_stacked
 
@@ -46,14 +46,19 @@ def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args, 
 
   ``kv`` is that layer's ``(k, v)`` slice of the cache (None without one);
   ``remat`` names what the backward pass keeps (``jlora.models.REMAT_POLICIES``).
+  Under a mesh placement (``jlora.models._remat.placed``) ``h`` stays split
+  over the batch and each layer's weights are gathered inside the body.
   Returns ``(h, (k, v) stacked over layers or None)``.
   """
   kv = None if cache is None else (cache.k, cache.v)
   call = rematerialized(lambda layer, h, kv, *args: layer(h, kv, *args), remat)
+  where = placement()
+  pin = (lambda x: x) if where is None else where.activations
 
   @nnx.scan(in_axes=(nnx.Carry, 0, 0) + (None,) * len(args), out_axes=(nnx.Carry, 0))
   def run(h, layer, kv, *args):
-    return call(layer, h, kv, *args)
+    h, kv = call(layer, pin(h), kv, *args)
+    return pin(h), kv
 
   return run(h, layers, kv, *args)
 

@@ -15,13 +15,20 @@ policies trade that memory for cheap recomputation:
   about one extra forward pass).
 
 Forward-only calls (inference, generation) are unaffected.
+
+On a device mesh the trainer installs a ``LayerPlacement`` (``placed``): the
+scan body then pins the carried activations to their batch sharding and
+gathers each layer's weights inside the body, one layer at a time, in the
+forward pass and again in the backward pass. Gathered weights are named
+``GATHERED`` and no policy keeps them, so they are never saved residuals.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
+import contextlib
+import contextvars
 import math
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 from flax import nnx
@@ -31,6 +38,7 @@ REMAT_POLICIES = ("none", "matmuls", "full")
 
 
 SAVED = "saved_for_backward"
+GATHERED = "gathered_layer_weights"
 LOW_RANK_MAX = 256
 
 
@@ -56,24 +64,74 @@ fused attention are kept; norms, rope, activations, adapter additions and the
 frozen matmuls whose outputs the backward pass never reads are not."""
 
 
+class LayerPlacement(Protocol):
+  """Where one scanned layer's arrays live on a mesh (installed by the trainer with ``placed``)."""
+
+  def activations(self, x: jax.Array) -> jax.Array:
+    """``x [B, ...]`` constrained to the batch sharding."""
+
+  def layer_weights(self, state: nnx.State) -> nnx.State:
+    """One layer's state (no layer axis) constrained to its gathered (compute) sharding."""
+
+
+_PLACEMENT: contextvars.ContextVar[LayerPlacement | None] = contextvars.ContextVar("placement", default=None)
+
+
+@contextlib.contextmanager
+def placed(placement: LayerPlacement | None) -> Iterator[None]:
+  """Trace the model under ``placement`` (``None``: single device, nothing changes)."""
+  token = _PLACEMENT.set(placement)
+  try:
+    yield
+  finally:
+    _PLACEMENT.reset(token)
+
+
+def placement() -> LayerPlacement | None:
+  """The ``LayerPlacement`` being traced under, if any."""
+  return _PLACEMENT.get()
+
+
+def _not_gathered(prim, *args, **params) -> bool:
+  """The ``"none"`` policy under a placement: keep everything but gathered weights and the gather itself."""
+  return prim.name not in ("shard_map", "all_gather") and params.get("name") != GATHERED
+
+
 def check_remat(remat: str) -> str:
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat={remat!r} is not a rematerialisation policy; use one of {', '.join(REMAT_POLICIES)}.")
   return remat
 
 
+def _gathered(state: nnx.State, where: LayerPlacement | None) -> nnx.State:
+  if where is None:
+    return state
+  return jax.tree.map(lambda x: checkpoint_name(x, GATHERED), where.layer_weights(state))
+
+
 def rematerialized(fn: Callable[..., Any], remat: str) -> Callable[..., Any]:
-  """``fn(module, *arrays)`` under the named policy; state the module changes is written back."""
-  if check_remat(remat) == "none":
+  """``fn(module, *arrays)`` under the named policy; state the module changes is written back.
+
+  Under a ``LayerPlacement`` the module's weights are gathered inside the
+  checkpointed call (so the backward pass gathers them again instead of
+  keeping them); ``"none"`` then keeps everything but the gathered weights.
+  """
+  where = placement()
+  if check_remat(remat) == "none" and where is None:
     return fn
-  policy = save_matmuls_and_attention if remat == "matmuls" else jax.checkpoint_policies.nothing_saveable
+  if remat == "matmuls":
+    policy = save_matmuls_and_attention
+  elif remat == "full":
+    policy = jax.checkpoint_policies.nothing_saveable
+  else:
+    policy = _not_gathered
 
   def call(module: nnx.Module, *args):
     graphdef, state = nnx.split(module)
 
     def pure(state, *args):
-      module = nnx.merge(graphdef, state)
-      return fn(module, *args), nnx.state(module)
+      module = nnx.merge(graphdef, _gathered(state, where))
+      return fn(module, *args), nnx.state(module, nnx.Not(nnx.Param))  # params never change here
 
     out, state = jax.checkpoint(pure, policy=policy, prevent_cse=False)(state, *args)
     nnx.update(module, state)

@@ -10,14 +10,18 @@ and training (``jlora.train`` places params, adapter and optimizer state).
   ``vocab`` to ``tensor``. Leading (scan) dims and dims the mesh axis does not
   divide are replicated.
 - An adapter is sharded like its base layer: ``lora_A [.., in, r]`` takes the
-  kernel's ``in`` axis, ``lora_B [.., r, out]`` its ``out`` axis; the rank
-  dim is replicated.
+  kernel's ``in`` axis, ``lora_B [.., r, out]`` its ``out`` axis, and both
+  are also split over ``fsdp`` where that axis is not already theirs (so the
+  adapter and its optimizer state shrink about 1/fsdp); the rank dim is
+  replicated. A matrix no rule names (``kernel`` / ``embedding``) splits its
+  larger side over ``fsdp``.
 - A quantized kernel's arrays (``qkernel``, ``kernel_scale``, ``scale_offset``,
   ``scale_step``, all ``[.., rows, out]``) are sharded like the kernel.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -41,8 +45,6 @@ _WRAPPER_PARTS = ("base_layer", "adapters", "upstreams")
 _KERNEL_NAMES = ("kernel", "embedding", "qkernel", "kernel_scale", "scale_offset", "scale_step")
 
 
-
-
 def make_mesh(shape: tuple[int, int, int]) -> Mesh:
   """A ``Mesh`` of every device (all hosts) with axes ``(data, fsdp, tensor)``."""
   devices = np.asarray(jax.devices()).reshape(shape)
@@ -56,6 +58,24 @@ def _logical_axes(module_path: str) -> tuple[str, str] | None:
   return None
 
 
+def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+  """Mesh axes wanted per dim of a variable (before the divisibility check)."""
+  if len(shape) < 2:
+    return {}
+  last, prev = len(shape) - 1, len(shape) - 2
+  if axes is None:  # a matrix no rule names: FSDP still splits its larger side
+    return {max((prev, last), key=lambda d: shape[d]): ("fsdp",)} if name in ("kernel", "embedding") else {}
+  in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
+  with_fsdp = lambda axis: (axis,) if axis == "fsdp" else (axis, "fsdp")
+  if name in _KERNEL_NAMES:
+    return {prev: (in_axis,), last: (out_axis,)}
+  if name == "lora_A":  # [.., in, r]: split like the kernel's in side, and over fsdp too
+    return {prev: with_fsdp(in_axis)}
+  if name == "lora_B":  # [.., r, out]
+    return {last: with_fsdp(out_axis)}
+  return {}
+
+
 def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
   """The ``PartitionSpec`` of one variable, from its path and shape (see the module doc)."""
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
@@ -67,22 +87,13 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     if k in _WRAPPER_PARTS:
       module = module[:i]
       break
-  axes = _logical_axes(".".join(module))
-  spec = [None] * len(shape)
-  if axes is None or len(shape) < 2:
-    return P(*spec)
-  in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
-  if name in _KERNEL_NAMES:
-    dims = {len(shape) - 2: in_axis, len(shape) - 1: out_axis}
-  elif name == "lora_A":
-    dims = {len(shape) - 2: in_axis}
-  elif name == "lora_B":
-    dims = {len(shape) - 1: out_axis}
-  else:
-    dims = {}
-  for dim, axis in dims.items():
-    if shape[dim] % mesh.shape[axis] == 0:
-      spec[dim] = axis
+  spec: list = [None] * len(shape)
+  for dim, wanted in _dim_axes(name, _logical_axes(".".join(module)), shape).items():
+    for n in range(len(wanted), 0, -1):  # the most axes that divide the dim
+      axes = wanted[:n]
+      if shape[dim] % math.prod(mesh.shape[a] for a in axes) == 0:
+        spec[dim] = axes[0] if n == 1 else axes
+        break
   return P(*spec)
 
 

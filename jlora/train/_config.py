@@ -137,11 +137,17 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh ``(data, fsdp, tensor)``; ``data=-1`` takes every device the others leave."""
+  """Device mesh ``(data, fsdp, tensor)``; ``data=-1`` takes every device the others leave.
+
+  ``fsdp=-1`` picks the smallest FSDP split (and, if needed, ``model.remat="full"``)
+  whose memory plan fits the device. ``device_memory_gib`` overrides the
+  device memory the plan checks against (``0``: read it from the device).
+  """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  device_memory_gib: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,9 +273,14 @@ def _check_values(cfg: TrainConfig) -> None:
                       f"{cfg.optim.loraplus_lr_ratio}.")
   if cfg.optim.loraplus_lr_embedding <= 0:
     raise ConfigError(f"optim.loraplus_lr_embedding must be > 0, got {cfg.optim.loraplus_lr_embedding}.")
-  for axis in ("fsdp", "tensor"):
+  for axis in ("tensor",):
     if getattr(cfg.mesh, axis) < 1:
       raise ConfigError(f"mesh.{axis} must be >= 1, got {getattr(cfg.mesh, axis)}.")
+  if cfg.mesh.fsdp < 1 and cfg.mesh.fsdp != -1:
+    raise ConfigError(f"mesh.fsdp must be >= 1 or -1 (the smallest that fits), got {cfg.mesh.fsdp}.")
+  if cfg.mesh.device_memory_gib < 0:
+    raise ConfigError(f"mesh.device_memory_gib must be >= 0 (0: read it from the device), got "
+                      f"{cfg.mesh.device_memory_gib}.")
   if cfg.mesh.data < 1 and cfg.mesh.data != -1:
     raise ConfigError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {cfg.mesh.data}.")
   if cfg.adapter.use_dora and cfg.adapter.kind != "lora":

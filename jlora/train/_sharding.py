@@ -3,12 +3,15 @@
 - Batches are split over ``("data", "fsdp")``.
 - Params, adapters and optimizer state follow the rules of
   ``jlora.models._sharding`` (``param_spec``), re-exported here.
+- Under a mesh the train step gathers each scanned layer's weights inside the
+  scan body, one layer at a time (``MeshPlacement``).
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.models._sharding import (  # noqa: F401  (the rules live beside the models; re-exported)
@@ -45,6 +48,64 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, batch_size: int,
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _fsdp_dim(spec: P) -> int | None:
+  for dim, axes in enumerate(spec):
+    if axes == "fsdp" or (isinstance(axes, tuple) and "fsdp" in axes):
+      return dim
+  return None
+
+
+def gathered_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """The spec one layer's variable is computed with: ``param_spec`` without the ``fsdp`` axis.
+
+  FSDP stores weights split over ``fsdp`` and gathers them for the matmul;
+  the ``tensor`` split stays (Megatron-style column / row parallel layers).
+  """
+  def drop(axes):
+    if isinstance(axes, tuple):
+      rest = tuple(a for a in axes if a != "fsdp")
+      return rest[0] if len(rest) == 1 else (rest or None)
+    return None if axes == "fsdp" else axes
+  return P(*(drop(axes) for axes in param_spec(path, shape, mesh)))
+
+
+class MeshPlacement:
+  """The ``jlora.models`` layer placement of a mesh: batch-split activations, per-layer gathered weights.
+
+  Each scanned layer's weights are gathered over ``fsdp`` with an explicit
+  ``all_gather`` (``shard_map``) on that layer's slice: the partitioner then
+  neither gathers the stacked weights of all layers at once nor transposes
+  the whole stack to suit a gather, and activations never leave their rows.
+  """
+
+  def __init__(self, mesh: Mesh):
+    self.mesh = mesh
+
+  def activations(self, x: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh))
+
+  def layer_weights(self, state: nnx.State) -> nnx.State:
+    if self.mesh.shape["fsdp"] == 1:
+      return state
+    return jax.tree_util.tree_map_with_path(self._gather, state)
+
+  def _gather(self, path, x):
+    spec = param_spec(path, np.shape(x), self.mesh)
+    dim = _fsdp_dim(spec)
+    if dim is None:
+      return x
+    gather = lambda local: jax.lax.all_gather(local, "fsdp", axis=dim, tiled=True)
+    return jax.shard_map(gather, mesh=self.mesh, in_specs=spec, check_vma=False,
+                         out_specs=gathered_spec(path, np.shape(x), self.mesh))(x)
+
+
+def placement(mesh: Mesh | None) -> MeshPlacement | None:
+  """The placement to trace the model under, or None on one device (nothing to place)."""
+  if mesh is None or mesh.size == 1:
+    return None
+  return MeshPlacement(mesh)
 
 
 def process_rows(mesh: Mesh, batch_size: int) -> slice:

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jlora.models._remat import placed
 from jlora.nn import LoraParam
 from jlora.nn._variables import LoraRngKey
 from jlora.train._loss import chunked_nll, masked_nll
 from jlora.train._optimizer import adapter_optimizer
+from jlora.train._sharding import placement
 
 
 class Parts(NamedTuple):
@@ -89,7 +91,7 @@ def _forward(graphdef, params, rng, frozen, batch, loss_chunk_tokens):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    loss_chunk_tokens: int = 0) -> Callable:
+                    loss_chunk_tokens: int = 0, mesh=None) -> Callable:
   """The jitted step ``jlora.train`` runs, for loops of your own.
 
   ``step(params, opt_state, rng, frozen, batch) -> (params, opt_state, rng, loss, tokens)``:
@@ -101,29 +103,37 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   head that many tokens at a time (``batch_nll``). Returns the updated states, the mean masked next-token loss and the
   number of trained tokens. Write the result back with
   ``nnx.update(model, params, rng)``. Arrays keep the shardings they come in
-  with (``shard_state`` / ``put_batch`` place them on a mesh). Nothing is donated: adapter-sized state is
+  with (``shard_state`` / ``put_batch`` place them on a mesh); pass that
+  ``mesh`` so the model is traced under its placement
+  (``_sharding.MeshPlacement``: activations split over the batch axes,
+  scanned layers' weights gathered one layer at a time). Nothing is donated: adapter-sized state is
   small, WLoRA upstreams may share buffers, and async checkpoints still
   read the previous step's arrays.
   """
+
+  where = placement(mesh)
 
   def step(params, opt_state, rng, frozen, batch):
     def loss_fn(p):
       total, count, new_rng = _forward(graphdef, p, rng, frozen, batch, loss_chunk_tokens)
       return total / jnp.maximum(count, 1.0), (count, new_rng)
 
-    (loss, (count, new_rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    with placed(where):
+      (loss, (count, new_rng)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, new_rng, loss, count
 
   return jax.jit(step)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_chunk_tokens: int = 0) -> Callable:
-  """``(params, rng, frozen, batch) -> (sum nll, trained tokens)``, jitted; dropout off."""
+def make_eval_step(graphdef: nnx.GraphDef, loss_chunk_tokens: int = 0, mesh=None) -> Callable:
+  """``(params, rng, frozen, batch) -> (sum nll, trained tokens)``, jitted; dropout off; ``mesh`` as above."""
+  where = placement(mesh)
 
   def step(params, rng, frozen, batch):
     model = nnx.merge(graphdef, params, rng, frozen, copy=True)
     model.eval()
-    return batch_nll(model, batch, loss_chunk_tokens)
+    with placed(where):
+      return batch_nll(model, batch, loss_chunk_tokens)
 
   return jax.jit(step)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jlora.models import check_attention
 from jlora.nn import disable_adapters
-from jlora.train import _data, _distributed, _sharding, _steps
+from jlora.train import _data, _distributed, _memory, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
 from jlora.train._model import add_adapter, load_model, max_length, set_attention, tokenizer_for, vocab_size
@@ -135,14 +135,19 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
   check_report(cfg.report)
-  mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
   check_attention(cfg.model.attention, for_backend=True)  # before any weights are read
+  model_dir, remat, picked = None, "", ""
+  if cfg.mesh.fsdp == -1:
+    model, model_dir, mesh_shape, remat, picked = _auto_mesh(cfg, model)
+  else:
+    mesh_shape = _sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.batch_size)
   mesh = _sharding.make_mesh(mesh_shape)
-  model_dir = None
   if model is None:
     model, model_dir = load_model(cfg.model, mesh)
   else:
     set_attention(model, cfg.model.attention)
+  if remat and hasattr(model, "remat"):
+    model.remat = remat
   tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
@@ -161,6 +166,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
+  _plan_memory(cfg, model, mesh_shape, picked)
   _distributed.barrier("jlora:checked-output-dir")  # every process decided before process 0 writes
   if jax.process_index() == 0:
     claim_output_dir(out, config_dict, decision)
@@ -184,9 +190,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   primary = jax.process_index() == 0  # writes the reports
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
                     sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
-  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens)
+  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens, mesh=mesh)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
-  eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens)
+  eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens, mesh=mesh)
 
   def evaluate():
     totals = [eval_step(params, rng, frozen, put({k: v[local] for k, v in b.items()})) for b in held_out]
@@ -246,6 +252,43 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     params, rng = jax.tree.map(jnp.asarray, _distributed.gather_to_host((params, rng)))
   nnx.update(model, params, rng)
   return _finish(cfg, model, tokenizer, out, metrics.records, start, held_out)
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
+  """``mesh.fsdp=-1``: ``(model, model_dir, mesh shape, remat or "", sentence)`` the memory plan picks.
+
+  A checkpoint's sizes come from its ``config.json`` (its weights are then
+  loaded onto the picked mesh); a preset is built first (presets are small).
+  """
+  model_dir = None
+  path = Path(cfg.model.name).expanduser()
+  if model is None and (path / "config.json").is_file():
+    sizes = _memory.checkpoint_sizes(str(path / "config.json"), _DTYPE_BYTES[cfg.model.dtype])
+  else:
+    if model is None:
+      model, model_dir = load_model(cfg.model)
+    sizes = _memory.model_sizes(model)
+  m, remat, said = cfg.mesh, "", ""
+  shape = (m.data, 1, m.tensor)
+  if sizes is not None:
+    shape, remat, said = _memory.auto_mesh(
+        sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
+        tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+        capacity_gib=m.device_memory_gib, backend=jax.default_backend())
+  return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
+
+
+def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
+  """Print the per-device memory plan (and what ``mesh.fsdp=-1`` picked); refuse what won't fit."""
+  plan = _memory.plan_job(
+      model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
+      remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+      capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
+  if plan is not None and jax.process_index() == 0:
+    print(plan.describe() + (f"\n  {picked}" if picked else ""), flush=True)
 
 
 def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> TrainResult:

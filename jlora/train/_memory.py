@@ -1,0 +1,364 @@
+"""A memory plan before compiling: per-device bytes of a LoRA train step, and what to change when it won't fit.
+
+Pure functions of the architecture (``Arch``: a Llama-family decoder's sizes),
+the mesh, the remat policy, rows per device and sequence length. The figures
+follow what ``jlora.train``'s step keeps alive (see ``jlora.models._remat``
+and ``jlora.train._sharding``):
+
+- frozen base: every matrix split over ``fsdp x tensor``, norms replicated;
+  ``base_bytes_per_param`` is the base's storage (2 for bf16, about 0.5 for a
+  4-bit format);
+- adapter ``r x (in + out)`` per targeted projection (float32 for a float32
+  base, else the base dtype), split like the base; AdamW keeps two float32
+  moments; the step writes new adapter and moments (no donation) and keeps
+  one gradient, so the adapter-sized state counts about 4x + 2x;
+- activations per layer from the remat policy (``"matmuls"`` keeps the
+  projection outputs, ``"full"`` only the layer input, ``"none"`` everything
+  autodiff keeps), for all layers; plus one layer's working set (its
+  gathered weights under FSDP, the attention scores where XLA's attention
+  materialises them) and the logits with their gradient.
+
+It is an estimate: the tests hold it within a stated factor of XLA's
+compiled ``memory_analysis()`` on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+GiB = 2**30
+
+# HBM per chip, matched against ``jax.Device.device_kind`` (lower case, first match wins).
+DEVICE_MEMORY: tuple[tuple[str, float], ...] = (
+    ("h200", 141e9), ("h100", 80e9), ("a100-sxm4-40gb", 40e9), ("a100 40gb", 40e9), ("a100", 80e9),
+    ("l4", 24e9), ("tesla t4", 16e9), ("t4", 16e9), ("tpu v4", 32 * GiB), ("tpu v5 lite", 16 * GiB),
+    ("tpu v5e", 16 * GiB), ("tpu v5p", 95 * GiB), ("tpu v5", 95 * GiB), ("tpu v6 lite", 32 * GiB),
+    ("tpu v6e", 32 * GiB),
+)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REMATS = ("none", "matmuls", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """The sizes of a Llama-family decoder (``jlora.models.ModelConfig`` / HF config names)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  tie_word_embeddings: bool = False
+
+  @classmethod
+  def of(cls, config) -> "Arch | None":
+    """From any config with the HF attribute names; None if it lacks them."""
+    try:
+      heads = config.num_attention_heads
+      return cls(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                 heads, getattr(config, "num_key_value_heads", None) or heads,
+                 getattr(config, "head_dim", None) or config.hidden_size // heads,
+                 bool(getattr(config, "tie_word_embeddings", False)))
+    except AttributeError:
+      return None
+
+  def projections(self) -> dict[str, tuple[int, int]]:
+    """``(in, out)`` of each projection of one layer."""
+    h, q, kv, f = self.hidden_size, self.num_attention_heads * self.head_dim, \
+        self.num_key_value_heads * self.head_dim, self.intermediate_size
+    return dict(q_proj=(h, q), k_proj=(h, kv), v_proj=(h, kv), o_proj=(q, h), gate_proj=(h, f),
+                up_proj=(h, f), down_proj=(f, h))
+
+  def base_params(self) -> int:
+    layer = sum(i * o for i, o in self.projections().values()) + 2 * self.hidden_size
+    head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+    return self.num_hidden_layers * layer + self.vocab_size * self.hidden_size + head + self.hidden_size
+
+  def adapter_params(self, r: int, targets: Iterable[str]) -> int:
+    targets = set(targets)
+    layer = sum(r * (i + o) for name, (i, o) in self.projections().items() if name in targets)
+    outer = sum(r * (self.vocab_size + self.hidden_size)
+                for name in ("embed_tokens", "lm_head") if name in targets)
+    return self.num_hidden_layers * layer + outer
+
+
+def _size(n: float) -> str:
+  return f"{n / GiB:.1f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Estimated bytes per device of one train step (see the module doc) and the device's capacity."""
+
+  params: int
+  adapter: int
+  optimizer: int
+  activations: int
+  working: int
+  capacity: int | None
+  mesh: tuple[int, int, int]
+  remat: str
+  rows: int
+  notes: tuple[str, ...] = ()
+
+  @property
+  def total(self) -> int:
+    return self.params + self.adapter + self.optimizer + self.activations + self.working
+
+  @property
+  def fits(self) -> bool:
+    return self.capacity is None or self.total <= 0.92 * self.capacity  # room for XLA/runtime buffers
+
+  def describe(self) -> str:
+    """One line per figure, e.g. for ``jlora train`` before it compiles."""
+    d, f, t = self.mesh
+    cap = "unknown device memory" if self.capacity is None else _size(self.capacity)
+    lines = [f"memory plan per device (mesh data={d} fsdp={f} tensor={t}, remat={self.remat}, "
+             f"{self.rows} rows per device):",
+             f"  frozen params  {_size(self.params)}", f"  adapter        {_size(self.adapter)}",
+             f"  optimizer      {_size(self.optimizer)}",
+             f"  activations    {_size(self.activations + self.working)}",
+             f"  total          {_size(self.total)} of {cap}"]
+    return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def _activation_bytes(a: Arch, rows: int, seq: int, remat: str, act_bytes: int, r: int, n_targets: int,
+                      tensor: int, fused_attention: bool) -> tuple[int, int]:
+  """``(kept for all layers, one layer's transient working set)`` in bytes, per device."""
+  tokens = rows * seq
+  h, f = a.hidden_size, a.intermediate_size // tensor
+  q, kv = a.num_attention_heads * a.head_dim // tensor, a.num_key_value_heads * a.head_dim // tensor
+  projections = q + 2 * kv + 2 * f  # the matmuls policy's named outputs
+  low_rank = n_targets * r
+  per_layer = {"full": h, "matmuls": h + projections + low_rank + (q if fused_attention else 0),
+               "none": 3 * h + 2 * projections + 2 * f + low_rank + 2 * q}[remat]
+  working = tokens * (2 * (h + projections + low_rank) + 2 * f) * act_bytes
+  if not fused_attention:  # XLA's attention: [rows, heads, T, T] float32 scores and probabilities
+    working += 2 * rows * (a.num_attention_heads // tensor) * seq * seq * 4
+  return a.num_hidden_layers * tokens * per_layer * act_bytes, working
+
+
+def plan_memory(arch: Arch, *, mesh: tuple[int, int, int] = (1, 1, 1), remat: str = "matmuls",
+                rows_per_device: int = 8, seq_len: int = 2048, base_bytes_per_param: float = 2.0,
+                activation_bytes: int = 2, adapter_bytes: int = 4, r: int = 16,
+                targets: Iterable[str] = PROJECTIONS, capacity: int | None = None,
+                fused_attention: bool = False) -> MemoryPlan:
+  """Per-device bytes of a LoRA train step of ``arch`` under ``mesh = (data, fsdp, tensor)``.
+
+  ``activation_bytes`` is the compute dtype's size, ``adapter_bytes`` the
+  adapter's; ``fused_attention``: attention runs as a fused kernel (cuDNN /
+  splash) that never materialises ``[rows, heads, T, T]`` scores.
+  """
+  if remat not in REMATS:
+    raise ValueError(f"remat={remat!r} is not one of {', '.join(REMATS)}.")
+  _, fsdp, tensor = mesh
+  split = fsdp * tensor
+  targets = tuple(targets)
+  notes = [f"{name}={dim} is not divisible by fsdp={fsdp}: those weights stay replicated"
+           for name, dim in (("hidden_size", arch.hidden_size), ("vocab_size", arch.vocab_size)) if dim % fsdp]
+  adapter = arch.adapter_params(r, targets) / split
+  kept, working = _activation_bytes(arch, rows_per_device, seq_len, remat, activation_bytes, r,
+                                    sum(t in PROJECTIONS for t in targets), tensor, fused_attention)
+  head = arch.vocab_size * arch.hidden_size * base_bytes_per_param / tensor
+  if fsdp > 1:  # one layer gathered (two while the next one arrives), and the output head
+    layer = sum(i * o for i, o in arch.projections().values())
+    working += 2 * layer * base_bytes_per_param / tensor + head
+  working += rows_per_device * seq_len * (arch.vocab_size // tensor) * (2 * activation_bytes + 4)  # logits
+  return MemoryPlan(params=int(arch.base_params() * base_bytes_per_param / split),
+                    adapter=int(3 * adapter * adapter_bytes),  # old, new, gradient
+                    optimizer=int(2 * 2 * adapter * 4),  # two float32 moments, old and new
+                    activations=int(kept), working=int(working), capacity=capacity, mesh=tuple(mesh),
+                    remat=remat, rows=rows_per_device, notes=tuple(notes))
+
+
+def device_capacity(device=None) -> int | None:
+  """Bytes of memory of ``device`` (default: the first): ``memory_stats()['bytes_limit']`` where jax
+  exposes it, else the known HBM of its kind (``DEVICE_MEMORY``), else None (e.g. CPU)."""
+  import jax
+  device = device or jax.devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # backends without memory stats raise
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  kind = str(getattr(device, "device_kind", "")).lower()
+  for name, size in DEVICE_MEMORY:
+    if name in kind:
+      return int(size)
+  return None
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def suggestions(plan: MemoryPlan, arch: Arch, devices: int, batch_size: int, **kwargs) -> list[str]:
+  """Concrete changes (mesh.fsdp, model.remat, batch) under which the plan fits, best first."""
+  d, f, t = plan.mesh
+  out = []
+  for fsdp in _divisors(devices // t):
+    if fsdp <= f or batch_size % (devices // t):
+      continue
+    p = plan_memory(arch, mesh=(devices // (t * fsdp), fsdp, t), remat=plan.remat,
+                    rows_per_device=batch_size // (devices // t), capacity=plan.capacity, **kwargs)
+    if p.fits:
+      out.append(f"mesh.fsdp={fsdp}")
+      break
+  for remat in ("matmuls", "full"):
+    if REMATS.index(remat) > REMATS.index(plan.remat):
+      if plan_memory(arch, mesh=plan.mesh, remat=remat, rows_per_device=plan.rows, capacity=plan.capacity,
+                     **kwargs).fits:
+        out.append(f"model.remat={remat}")
+        break
+  rows = plan.rows
+  while rows > 1 and not out:
+    rows //= 2
+    if plan_memory(arch, mesh=plan.mesh, remat=plan.remat, rows_per_device=rows, capacity=plan.capacity,
+                   **kwargs).fits:
+      k = plan.rows // rows
+      out.append(f"batch_size={batch_size // k} with optim.grad_accum={k} (same tokens per step)")
+  return out
+
+
+def plan_defaults(arch: Arch, *, devices: int, capacity: int | None, tensor: int = 1,
+                  batch_size: int | None = None, max_rows_per_device: int = 64,
+                  **kwargs) -> tuple[MemoryPlan, str]:
+  """Defaults that fit: the smallest ``fsdp``, then the lighter remat, then (if ``batch_size`` is None)
+  the most rows per device (a power of two up to ``max_rows_per_device``).
+
+  With ``batch_size`` given, rows per device are ``batch_size / (data * fsdp)``.
+  Returns the plan and a sentence saying what was picked; when nothing
+  fits, the leanest plan (it does not ``fit``) and a sentence saying so.
+  """
+  data_fsdp = devices // tensor
+  leanest = None
+  rows_options = _rows(max_rows_per_device) if batch_size is None else [None]
+  for rows_wanted in rows_options:
+    for fsdp in _divisors(data_fsdp):
+      if batch_size is not None and batch_size % data_fsdp:
+        break
+      rows = rows_wanted or batch_size // data_fsdp
+      for remat in ("matmuls", "full"):
+        plan = plan_memory(arch, mesh=(data_fsdp // fsdp, fsdp, tensor), remat=remat, rows_per_device=rows,
+                           capacity=capacity, **kwargs)
+        if leanest is None or plan.total < leanest.total:
+          leanest = plan
+        if plan.fits:
+          return plan, (f"picked mesh.fsdp={fsdp}, model.remat={remat}, {rows} rows per device: "
+                        f"{_size(plan.total)} per device" + ("" if capacity is None else f" of {_size(capacity)}"))
+  return leanest, "nothing fits even at the largest fsdp with remat=full; the leanest plan is shown"
+
+
+def _rows(rows: int) -> list[int]:
+  out = [max(rows, 1)]
+  while out[-1] > 1:
+    out.append(out[-1] // 2)
+  return out
+
+
+def check_fits(plan: MemoryPlan, hints: list[str]) -> None:
+  """Raise ``MemoryPlanError`` with the fix when ``plan`` does not fit its device."""
+  if plan.fits:
+    return
+  fix = f"set {' or '.join(hints)}" if hints else "use more devices (mesh.fsdp) or a smaller model"
+  raise MemoryPlanError(f"the job needs {_size(plan.total)} per device, the device has "
+                        f"{_size(plan.capacity)}: {fix}.\n{plan.describe()}")
+
+
+class MemoryPlanError(ValueError):
+  """The job's memory plan does not fit the device; the message names the fix."""
+
+
+def check_tensor_split(arch: Arch, tensor: int) -> None:
+  """Tensor parallelism splits heads, kv heads and the MLP: each must divide by ``mesh.tensor``."""
+  from jlora.train._sharding import MeshError
+
+  if tensor == 1:
+    return
+  for name, size in (("num_attention_heads", arch.num_attention_heads),
+                     ("num_key_value_heads", arch.num_key_value_heads),
+                     ("intermediate_size", arch.intermediate_size)):
+    if size % tensor:
+      fits = [t for t in _divisors(math.gcd(arch.num_key_value_heads, arch.num_attention_heads,
+                                            arch.intermediate_size)) if t > 1]
+      raise MeshError(f"mesh.tensor={tensor} does not divide the model's {name}={size}; tensor parallelism "
+                      f"splits it across devices. Use mesh.tensor in {fits or [1]} (or mesh.fsdp instead).")
+
+
+def model_sizes(model) -> dict | None:
+  """``Arch`` and byte sizes of a built model (with its adapter), or None without a Llama-style config."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from jlora.nn import LoraParam
+
+  arch = Arch.of(getattr(model, "config", None))
+  if arch is None:
+    return None
+  frozen = [x for x in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoraParam))))
+            if np.ndim(x) >= 2]
+  lora = jax.tree.leaves(nnx.state(model, LoraParam))
+  act = np.dtype(getattr(model, "dtype", None) or np.float32).itemsize
+  return dict(arch=arch, base_bytes_per_param=sum(x.size * x.dtype.itemsize for x in frozen) /
+              max(sum(x.size for x in frozen), 1), activation_bytes=act,
+              adapter_bytes=lora[0].dtype.itemsize if lora else 4)
+
+
+def checkpoint_sizes(config_json: str, dtype_bytes: int) -> dict | None:
+  """``Arch`` and byte sizes from a Hugging Face ``config.json`` (before loading any weight)."""
+  import json
+  import types
+
+  arch = Arch.of(types.SimpleNamespace(**json.loads(open(config_json).read())))
+  return None if arch is None else dict(arch=arch, base_bytes_per_param=dtype_bytes,
+                                        activation_bytes=dtype_bytes, adapter_bytes=4)
+
+
+def _capacity(capacity_gib: float, backend: str) -> int | None:
+  return int(capacity_gib * GiB) if capacity_gib > 0 else (device_capacity() if backend != "cpu" else None)
+
+
+def auto_mesh(sizes: dict, *, devices: int, batch_size: int, seq_len: int, data: int, tensor: int,
+              r: int, targets, capacity_gib: float = 0.0, backend: str = "cpu") -> tuple[tuple, str, str]:
+  """``mesh.fsdp=-1``: ``((data, fsdp, tensor), remat, sentence)`` of the leanest fit (see ``plan_defaults``)."""
+  if data != -1:  # the user fixed data: fsdp takes the rest
+    fsdp = devices // (data * tensor)
+    return (data, fsdp, tensor), "", ""
+  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend)
+  plan, said = plan_defaults(sizes["arch"], devices=devices, capacity=_capacity(capacity_gib, backend),
+                             tensor=tensor, batch_size=batch_size, **kwargs)
+  return plan.mesh, plan.remat, said
+
+
+def _plan_kwargs(sizes: dict, seq_len: int, r: int, targets, backend: str) -> dict:
+  act = sizes["activation_bytes"]
+  return dict(seq_len=seq_len, base_bytes_per_param=sizes["base_bytes_per_param"], activation_bytes=act,
+              adapter_bytes=sizes["adapter_bytes"], r=r,
+              targets=PROJECTIONS if isinstance(targets, str) else tuple(targets),
+              fused_attention=backend in ("gpu", "tpu") and act == 2)
+
+
+def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[int, int, int], remat: str,
+             r: int, targets, capacity_gib: float = 0.0, backend: str = "cpu") -> MemoryPlan | None:
+  """The plan of a ``jlora.train`` job on ``mesh = (data, fsdp, tensor)``, checked before any compile.
+
+  None for a model without a Llama-style config. Raises ``MeshError`` for a
+  tensor split the model cannot take and ``MemoryPlanError`` (with the fix)
+  when it does not fit the device.
+  """
+  sizes = model_sizes(model)
+  if sizes is None:
+    return None
+  arch = sizes["arch"]
+  data, fsdp, tensor = mesh
+  check_tensor_split(arch, tensor)
+  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend)
+  plan = plan_memory(arch, mesh=mesh, remat=remat, rows_per_device=batch_size // (data * fsdp),
+                     capacity=_capacity(capacity_gib, backend), **kwargs)
+  check_fits(plan, suggestions(plan, arch, devices, batch_size, **kwargs))
+  return plan

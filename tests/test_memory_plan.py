@@ -1,0 +1,95 @@
+"""The memory plan: per-device bytes before compiling, the device's capacity, and one clear error with the fix.
+
+The estimate is checked against XLA's compiled ``memory_analysis()`` of the
+real train step (argument + temp + output bytes per device) on 8 simulated
+CPU devices: it must land within a factor of 1.6 either way, for FSDP,
+tensor-parallel and every remat policy.
+"""
+
+import types
+
+import pytest
+
+from mesh_doubles import MEMORY_CASES, MODEL, RANK, ROWS, SEQ, TARGETS, compiled_memory
+from jlora.train import MemoryPlanError, TrainConfig, train
+from jlora.train._memory import GiB, Arch, check_fits, device_capacity, plan_defaults, plan_memory, suggestions
+
+TEST_ARCH = Arch(**{k: MODEL[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "head_dim")})
+LLAMA_8B = Arch(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+V5E = 16 * GiB
+
+
+def estimate(d, f, t, remat):
+  return plan_memory(TEST_ARCH, mesh=(d, f, t), remat=remat, rows_per_device=ROWS, seq_len=SEQ,
+                     base_bytes_per_param=4, activation_bytes=4, adapter_bytes=4, r=RANK, targets=TARGETS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MEMORY_CASES, ids=lambda c: "x".join(map(str, c[:3])) + "/" + c[3])
+def test_estimate_is_within_a_factor_of_the_compiled_step(case):
+  m = compiled_memory()[f"{case[0]}x{case[1]}x{case[2]}/{case[3]}"]
+  compiled = m["argument"] + m["temp"] + m["output"]
+  assert 1 / 1.6 < estimate(*case).total / compiled < 1.6
+
+
+def test_params_and_adapter_fall_with_fsdp_times_tensor():
+  one, eight = estimate(1, 1, 1, "matmuls"), estimate(1, 4, 2, "matmuls")
+  assert eight.params == pytest.approx(one.params / 8, rel=0.01)
+  assert eight.adapter == pytest.approx(one.adapter / 8, rel=0.01)
+
+
+def test_lighter_remat_keeps_fewer_activations():
+  kept = [estimate(1, 1, 1, remat).activations for remat in ("none", "matmuls", "full")]
+  assert kept == sorted(kept, reverse=True) and kept[0] > kept[2]
+
+
+def test_capacity_is_read_from_memory_stats_where_jax_has_them():
+  gpu = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", memory_stats=lambda: {"bytes_limit": 123})
+  assert device_capacity(gpu) == 123
+
+
+@pytest.mark.parametrize("kind, gib", [("TPU v5 lite", 16), ("TPU v4", 32), ("TPU v5p", 95), ("TPU v6 lite", 32),
+                                       ("NVIDIA L4", 24e9 / GiB), ("Tesla T4", 16e9 / GiB)])
+def test_capacity_of_known_chips_without_memory_stats(kind, gib):
+  device = types.SimpleNamespace(device_kind=kind, memory_stats=lambda: None)
+  assert device_capacity(device) == pytest.approx(gib * GiB, rel=1e-6)
+
+
+def test_an_8b_model_on_one_v5e_chip_does_not_fit():
+  plan = plan_memory(LLAMA_8B, rows_per_device=1, seq_len=2048, capacity=V5E, remat="full")
+  assert not plan.fits
+
+
+def test_defaults_for_an_8b_model_on_a_v5e_8_shard_it_and_say_so():
+  plan, said = plan_defaults(LLAMA_8B, devices=8, capacity=V5E, seq_len=2048, fused_attention=True)
+  assert plan.fits and plan.mesh[1] > 1
+  assert said.startswith(f"picked mesh.fsdp={plan.mesh[1]}, model.remat={plan.remat}, {plan.rows} rows per device")
+
+
+def test_the_error_names_the_need_the_capacity_and_a_computed_fix():
+  plan = plan_memory(LLAMA_8B, mesh=(8, 1, 1), rows_per_device=1, seq_len=2048, capacity=V5E,
+                     fused_attention=True)
+  hints = suggestions(plan, LLAMA_8B, devices=8, batch_size=8, seq_len=2048, fused_attention=True)
+  with pytest.raises(MemoryPlanError, match=r"needs \d+\.\d GiB per device, the device has 16\.0 GiB: "
+                                            r"set mesh\.fsdp=\d"):
+    check_fits(plan, hints)
+
+
+def test_train_refuses_a_job_that_cannot_fit_before_writing_anything(tmp_path):
+  cfg = TrainConfig().replace(**{"output_dir": str(tmp_path / "run"), "mesh.device_memory_gib": 0.001,
+                                 "progress": False})
+  with pytest.raises(MemoryPlanError, match="per device, the device has 1.0 MiB"):
+    train(cfg)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_train_with_fsdp_auto_prints_the_plan_and_what_it_picked(tmp_path, capsys):
+  cfg = TrainConfig().replace(**{"output_dir": str(tmp_path / "run"), "mesh.fsdp": -1, "steps": 1,
+                                 "progress": False, "samples": 0, "eval_batches": 1, "data.seq_len": 32})
+  train(cfg)
+  out = capsys.readouterr().out
+  assert "memory plan per device (mesh data=1 fsdp=1 tensor=1" in out
+  assert "picked mesh.fsdp=1, model.remat=matmuls" in out
