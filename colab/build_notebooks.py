@@ -133,14 +133,17 @@ TPU = [
                       "Pallas splash attention over packed rows (segment ids keep the records apart) and "
                       "the loss runs the 128k-vocabulary output head 4096 tokens at a time, so the "
                       "`[tokens, vocab]` logits never exist at once.\n\nRuntime: a TPU VM or Colab "
-                      "runtime with 8 chips (v5e-8, v6e-8). Llama 3.1 is gated on the hub: accept its "
+                      "runtime with 8 chips (v5e-8, v6e-8), or one v5e chip with `QUANTIZE = \"nf4\"` and "
+                      "`FSDP = 1` (QLoRA: the frozen base stored in 4 bits). Llama 3.1 is gated on the hub: accept its "
                       "licence and run `huggingface_hub.login()` first, or point `MODEL` at a local copy. "
                       "Without a TPU the same cells run on `SIMULATE_DEVICES` CPU devices (CI runs them "
                       "that way with a tiny model)."),
     new_code_cell('MODEL = "meta-llama/Llama-3.1-8B"  # hub id or local checkpoint dir\n'
                   'SIMULATE_DEVICES = 8               # used only when no TPU/GPU\n'
                   'FSDP = 8\nBATCH = 8                           # sequences per step, over all chips\n'
-                  'SEQ_LEN = 2048\nSTEPS = 200\nDTYPE = "bfloat16"\nOUTPUT_DIR = "runs/tpu"',
+                  'SEQ_LEN = 2048\nSTEPS = 200\nDTYPE = "bfloat16"\n'
+                  'QUANTIZE = ""   # "nf4": the 8B base in 4 bits fits one v5e chip (16 GB); then FSDP = 1\n'
+                  'OUTPUT_DIR = "runs/tpu"',
                   metadata={"tags": ["parameters"]}),
     new_code_cell('import os\n\n# Must happen before jax starts: CPU devices to stand in for TPU chips.\n'
                   'if SIMULATE_DEVICES and not os.environ.get("TPU_NAME") and not os.path.exists("/dev/accel0") \\\n'
@@ -154,7 +157,7 @@ TPU = [
                       "backward pass; `model.attention=auto` picks splash attention on TPU (XLA's on CPU)."),
     new_code_cell('import jlora\n\ncfg = jlora.TrainConfig().replace(**{\n'
                   '    "model.name": model_dir, "model.dtype": DTYPE, "model.remat": "full",\n'
-                  '    "model.attention": "auto", "mesh.fsdp": FSDP, "mesh.data": -1,\n'
+                  '    "model.attention": "auto", "model.quantize": QUANTIZE, "mesh.fsdp": FSDP, "mesh.data": -1,\n'
                   '    "adapter.target_modules": "all-linear", "adapter.r": 16, "adapter.lora_alpha": 32,\n'
                   '    "batch_size": BATCH, "data.seq_len": SEQ_LEN, "loss_chunk_tokens": 4096,\n'
                   '    "steps": STEPS, "eval_every": max(STEPS // 4, 1), "optim.learning_rate": 2e-4,\n'

@@ -18,7 +18,7 @@ OVERRIDES = {
     "quickstart.ipynb": 'KIND = "moslora"\nSTEPS = 6\nSEQ_LEN = 32\n',
     "wlora.ipynb": "STEPS = 4\nSEQ_LEN = 32\n",
     "sharding.ipynb": "SIMULATE_DEVICES = 8\nFSDP = 2\nTENSOR = 2\nSTEPS = 4\nSEQ_LEN = 32\n",
-    "tpu.ipynb": "SIMULATE_DEVICES = 8\nFSDP = 8\nBATCH = 8\nSTEPS = 2\nSEQ_LEN = 32\n",
+    "tpu.ipynb": "MODEL = 'byte-stories'\nSIMULATE_DEVICES = 8\nFSDP = 8\nBATCH = 8\nSTEPS = 2\nSEQ_LEN = 32\n",
 }
 
 
