@@ -97,7 +97,7 @@ def test_model_with_lora_injected_runs_and_starts_unchanged(family, targets, tmp
   ids, _ = hf_doubles.batch()
   base = np.asarray(model(jnp.asarray(ids)))
   model = jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=targets))
-  np.testing.assert_allclose(model(jnp.asarray(ids)), base, atol=1e-6)
+  np.testing.assert_allclose(model(jnp.asarray(ids)), base, atol=1e-5)  # fp32 fusion order
 
 
 def test_randomized_lora_changes_logits_and_merge_and_unload_keeps_them(tmp_path):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def run(tmp_path, quantize: str):
   cfg = TrainConfig().replace(**{
-      "output_dir": str(tmp_path / (quantize or "bf16")), "model.dtype": "bfloat16",
+      "output_dir": str(tmp_path / (quantize or "bf16")), "model.name": "tiny", "model.dtype": "bfloat16",
       "model.quantize": quantize, "steps": 16, "batch_size": 4, "eval_every": 16, "eval_batches": 2,
       "data.seq_len": 32, "checkpoint.every": 16, "checkpoint.async_save": False, "samples": 0,
       "progress": False, "optim.warmup_steps": 2})
