@@ -41,6 +41,7 @@ from jlora.nn import (
     per_sample_adapters,
     register_lora_layer,
     set_adapter,
+    set_lora_matmul,
     split_adapter,
     unload,
     unmerge,

@@ -98,8 +98,9 @@ def linear_parts(base: nnx.Linear, x):
   """``(x, kernel, bias, dtype)`` of an ``nnx.Linear`` call promoted as the layer does, or None
   when the layer computes in a way ``lora_matmul`` does not reproduce (custom dot_general,
   preferred element type, stacked kernel)."""
-  if base.dot_general is not jax.lax.dot_general or base.preferred_element_type is not None:
-    return None
+  if not isinstance(base, nnx.Linear) or base.dot_general is not jax.lax.dot_general \
+      or base.preferred_element_type is not None:
+    return None  # e.g. a quantized base, whose kernel is dequantized inside its own matmul
   kernel = base.kernel[...]
   if kernel.ndim != 2:
     return None

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jlora.models import check_attention
-from jlora.nn import disable_adapters
+from jlora.nn import disable_adapters, set_lora_matmul
 from jlora.train import _data, _distributed, _memory, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
@@ -166,6 +166,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
+  set_lora_matmul(model, cfg.model.lora_matmul, shared_input=False)
   _plan_memory(cfg, model, mesh_shape, picked)
   _distributed.barrier("jlora:checked-output-dir")  # every process decided before process 0 writes
   if jax.process_index() == 0:
