@@ -28,6 +28,9 @@ import dataclasses
 import math
 from typing import Iterable
 
+from jlora.models import REMAT_POLICIES
+from jlora.models._remat import check_remat
+
 GiB = 2**30
 
 # HBM per chip, matched against ``jax.Device.device_kind`` (lower case, first match wins).
@@ -38,7 +41,6 @@ DEVICE_MEMORY: tuple[tuple[str, float], ...] = (
     ("tpu v6e", 32 * GiB),
 )
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMATS = ("none", "matmuls", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +155,7 @@ def plan_memory(arch: Arch, *, mesh: tuple[int, int, int] = (1, 1, 1), remat: st
   adapter's; ``fused_attention``: attention runs as a fused kernel (cuDNN /
   splash) that never materialises ``[rows, heads, T, T]`` scores.
   """
-  if remat not in REMATS:
-    raise ValueError(f"remat={remat!r} is not one of {', '.join(REMATS)}.")
+  check_remat(remat)
   _, fsdp, tensor = mesh
   split = fsdp * tensor
   targets = tuple(targets)
@@ -210,7 +211,7 @@ def suggestions(plan: MemoryPlan, arch: Arch, devices: int, batch_size: int, **k
       out.append(f"mesh.fsdp={fsdp}")
       break
   for remat in ("matmuls", "full"):
-    if REMATS.index(remat) > REMATS.index(plan.remat):
+    if REMAT_POLICIES.index(remat) > REMAT_POLICIES.index(plan.remat):
       if plan_memory(arch, mesh=plan.mesh, remat=remat, rows_per_device=plan.rows, capacity=plan.capacity,
                      **kwargs).fits:
         out.append(f"model.remat={remat}")
