@@ -9,6 +9,11 @@ flags, so one call compares them side by side:
     python bench/bench.py run --suite train,forward,mixed,variants --out $OUT/results.jsonl
     python bench/bench.py report $OUT/results.jsonl > bench/RESULTS.md
 
+A suite row may carry its own per-run ``timeout`` (seconds; the larger of it
+and ``--timeout`` applies), e.g. PEFT + torch.compile at the Llama-3.2-3B
+shape, whose compile alone outlasts the usual limit; ``--frameworks`` runs
+only the rows of the named frameworks (to split a suite over calls).
+
 MFU (headline) counts the work a LoRA step does: ``4·N_base`` (forward and
 input gradients of the frozen matmuls, no weight gradients) ``+ 3·F_attn``
 (causal attention forward, backward twice that) ``+ 6·N_adapter`` per token,
@@ -40,6 +45,9 @@ SHAPES = {
         hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
         head_dim=128, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
         tie_word_embeddings=True, rope_theta=500000.0)),
+    "tiny": dict(layers=2, hf=dict(  # smoke runs on CPU
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)),
     "wide70b": dict(layers=48, hf=dict(  # 70B-class width; initialised sharded, no checkpoint
         hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
         head_dim=128, vocab_size=128256)),
@@ -69,9 +77,12 @@ def make_checkpoint(path: str, shape: str, layers: int) -> None:
   import transformers
   config = transformers.LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", **SHAPES[shape]["hf"])
   torch.manual_seed(0)
-  with torch.device("cuda"):
+  with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
   model.save_pretrained(path, safe_serialization=True)
+  del model
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()  # this (parent) process keeps no GPU memory from the runs it spawns
 
 
 def param_count(path: str) -> int:
@@ -170,6 +181,7 @@ def _jlora_model(args, adapter: str | None, matmul: str | None = None):
   from jlora.nn import set_lora_matmul
   model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
   model.remat = args.remat
+  model.scan_unroll = args.scan_unroll
   lora = lambda: jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
   if adapter == "moslora":
     jlora.get_peft_model(model, jlora.MoSLoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS,
@@ -299,7 +311,7 @@ def _wide_model(args, mesh):
 
   config = ModelConfig(num_hidden_layers=args.layers, **WIDE70B)
   make = lambda: CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                          remat=args.remat)
+                          remat=args.remat, scan_unroll=args.scan_unroll)
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh))()
   model = nnx.merge(graphdef, state)
@@ -377,7 +389,8 @@ def worker(args) -> None:
     base = dict(framework=args.framework, task=args.task, shape=args.shape, batch=args.batch, seq=args.seq,
                 layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False)
     if args.framework == "jlora":
-      base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype)
+      base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype,
+                  scan_unroll=args.scan_unroll)
     result = dict(base, **result)
     result["tokens_per_s"] = result["batch"] * result["seq"] / result["step_s"]
     if args.task in ("train", "scaling"):
@@ -392,8 +405,10 @@ def worker(args) -> None:
 def spawn(args, **overrides) -> list[dict]:
   opts = dict(framework="jlora", task="train", shape="tinyllama", batch=8, seq=2048, adapter="lora",
               remat=args.remat, lora_matmul=args.lora_matmul, shared=args.shared,
-              adapter_dtype=args.adapter_dtype, steps=args.steps, warmup=args.warmup)
+              adapter_dtype=args.adapter_dtype, scan_unroll=args.scan_unroll, steps=args.steps,
+              warmup=args.warmup)
   opts.update(overrides)
+  timeout = max(args.timeout, opts.pop("timeout", 0))
   opts.setdefault("layers", SHAPES[opts["shape"]]["layers"])
   ckpt = f"/dev/shm/{opts['shape']}-{opts['layers']}"
   if opts.get("model", "tinyllama") == "tinyllama":  # the wide model is initialised on the GPUs
@@ -403,9 +418,9 @@ def spawn(args, **overrides) -> list[dict]:
     cmd += [f"--{key.replace('_', '-')}", str(value)]
   print("#", " ".join(cmd[2:]), flush=True)
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
-    return [dict(opts, error=f"timed out after {args.timeout} s")]
+    return [dict(opts, error=f"timed out after {timeout} s")]
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if not lines or proc.returncode:
     print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
@@ -415,7 +430,9 @@ def spawn(args, **overrides) -> list[dict]:
 
 
 FUSED = dict(lora_matmul="auto", shared=1)
+AUTO = dict(lora_matmul="auto", shared=0)  # the fastest measured setting (NOTES.md entries 7-8)
 PLAIN = dict(lora_matmul="plain", shared=0)
+FULL_UNROLL = SHAPES["tinyllama"]["layers"]
 
 
 SUITES = {
@@ -424,7 +441,11 @@ SUITES = {
                        + [dict(framework="jlora", batch=n, lora_matmul="auto", shared=0) for n in b]
                        + [dict(framework="jlora", batch=n, **FUSED) for n in b]
                        + [dict(framework="jlora", batch=n, lora_matmul="fused", shared=1) for n in b]
+                       + [dict(framework="jlora", batch=n, scan_unroll=u, **AUTO) for n in b for u in (2, FULL_UNROLL)]
                        + [dict(framework=f, batch=n) for n in b for f in ("peft", "peft-compile")],
+    # Only the layer-loop unrolling rows of "train" (1, 2 and all 22 layers per loop step).
+    "unroll": lambda b: [dict(framework="jlora", batch=n, scan_unroll=u, **AUTO) for n in b
+                         for u in (1, 2, FULL_UNROLL)],
     # Adapter kinds, remat policies and adapter dtype, all on the fused matmul.
     "variants": lambda b: [dict(framework="jlora", batch=n, **FUSED, **extra) for n in b for extra in (
         dict(adapter="moslora"), dict(adapter="wlora"), dict(remat="none"), dict(remat="full"),
@@ -436,9 +457,12 @@ SUITES = {
     "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s, **FUSED)
                           for (n, s) in ((1, 128), (8, 1024)) for f in ("jlora", "peft")],
     "mixed": lambda b: [dict(framework="jlora", task="mixed", batch=8, seq=1024, **FUSED)],
-    # Llama-3.2-3B shape at 2x4096 (and a bigger batch for jlora, which fits more).
-    "llama3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=n, seq=4096, **FUSED) for n in (2, 4)]
-                         + [dict(framework=f, shape="llama3b", batch=2, seq=4096) for f in ("peft-compile",)],
+    # Llama-3.2-3B shape: jlora and PEFT (eager and compiled) at 2x4096, and jlora at 4x4096, which it
+    # fits. torch.compile of 28 layers and a 128k vocabulary takes minutes: its row has its own limit.
+    "llama3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=n, seq=4096, **AUTO) for n in (2, 4)]
+                         + [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **PLAIN)]
+                         + [dict(framework="peft", shape="llama3b", batch=2, seq=4096),
+                            dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
     # 1 GPU, then data=2, fsdp=2, tensor=2 at the same rows per data-parallel GPU (2 GPUs).
     "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m, **FUSED)
                           for n in b for m in ("1,1,1", "2,1,1", "1,2,1", "1,1,2")],
@@ -467,6 +491,9 @@ def main() -> None:
                       help="jlora: plain autodiff, or the fused LoRA matmul (merged on the fly)")
   parser.add_argument("--shared", type=int, default=1, help="jlora: fuse q/k/v and gate/up input matmuls")
   parser.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--scan-unroll", type=int, default=1,
+                      help="jlora: layers per step of the layer loop (the layer count: fully unrolled)")
+  parser.add_argument("--frameworks", default="", help="run: only rows of these frameworks (comma-separated)")
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")
   parser.add_argument("--remat", default="matmuls", help="jlora: what the backward pass keeps per layer")
@@ -488,6 +515,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for suite in args.suite.split(","):
       for overrides in SUITES[suite](batches):
+        if args.frameworks and overrides.get("framework", "jlora") not in args.frameworks.split(","):
+          continue
         for result in spawn(args, **overrides):
           with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")

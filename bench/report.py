@@ -20,18 +20,20 @@ def render(results: list[dict]) -> str:
     out += ["### Training step (bf16 base, LoRA r=16 on 7 projections, AdamW)", "",
             "MFU = (4·N_base + 3·F_attn + 6·N_adapter)·tokens/s / 989e12; 6N and 4N use N = all params. "
             "× PEFT+compile: same shape and batch.", "",
-            _row(["shape", "framework", "adapter", "matmul", "shared", "remat", "adapter dtype", "batch",
-                  "tokens/s", "× PEFT+compile", "MFU", "MFU (6N)", "MFU (4N)", "peak GiB", "first step s"]),
-            _row(["---"] * 15)]
+            _row(["shape", "framework", "adapter", "matmul", "shared", "remat", "unroll", "adapter dtype",
+                  "batch", "tokens/s", "× PEFT+compile", "MFU", "MFU (6N)", "MFU (4N)", "peak GiB",
+                  "first step s"]),
+            _row(["---"] * 16)]
     compiled = {(r.get("shape", "tinyllama"), r["batch"], r["seq"]): r["tokens_per_s"] for r in train
                 if r["framework"] == "peft-compile"}
     for r in sorted(train, key=lambda r: (r.get("shape", "tinyllama"), r["batch"], r["framework"],
-                                          r["adapter"], r.get("lora_matmul", ""))):
+                                          r["adapter"], r.get("lora_matmul", ""), r.get("scan_unroll", 1))):
       shape = r.get("shape", "tinyllama")
       ref = compiled.get((shape, r["batch"], r["seq"]))
       jl = r["framework"] == "jlora"
       out.append(_row([shape, r["framework"], r["adapter"], r.get("lora_matmul", "-") if jl else "-",
                        ("yes" if r.get("shared") else "no") if jl else "-", r["remat"] if jl else "-",
+                       r.get("scan_unroll", 1) if jl else "-",
                        r.get("adapter_dtype", "-") if jl else "-", f"{r['batch']}×{r['seq']}",
                        f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / ref:.2f}" if ref else "-",
                        f"{r['mfu']:.1%}" if "mfu" in r else "-", f"{r['mfu_6n']:.1%}",
