@@ -1,4 +1,4 @@
-"""bench/profile_step.py: the breakdown of a step's device time into categories, and a CPU smoke run."""
+"""bench/profile_step.py's breakdown of a step's device time into categories; CPU smoke runs of the bench tools."""
 
 import json
 import os
@@ -84,3 +84,17 @@ def test_profile_runs_on_cpu_at_the_tiny_shape(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert set(summary["categories"]) == set(profile_step.CATEGORIES) | {"idle"}
   assert summary["scan_unroll"] == 2 and summary["while_loops"] == 0 and summary["events"] > 0
+
+
+@pytest.mark.slow
+def test_bench_worker_trains_on_cpu_at_the_tiny_shape_with_its_levers(tmp_path):
+  import bench
+  bench.make_checkpoint(str(tmp_path / "ckpt"), "tiny", 2)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "worker", "--shape", "tiny", "--layers",
+                         "2", "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--scan-unroll", "2",
+                         "--lora-matmul", "auto", "--shared", "0", "--ckpt", str(tmp_path / "ckpt")],
+                        check=True, env=env, capture_output=True, text=True)
+  (line,) = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  result = json.loads(line[len("RESULT "):])
+  assert result["scan_unroll"] == 2 and result["lora_matmul"] == "auto" and result["tokens_per_s"] > 0
