@@ -433,6 +433,7 @@ FUSED = dict(lora_matmul="auto", shared=1)
 AUTO = dict(lora_matmul="auto", shared=0)  # the fastest measured setting (NOTES.md entries 7-8)
 PLAIN = dict(lora_matmul="plain", shared=0)
 FULL_UNROLL = SHAPES["tinyllama"]["layers"]
+UNROLL_TIMEOUT = 300  # an unrolled layer loop compiles every layer: minutes, not seconds
 
 
 SUITES = {
@@ -441,10 +442,11 @@ SUITES = {
                        + [dict(framework="jlora", batch=n, lora_matmul="auto", shared=0) for n in b]
                        + [dict(framework="jlora", batch=n, **FUSED) for n in b]
                        + [dict(framework="jlora", batch=n, lora_matmul="fused", shared=1) for n in b]
-                       + [dict(framework="jlora", batch=n, scan_unroll=u, **AUTO) for n in b for u in (2, FULL_UNROLL)]
+                       + [dict(framework="jlora", batch=n, scan_unroll=u, timeout=UNROLL_TIMEOUT, **AUTO)
+                          for n in b for u in (2, FULL_UNROLL)]
                        + [dict(framework=f, batch=n) for n in b for f in ("peft", "peft-compile")],
     # Only the layer-loop unrolling rows of "train" (1, 2 and all 22 layers per loop step).
-    "unroll": lambda b: [dict(framework="jlora", batch=n, scan_unroll=u, **AUTO) for n in b
+    "unroll": lambda b: [dict(framework="jlora", batch=n, scan_unroll=u, timeout=UNROLL_TIMEOUT, **AUTO) for n in b
                          for u in (1, 2, FULL_UNROLL)],
     # Adapter kinds, remat policies and adapter dtype, all on the fused matmul.
     "variants": lambda b: [dict(framework="jlora", batch=n, **FUSED, **extra) for n in b for extra in (
