@@ -64,8 +64,8 @@ def abstract_job(args):
   import jlora
   from jlora.models import CausalLM, ModelConfig, from_hf_config
   from jlora.nn import set_lora_matmul
-  from jlora.train import MESH_AXES, make_optimizer, make_train_step, split_model, state_shardings
-  from jlora.train._sharding import batch_sharding
+  from jlora.train import (MESH_AXES, batch_sharding, make_optimizer, make_train_step, split_model,
+                           state_shardings)
 
   if args.shape == "wide70b":
     config = ModelConfig(num_hidden_layers=args.layers, **bench.WIDE70B)
