@@ -112,3 +112,21 @@ def test_missing_tokamax_is_refused_with_the_install_command(monkeypatch):
   monkeypatch.setattr(_tokamax, "available", lambda: False)
   with pytest.raises(ValueError, match=r"pip install 'jlora\[tokamax\]'"):
     check_attention("tokamax_xla", for_backend=True)
+
+
+@pytest.mark.slow
+def test_kernel_path_lowers_to_mosaic_gpu_kernels_for_packed_rows(monkeypatch):
+  from tokamax._src import config, gpu_utils
+
+  monkeypatch.setattr(gpu_utils, "is_sm90", lambda device=None: True)  # lower for an H100 from this CPU
+  monkeypatch.setattr(gpu_utils, "is_sm100", lambda device=None: False)
+  q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+  segments = jnp.asarray(np.tile(np.repeat([1, 2, 3], [100, 100, 56]), (2, 1)))
+
+  def loss(q, k, v):
+    return jnp.sum(tokamax_attention(q, k, v, segments, 64, None, implementation="mosaic").astype(jnp.float32))
+
+  with config.cross_compile(True):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  assert hlo.count("stablehlo.custom_call @mosaic_gpu") == 3  # forward, dq and dk/dv kernels
