@@ -484,6 +484,12 @@ FUSED = dict(lora_matmul="auto", shared=1)
 PLAIN = dict(lora_matmul="plain", shared=0)
 
 
+def _attention_suite(shape: str, batch: int, seq: int) -> list[dict]:
+  """The attention kernels alone, then a fused-matmul training step on cuDNN and on tokamax."""
+  run = dict(framework="jlora", shape=shape, batch=batch, seq=seq, **FUSED)
+  return [dict(run, task="attention")] + [dict(run, attention=a) for a in ("cudnn", "tokamax")]
+
+
 SUITES = {
     # jlora's matmul levers beside PEFT (eager and torch.compile), TinyLlama shape.
     "train": lambda b: [dict(framework="jlora", batch=n, **PLAIN) for n in b]
@@ -512,11 +518,9 @@ SUITES = {
     "wide": lambda b: [dict(framework="jlora", task="scaling", shape="wide70b", model="wide70b", batch=1,
                             seq=2048, mesh="1,2,1", remat="full", steps=4, warmup=1, **FUSED)],
     # cuDNN vs tokamax's Pallas flash attention: the kernels alone (full and packed rows, with their
-  # difference from cuDNN), then training steps, TinyLlama (head_dim 64) and Llama-3.2-3B (head_dim 128).
-  "tokamax": lambda b: [dict(framework="jlora", task="attention", shape=s, batch=n, seq=t, **FUSED)
-                        for s, n, t in (("tinyllama", 8, 2048), ("llama3b", 2, 4096))]
-                       + [dict(framework="jlora", shape=s, batch=n, seq=t, attention=a, **FUSED)
-                          for s, n, t in (("tinyllama", 8, 2048), ("llama3b", 2, 4096)) for a in ("cudnn", "tokamax")],
+  # difference from cuDNN), then training steps; TinyLlama (head_dim 64), Llama-3.2-3B (head_dim 128).
+  "tokamax": lambda b: _attention_suite("tinyllama", 8, 2048),
+  "tokamax3b": lambda b: _attention_suite("llama3b", 2, 4096),
   "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
                           for n in (11, 22)],
 }
