@@ -81,7 +81,7 @@ def check_attention(name: str, *, for_backend: bool = False) -> str:
   if name.startswith("tokamax"):
     from jlora.models._tokamax import require
 
-    require()
+    require(name)
   return name
 
 

@@ -61,10 +61,10 @@ def _modules():
   return base
 
 
-def require() -> None:
-  """Raise one clear error if tokamax is not installed."""
+def require(name: str = "tokamax") -> None:
+  """Raise one clear error if tokamax is not installed (``name``: the attention asked for)."""
   if not available():
-    raise ValueError(f"attention='tokamax' needs the tokamax package, which is not installed; run {INSTALL} "
+    raise ValueError(f"attention={name!r} needs the tokamax package, which is not installed; run {INSTALL} "
                      "or use attention='auto'.")
 
 
