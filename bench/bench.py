@@ -157,18 +157,19 @@ def _import_jax():
   jax_compat.patch_hijax()
 
 
-def _jlora_model(args, adapter: str | None, matmul: str | None = None):
+def _jlora_model(args, adapter: str | None, matmul: str | None = None, mesh=None):
   """The checkpoint with ``adapter`` ("lora" / "moslora" / "wlora" over two LoRAs) on the 7 projections.
 
   ``matmul`` (default ``args.lora_matmul``) picks plain autodiff or the fused
   LoRA matmul; ``args.shared`` lets q/k/v and gate/up share one input matmul.
+  ``mesh``: load each parameter's shards straight onto their devices (no whole copy on one GPU).
   """
   import jax
   import jax.numpy as jnp
   from flax import nnx
   import jlora
   from jlora.nn import set_lora_matmul
-  model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
+  model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16, mesh=mesh)
   model.remat = args.remat
   model.attention = args.attention
   lora = lambda: jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
@@ -318,7 +319,8 @@ def _jlora_train_step(model, mesh=None):
   return make_train_step(parts.graphdef, tx, mesh=mesh), [params, tx.init(params), rng], frozen
 
 
-def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
+def _time_train(model, batch: int, seq: int, args, mesh=None, analyse: bool = False) -> dict:
+  """Step time and peak memory; ``analyse`` adds XLA's compiled memory analysis (``compiled``)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -332,7 +334,13 @@ def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
     carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, inputs)
     return loss
 
-  return _time_jax(step, args)
+  if not analyse:
+    return _time_jax(step, args)
+  memory = train_step.lower(carry[0], carry[1], carry[2], frozen, inputs).compile().memory_analysis()
+  compiled = None if memory is None else dict(
+      argument=memory.argument_size_in_bytes, output=memory.output_size_in_bytes,
+      temp=memory.temp_size_in_bytes, alias=memory.alias_size_in_bytes)
+  return dict(_time_jax(step, args), compiled=compiled)
 
 
 def run_jlora_train(args) -> list[dict]:
@@ -393,13 +401,14 @@ def run_jlora_scaling(args) -> list[dict]:
   devices = int(np.prod(shape))
   mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), MESH_AXES)
   batch = args.batch * shape[0] * shape[1]
-  model = _wide_model(args, mesh) if args.model == "wide70b" else _jlora_model(args, "lora")
+  model = _wide_model(args, mesh) if args.model == "wide70b" else _jlora_model(args, "lora", mesh=mesh)
   plan = _plan_bytes(model, args, shape, batch)
-  result = _time_train(model, batch, args.seq, args, mesh)
+  result = _time_train(model, batch, args.seq, args, mesh, analyse=True)
   stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
+  peaks = [s.get("peak_bytes_in_use", 0) for s in stats]
   result.update(devices=devices, mesh=dict(zip(MESH_AXES, shape)), batch=batch, rows=args.batch,
-                model=args.model,
-                peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats), plan_bytes=plan)
+                model=args.model, peak_bytes=max(peaks), peak_bytes_per_device=peaks, plan_bytes=plan,
+                compiled=result.pop("compiled", None))
   if args.model == "wide70b":
     from jlora.models import ModelConfig
     from jlora.train import Arch
