@@ -171,6 +171,7 @@ def _jlora_model(args, adapter: str | None, matmul: str | None = None, mesh=None
   from jlora.nn import set_lora_matmul
   model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16, mesh=mesh)
   model.remat = args.remat
+  model.attention = args.attention
   lora = lambda: jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
   if adapter == "moslora":
     jlora.get_peft_model(model, jlora.MoSLoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS,
@@ -242,6 +243,67 @@ def run_jlora_mixed(args) -> list[dict]:
   with jlora.per_sample_adapters(model, rows):
     results.append(dict(time_forward(model), variant=f"{len(set(rows))} adapters mixed (gathered)"))
   return results
+
+
+ATTENTION_KERNELS = ("cudnn", "tokamax")  # the first is the reference the others are compared with
+
+
+def run_jlora_attention(args) -> list[dict]:
+  """One layer's attention alone, forward + backward, per kernel: cuDNN vs tokamax, full and packed rows.
+
+  ``q [B, T, H, D]``, ``k, v [B, T, K, D]`` of the shape's attention (bf16);
+  packed rows hold records of 100..900 tokens. Each row also reports the
+  largest difference of the output and of dq from cuDNN's on the same inputs.
+  """
+  _import_jax()
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jlora.models._attention import AttentionMask, attend
+
+  c = SHAPES[args.shape]["hf"]
+  heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+  d = c.get("head_dim", c["hidden_size"] // heads)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (args.batch, args.seq, heads, d), jnp.bfloat16)
+  k, v = (jax.random.normal(key, (args.batch, args.seq, kv_heads, d), jnp.bfloat16) for key in keys[1:3])
+  dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  segments = np.zeros((args.batch, args.seq), np.int32)
+  for row in segments:
+    start, sid = 0, 1
+    while start < args.seq:
+      n = int(rng.integers(100, 900))
+      row[start:start + n] = sid
+      start, sid = start + n, sid + 1
+  results, reference = [], {}
+  for packed in (False, True):
+    seg = jnp.asarray(segments) if packed else None
+    for impl in ATTENTION_KERNELS:
+      mask = AttentionMask(segment_ids=seg, implementation=impl)
+      fwd_bwd = jax.jit(lambda q, k, v, mask=mask: _fwd_bwd(attend, mask, q, k, v, dout))
+      row = dict(variant=f"{impl}{' packed' if packed else ''}", attention=impl, packed=packed)
+      try:
+        out, dq, _, _ = fwd_bwd(q, k, v)
+        row.update(_time_jax(lambda: fwd_bwd(q, k, v), args))
+      except Exception as e:  # a kernel that does not lower here is a result too
+        results.append(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
+        continue
+      if impl == ATTENTION_KERNELS[0]:
+        reference[packed] = (out, dq)
+      elif packed in reference:
+        ref_out, ref_dq = reference[packed]
+        row.update(max_abs_diff_out=float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)))),
+                   max_abs_diff_dq=float(jnp.max(jnp.abs(dq.astype(jnp.float32) - ref_dq.astype(jnp.float32)))))
+      results.append(row)
+  return results
+
+
+def _fwd_bwd(attend, mask, q, k, v, dout):
+  """The attention output and its gradients ``(out, dq, dk, dv)`` for the cotangent ``dout``."""
+  import jax
+  out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+  return (out, *vjp(dout))
 
 
 def _jlora_train_step(model, mesh=None):
@@ -376,7 +438,7 @@ def _time_jax(fn, args) -> dict:
 def worker(args) -> None:
   if args.framework == "jlora":
     run = {"train": run_jlora_train, "forward": run_jlora_forward, "scaling": run_jlora_scaling,
-           "mixed": run_jlora_mixed}[args.task]
+           "mixed": run_jlora_mixed, "attention": run_jlora_attention}[args.task]
     results = run(args)
   else:
     results = run_peft(args)
@@ -386,8 +448,12 @@ def worker(args) -> None:
     base = dict(framework=args.framework, task=args.task, shape=args.shape, batch=args.batch, seq=args.seq,
                 layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False)
     if args.framework == "jlora":
-      base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype)
+      base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype,
+                  attention=args.attention)
     result = dict(base, **result)
+    if "error" in result:  # one variant that failed (e.g. a kernel that does not lower here)
+      print("RESULT " + json.dumps(result), flush=True)
+      continue
     result["tokens_per_s"] = result["batch"] * result["seq"] / result["step_s"]
     if args.task in ("train", "scaling"):
       per_device = result["tokens_per_s"] / result.get("devices", 1)
@@ -401,7 +467,7 @@ def worker(args) -> None:
 def spawn(args, **overrides) -> list[dict]:
   opts = dict(framework="jlora", task="train", shape="tinyllama", batch=8, seq=2048, adapter="lora",
               remat=args.remat, lora_matmul=args.lora_matmul, shared=args.shared,
-              adapter_dtype=args.adapter_dtype, steps=args.steps, warmup=args.warmup)
+              adapter_dtype=args.adapter_dtype, attention=args.attention, steps=args.steps, warmup=args.warmup)
   opts.update(overrides)
   opts.setdefault("layers", SHAPES[opts["shape"]]["layers"])
   ckpt = f"/dev/shm/{opts['shape']}-{opts['layers']}"
@@ -425,6 +491,12 @@ def spawn(args, **overrides) -> list[dict]:
 
 FUSED = dict(lora_matmul="auto", shared=1)
 PLAIN = dict(lora_matmul="plain", shared=0)
+
+
+def _attention_suite(shape: str, batch: int, seq: int) -> list[dict]:
+  """The attention kernels alone, then a fused-matmul training step on cuDNN and on tokamax."""
+  run = dict(framework="jlora", shape=shape, batch=batch, seq=seq, **FUSED)
+  return [dict(run, task="attention")] + [dict(run, attention=a) for a in ("cudnn", "tokamax")]
 
 
 SUITES = {
@@ -454,7 +526,11 @@ SUITES = {
     # A Llama of 70B width, 48 layers: 43B params, 86 GB in bf16, more than one 80 GB GPU; fsdp=2.
     "wide": lambda b: [dict(framework="jlora", task="scaling", shape="wide70b", model="wide70b", batch=1,
                             seq=2048, mesh="1,2,1", remat="full", steps=4, warmup=1, **FUSED)],
-    "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
+    # cuDNN vs tokamax's Pallas flash attention: the kernels alone (full and packed rows, with their
+  # difference from cuDNN), then training steps; TinyLlama (head_dim 64), Llama-3.2-3B (head_dim 128).
+  "tokamax": lambda b: _attention_suite("tinyllama", 8, 2048),
+  "tokamax3b": lambda b: _attention_suite("llama3b", 2, 4096),
+  "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
                           for n in (11, 22)],
 }
 
@@ -478,6 +554,8 @@ def main() -> None:
   parser.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")
+  parser.add_argument("--attention", default="auto",
+                      help="jlora: attention kernel (auto = cuDNN on GPU; tokamax needs its wheel)")
   parser.add_argument("--remat", default="matmuls", help="jlora: what the backward pass keeps per layer")
   parser.add_argument("--mesh", default="1,1,1", help="scaling: data,fsdp,tensor")
   parser.add_argument("--model", default="tinyllama", help="scaling: tinyllama (checkpoint) or wide70b (sharded init)")
