@@ -447,6 +447,8 @@ def worker(args) -> None:
   for result in results:
     base = dict(framework=args.framework, task=args.task, shape=args.shape, batch=args.batch, seq=args.seq,
                 layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False)
+    if os.environ.get("XLA_FLAGS"):
+      base["xla_flags"] = os.environ["XLA_FLAGS"]
     if args.framework == "jlora":
       base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype,
                   attention=args.attention)
@@ -523,6 +525,10 @@ SUITES = {
     # 1 GPU, then data=2, fsdp=2, tensor=2 at the same rows per data-parallel GPU (2 GPUs).
     "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m, **FUSED)
                           for n in b for m in ("1,1,1", "2,1,1", "1,2,1", "1,1,2")],
+    # FSDP alone beside its 1-GPU baseline ("fsdp2": only the 2-GPU run, e.g. under other XLA_FLAGS).
+    "fsdp": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m, **FUSED)
+                       for n in b for m in ("1,1,1", "1,2,1")],
+    "fsdp2": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh="1,2,1", **FUSED) for n in b],
     # A Llama of 70B width, 48 layers: 43B params, 86 GB in bf16, more than one 80 GB GPU; fsdp=2.
     "wide": lambda b: [dict(framework="jlora", task="scaling", shape="wide70b", model="wide70b", batch=1,
                             seq=2048, mesh="1,2,1", remat="full", steps=4, warmup=1, **FUSED)],
