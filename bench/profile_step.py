@@ -220,6 +220,7 @@ def _parse_args(argv=None):
   parser.add_argument("--shared", type=int, default=0)
   parser.add_argument("--remat", default="matmuls")
   parser.add_argument("--scan-unroll", type=int, default=1)
+  parser.add_argument("--attention", default="auto")
   parser.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--steps", type=int, default=3, help="steps traced")
   parser.add_argument("--warmup", type=int, default=2)
@@ -281,7 +282,8 @@ def main(argv=None) -> dict:
   summary = dict(
       device=jax.devices()[0].device_kind, backend=jax.default_backend(), events_from=where, shape=args.shape,
       layers=args.layers, batch=args.batch, seq=args.seq, adapter=args.adapter, lora_matmul=args.lora_matmul,
-      shared=bool(args.shared), remat=args.remat, scan_unroll=args.scan_unroll, adapter_dtype=args.adapter_dtype,
+      shared=bool(args.shared), remat=args.remat, scan_unroll=args.scan_unroll, attention=args.attention,
+      adapter_dtype=args.adapter_dtype,
       compile_s=round(compile_s, 2), step_ms=round(step_ms, 3), tokens_per_s=round(args.batch * args.seq / step_ms * 1e3),
       busy_ms=round(sum(row[0] for row in table), 3), events=len(events),
       epilogue_gemms=epilogue_gemms(hlo), while_loops=len(re.findall(r"\bwhile\(", hlo)),

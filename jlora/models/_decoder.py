@@ -192,8 +192,9 @@ class CausalLM(nnx.Module):
   Packed rows: ``segment_ids [B, T]`` (int, one id per record, padding its
   own id) keep attention within each record and restart the default
   positions at 0 with each record. ``attention`` (an attribute too) picks
-  the kernel: ``"auto"``, ``"xla"``, ``"cudnn"``, ``"splash"`` or
-  ``"splash_interpret"`` (``jlora.models._attention``).
+  the kernel: ``"auto"``, ``"xla"``, ``"cudnn"``, ``"splash"``,
+  ``"splash_interpret"``, ``"tokamax"`` or ``"tokamax_xla"``
+  (``jlora.models._attention``).
 
   ``model.hidden(ids, ...)`` returns the final hidden states ``[B, T, hidden]``
   and ``model.head(h)`` their logits, so a loss can run the output head

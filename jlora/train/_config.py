@@ -45,8 +45,10 @@ class ModelConfig:
       ``jlora.train(model=...)`` is used as given (quantize it yourself).
     attention: the attention kernel: ``"auto"`` (splash on TPU, cuDNN on
       GPU, XLA elsewhere), ``"xla"``, ``"cudnn"`` (GPU only), ``"splash"``
-      (TPU only) or ``"splash_interpret"`` (the TPU kernel interpreted; slow,
-      for tests).
+      (TPU only), ``"splash_interpret"`` (the TPU kernel interpreted; slow,
+      for tests), ``"tokamax"`` (tokamax's Pallas flash attention; Hopper
+      GPUs, bf16; needs ``pip install 'jlora[tokamax]'``) or
+      ``"tokamax_xla"`` (tokamax's XLA reference; any backend, for tests).
     lora_matmul: how LoRA linears compute (``jlora.nn.set_lora_matmul``):
       ``"plain"`` (default) computes ``x@W + s·(x@A)@B`` under plain
       autodiff; ``"auto"`` merges ``W + s·A·B`` on the fly for calls with
@@ -67,7 +69,7 @@ class ModelConfig:
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
   quantize: Literal["", "nf4", "int8", "fp8"] = ""
-  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
+  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla"] = "auto"
   lora_matmul: Literal["auto", "fused", "plain"] = "plain"
   scan_unroll: int = 1
 
