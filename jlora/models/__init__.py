@@ -23,4 +23,5 @@ def model_class(config: ModelConfig):
 
 
 __all__ = ["ATTENTION", "CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED",
-           "check_attention", "check_scan_unroll", "from_hf_config", "generate", "model_class", "sample_token", "target_backend"]
+           "check_attention", "check_scan_unroll", "from_hf_config", "generate", "model_class", "sample_token",
+           "target_backend"]

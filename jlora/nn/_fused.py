@@ -88,10 +88,11 @@ def _merged(kernels, a_parts, b_parts, dtype):
   delta at once, with its output in the compute dtype and ``W`` added to it:
   the ``add(dot(a, b), c)`` form that XLA's GPU gemm rewriter folds into the
   cuBLAS epilogue (``D = A'·B̃ + 1·W``, accumulated in fp32 and rounded once).
-  Forming ``W'`` then reads ``W`` once and writes ``W'`` once (2 + 2 bytes per
-  bf16 parameter) instead of writing and re-reading an fp32 delta (4 + 4).
-  Where no epilogue takes the add (CPU), the delta is rounded to the compute
-  dtype before the add: one more rounding, within bf16's own error.
+  No fp32 ``[in, out]`` delta is written and read back: forming ``W'`` moves
+  about 8 bytes per bf16 parameter (a copy of W that cuBLAS overwrites, or a
+  bf16 delta and an add) instead of 12. Where no epilogue takes the add (CPU),
+  the delta is rounded to the compute dtype before the add: one more
+  rounding, within bf16's own error.
   """
   w = _cat([w.astype(dtype) for w in kernels])
   ranks = sum(a.shape[-1] for a in a_parts)
