@@ -528,6 +528,12 @@ SUITES = {
                           for n in b for u in (2, FULL_UNROLL)]
                        + [dict(framework=f, batch=n) for n in b for f in ("peft", "peft-compile")],
     # Only the layer-loop unrolling rows of "train" (1, 2 and all 22 layers per loop step).
+    # The headline comparison alone: plain, auto, auto fully unrolled, PEFT+compile.
+    "headline": lambda b: [dict(framework="jlora", batch=n, **PLAIN) for n in b]
+                          + [dict(framework="jlora", batch=n, **AUTO) for n in b]
+                          + [dict(framework="jlora", batch=n, scan_unroll=FULL_UNROLL, timeout=UNROLL_TIMEOUT, **AUTO)
+                             for n in b]
+                          + [dict(framework="peft-compile", batch=n) for n in b],
     "unroll": lambda b: [dict(framework="jlora", batch=n, scan_unroll=u, timeout=UNROLL_TIMEOUT, **AUTO) for n in b
                          for u in (1, 2, FULL_UNROLL)],
     # Adapter kinds, remat policies and adapter dtype, all on the fused matmul.
