@@ -176,7 +176,26 @@ def with_cache(cache: KVCache | None, kv, new_valid, length: int):
   return KVCache(kv[0], kv[1], new_valid, cache.index + length)
 
 
-class CausalLM(nnx.Module):
+class LanguageModel(nnx.Module):
+  """The call every causal LM family shares; a family supplies ``_hidden`` and ``head``.
+
+  ``model(ids, ...)`` is ``head(hidden(ids, ...))``, and with ``cache=`` it
+  returns ``(logits, new_cache)``. ``_hidden(input_ids, attention_mask,
+  positions, cache, segment_ids)`` returns ``(h [B, T, hidden], new_cache)``.
+  """
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+               segment_ids=None):
+    h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
+    logits = self.head(h)
+    return logits if cache is None else (logits, new_cache)
+
+  def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """Final hidden states ``[B, T, hidden]`` (after the last norm), without the output head."""
+    return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
+
+
+class CausalLM(LanguageModel):
   """Llama-family causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]``.
 
   ``model(ids, attention_mask=None, positions=None)`` returns logits;
@@ -215,16 +234,6 @@ class CausalLM(nnx.Module):
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
     self.inv_freq = tuple(float(f) for f in inverse_frequencies(config.head_dim, config.rope_parameters))
-
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-               segment_ids=None):
-    h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
-    logits = self.head(h)
-    return logits if cache is None else (logits, new_cache)
-
-  def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-    """Final hidden states ``[B, T, hidden]`` (after the last norm), without the output head."""
-    return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
 
   def head(self, h):
     """Logits ``[..., vocab]`` of hidden states ``h [..., hidden]`` (the tied embedding or ``lm_head``)."""

@@ -13,9 +13,8 @@ from flax import nnx
 from jlora.models._attention import LayerNorm, activation, check_attention
 from jlora.models._config import ModelConfig
 from jlora.models._remat import check_remat, saved
-from jlora.models._decoder import (base_embed, check_scan_unroll, linear, prepare, scan_layers, self_attention,
-                                   stacked, with_cache)
-from jlora.models._cache import KVCache
+from jlora.models._decoder import (LanguageModel, base_embed, check_scan_unroll, linear, prepare, scan_layers,
+                                   self_attention, stacked, with_cache)
 
 
 class Gpt2Attention(nnx.Module):
@@ -64,7 +63,7 @@ class Gpt2Transformer(nnx.Module):
     self.ln_f = LayerNorm(c.hidden_size, c.norm_eps, **dtypes)
 
 
-class Gpt2LMHeadModel(nnx.Module):
+class Gpt2LMHeadModel(LanguageModel):
   """GPT-2 causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]``.
 
   The same call as ``CausalLM`` (``segment_ids``, ``attention``, ``scan_unroll``, ``hidden`` / ``head``).
@@ -80,16 +79,6 @@ class Gpt2LMHeadModel(nnx.Module):
     self.scan_unroll = check_scan_unroll(scan_unroll)
     self.attention = check_attention(attention)
     self.transformer = Gpt2Transformer(config, dict(dtype=dtype, param_dtype=param_dtype), rngs)
-
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-               segment_ids=None):
-    h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
-    logits = self.head(h)
-    return logits if cache is None else (logits, new_cache)
-
-  def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-    """Final hidden states ``[B, T, hidden]`` (after ``ln_f``), without the output head."""
-    return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
 
   def head(self, h):
     """Logits ``[..., vocab]`` of hidden states (the tied ``wte``)."""
