@@ -1,0 +1,104 @@
+"""fp8 matmuls over frozen e4m3 kernels, one input cast shared by every kernel that reads it.
+
+For kernels ``i`` with e4m3 codes ``q_i [in, out_i]`` and per-channel scales
+``s_i [out_i]`` (``W_i = q_i * s_i``), all applied to one input ``x [..., in]``
+(attention's q/k/v, an MLP's gate/up):
+
+* forward: ``x`` is cast once, per row, to e4m3 (``sx = amax|x| / 448``,
+  ``xq = e4m3(x / sx)``), multiplied in one fp8 GEMM by the concatenated codes
+  ``[q_1 | q_2 | ...]`` and each output slice rescaled, ``y_i = (xq @ q_i) * sx * s_i``;
+* backward (the kernels take no gradient): ``g = [dy_1 * s_1 | dy_2 * s_2 | ...]``;
+  ``"fp8"`` casts ``g`` once, per row, to e5m2 (``sg = amax|g| / 57344``) and
+  ``dx = (e5m2(g / sg) @ [q_1 | ...]ᵀ) * sg`` is one fp8 GEMM whose contraction
+  also sums the kernels' contributions; ``"upcast"`` computes the same
+  ``g @ [q_1 | ...]ᵀ`` in the compute dtype, the codes converted, ``g`` not rounded.
+
+Why: each cast is two passes over its input (the row absmax, then the
+convert) and XLA does not merge the casts of separate calls on the same ``x``,
+so one cast per input instead of one per kernel removes whole passes; one
+wide GEMM instead of three (k/v are narrow) runs closer to peak, and one
+``dx`` output replaces several written and summed. One per-row scale for the
+whole group costs nothing in precision: e4m3 and e5m2 are floating point, so
+a smaller row (e.g. k's gradient beside q's) keeps its relative precision
+unless it falls more than 2**14 (e4m3) or 2**29 (e5m2) below the row's absmax.
+
+Rounding: ``y`` per element within 2**-4 relative per product from ``x``'s
+e4m3 cast (plus the kernel's own rounding, see ``jlora.quant``); ``dx`` 2**-3
+relative per product from the e5m2 cast with ``"fp8"``, none with ``"upcast"``.
+On GPUs with fp8 tensor cores (H100) XLA runs these GEMMs as cuBLASLt fp8
+calls; elsewhere it upcasts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jlora.quant._formats import FP8_MAX
+
+E5M2_MAX = float(jnp.finfo(jnp.float8_e5m2).max)
+FP8_BACKWARDS = ("fp8", "upcast")
+
+
+def check_backward(backward: str) -> str:
+  if backward not in FP8_BACKWARDS:
+    raise ValueError(f"Unknown fp8 backward {backward!r}; use 'fp8' (the gradient cast to e5m2, an fp8 "
+                     "GEMM) or 'upcast' (the e4m3 kernel converted to the compute dtype).")
+  return backward
+
+
+def dot(x, w, contract_w: int, dtype):
+  """``x [..., k]`` contracted with axis ``contract_w`` of the 2-D ``w``."""
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (contract_w,)), ((), ())),
+                             preferred_element_type=dtype)
+
+
+def to_fp8(x, fp8_dtype, fp8_max):
+  """``x`` scaled per row into ``fp8_dtype``: ``(codes, scale [..., 1])``."""
+  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+  scale = jnp.where(amax > 0, amax / fp8_max, 1.0)
+  return (x.astype(jnp.float32) / scale).astype(fp8_dtype), scale
+
+
+def _codes(kernels):
+  codes = [q for q, _ in kernels]
+  return codes[0] if len(codes) == 1 else jnp.concatenate(codes, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fp8_matmuls(x: jax.Array, kernels: tuple, dtype, backward: str = "fp8") -> tuple[jax.Array, ...]:
+  """``x [..., in] @ W_i`` for every ``(codes [in, out_i] e4m3, scale [1, out_i])`` in ``kernels``.
+
+  ``x`` is in ``dtype``; returns one ``[..., out_i]`` array in ``dtype`` per
+  kernel. ``backward``: ``"fp8"`` or ``"upcast"`` (see the module doc).
+  """
+  xq, x_scale = to_fp8(x, jnp.float8_e4m3fn, FP8_MAX)
+  y = dot(xq, _codes(kernels), 0, dtype).astype(jnp.float32) * x_scale  # the scales come after the GEMM
+  outs, start = [], 0
+  for q, scale in kernels:
+    width = q.shape[-1]
+    outs.append((y[..., start:start + width] * scale[0]).astype(dtype))
+    start += width
+  return tuple(outs)
+
+
+def _forward(x, kernels, dtype, backward):
+  return fp8_matmuls(x, kernels, dtype, backward), kernels
+
+
+def _backward(dtype, backward, kernels, gs):
+  """``dx = sum_i (dy_i * s_i) @ q_iᵀ`` as one GEMM; the frozen kernels get no gradient."""
+  scaled = [g.astype(jnp.float32) * scale[0] for g, (_, scale) in zip(gs, kernels)]
+  g = scaled[0] if len(scaled) == 1 else jnp.concatenate(scaled, axis=-1)
+  codes = _codes(kernels)
+  if backward == "upcast":
+    dx = dot(g.astype(dtype), codes.astype(dtype), 1, dtype)
+  else:
+    gq, g_scale = to_fp8(g, jnp.float8_e5m2, E5M2_MAX)
+    dx = dot(gq, codes, 1, dtype).astype(jnp.float32) * g_scale
+  return dx.astype(dtype), None
+
+
+fp8_matmuls.defvjp(_forward, _backward)
