@@ -20,7 +20,9 @@ Environment (all optional):
   ``upcast`` (fp8: input gradient GEMM in bf16), ``head`` (the untied
   ``lm_head`` quantized too), ``auto`` (``set_lora_matmul(model, "auto")``),
   ``autotune0`` (``XLA_FLAGS=--xla_gpu_autotune_level=0``: no GEMM autotuning,
-  to see what compile time autotuning takes);
+  to see what compile time autotuning takes), ``autotune1`` (level 1:
+  autotuning without the default level 4's buffer initialisation and
+  result checks);
 * ``QUANT_BUDGET_S`` (default 540): the suite's wall time; runs start only
   while it lasts;
 * ``QUANT_RUN_TIMEOUT_S`` (default 300): one run's wall time, compile included.
@@ -51,8 +53,8 @@ SHAPES = {
                     num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
 }
 BASES = ("bf16", "nf4", "int8", "fp8")
-OPTIONS = ("separate", "upcast", "head", "auto", "autotune0")
-XLA_OPTION_FLAGS = {"autotune0": "--xla_gpu_autotune_level=0"}
+OPTIONS = ("separate", "upcast", "head", "auto", "autotune0", "autotune1")
+XLA_OPTION_FLAGS = {"autotune0": "--xla_gpu_autotune_level=0", "autotune1": "--xla_gpu_autotune_level=1"}
 
 
 def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
