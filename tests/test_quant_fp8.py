@@ -101,10 +101,14 @@ def test_one_e5m2_row_scale_keeps_a_much_smaller_segment_to_its_relative_precisi
 # ---------------------------------------------------------------- in a model
 
 
-def _e4m3_casts(model) -> int:
+def _jaxpr(model) -> str:
+  """The forward pass's jaxpr as text (the scanned layer body appears once)."""
   graphdef, state = nnx.split(model)
-  jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s, copy=True)(IDS))(state))
-  return len(re.findall(r"new_dtype=float8_e4m3fn", jaxpr))
+  return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s, copy=True)(IDS))(state))
+
+
+def _e4m3_casts(model) -> int:
+  return len(re.findall(r"new_dtype=float8_e4m3fn", _jaxpr(model)))
 
 
 def test_sibling_projections_cast_their_input_once():
@@ -155,3 +159,39 @@ def test_fp8_output_head_keeps_logits_close(llama):  # noqa: F811
   assert isinstance(model.lm_head, QuantizedLinear)
   got = logits(jlora.load_peft(model, adapter_dir))
   assert np.sqrt(np.mean((got - want) ** 2)) <= 0.15 * want.std()
+
+
+# ---------------------------------------------------------------- adapters inside the fp8 matmul
+
+
+def _several(model):
+  jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["v_proj", "gate_proj"], init_lora_weights=False),
+                       "a")
+  jlora.add_adapter(model, "b", jlora.MoSLoraConfig(r=3, target_modules=["v_proj", "down_proj"],
+                                                    init_lora_weights=False, seed=1))
+  jlora.set_adapter(model, ["a", "b"])
+  return model
+
+
+@pytest.mark.parametrize("adapters", ["lora", "several"])
+def test_adapters_inside_the_fp8_matmul_match_plain_autodiff(adapters):
+  def build(fused):
+    if adapters == "lora":
+      model = adapted_fp8_llama()
+    else:  # LoRA and MoSLoRA on v_proj, one of them on gate_proj / down_proj; q, k, up bare
+      model = _several(jlora.quantize(tiny_llama(), "fp8"))
+    return set_fp8_matmul(model, fused_lora=fused)
+
+  fused, plain = build(True), build(False)
+  assert _jaxpr(fused).count("name=fp8_lora_matmuls") == 4 and "fp8_lora_matmuls" not in _jaxpr(plain)
+  np.testing.assert_allclose(np.asarray(fused(IDS)), np.asarray(plain(IDS)), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(_grads(fused)[0]), jax.tree.leaves(_grads(plain)[0]), strict=True):
+    assert relative(got, want) <= 1e-4
+
+
+def test_disabled_adapters_inside_the_fp8_matmul_give_the_base_model():
+  model = adapted_fp8_llama()
+  with jlora.disable_adapters(model):
+    got = np.asarray(model(IDS))
+  base = set_fp8_matmul(jlora.quantize(tiny_llama(), "fp8"))
+  np.testing.assert_allclose(got, np.asarray(base(IDS)), rtol=1e-5, atol=1e-5)

@@ -22,6 +22,14 @@ whole group costs nothing in precision: e4m3 and e5m2 are floating point, so
 a smaller row (e.g. k's gradient beside q's) keeps its relative precision
 unless it falls more than 2**14 (e4m3) or 2**29 (e5m2) below the row's absmax.
 
+With adapters (``fp8_lora_matmuls``), each kernel also has a low-rank pair
+``(A_i [in, r_i], B_i [r_i, out_i])`` (scaling folded into A) and the same
+custom backward does the adapters' work the low-rank way for the whole group:
+``h = x @ [A_1 | A_2 | ...]`` once, ``y_i += h_i @ B_i``; backward
+``dh = [dy_1 B_1ᵀ | ...]``, ``dA = xᵀ dh`` (one matmul), ``dB_i = h_iᵀ dy_i``, and
+``dx`` gets ``dh @ [A_1 | ...]ᵀ`` added to the fp8 GEMM's output in one pass,
+where plain autodiff writes and sums one ``dx`` per adapter.
+
 Rounding: ``y`` per element within 2**-4 relative per product from ``x``'s
 e4m3 cast (plus the kernel's own rounding, see ``jlora.quant``); ``dx`` 2**-3
 relative per product from the e5m2 cast with ``"fp8"``, none with ``"upcast"``.
@@ -102,3 +110,61 @@ def _backward(dtype, backward, kernels, gs):
 
 
 fp8_matmuls.defvjp(_forward, _backward)
+
+
+def _low_rank(h, b_parts, dtype):
+  """``h_i @ B_i`` per kernel from ``h = x @ [A_1 | ...]``; None where ``r_i = 0``."""
+  outs, start = [], 0
+  for b in b_parts:
+    rank = b.shape[0]
+    outs.append(dot(h[..., start:start + rank], b.astype(dtype), 0, jnp.float32) if rank else None)
+    start += rank
+  return outs
+
+
+def _cat(parts, axis=-1):
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fp8_lora_matmuls(x: jax.Array, kernels: tuple, a_parts: tuple, b_parts: tuple, dtype,
+                     backward: str = "fp8") -> tuple[jax.Array, ...]:
+  """``x @ W_i + (x @ A_i) @ B_i`` for every fp8 kernel ``(codes, scale)`` and its ``(A_i, B_i)``.
+
+  ``x [..., in]`` in ``dtype``; ``A_i [in, r_i]`` (scaling folded in),
+  ``B_i [r_i, out_i]``, ``r_i`` may be 0. Returns ``[..., out_i]`` arrays in
+  ``dtype``. Gradients reach ``x``, the A's and the B's; see the module doc.
+  """
+  return _lora_forward(x, kernels, a_parts, b_parts, dtype, backward)[0]
+
+
+def _lora_forward(x, kernels, a_parts, b_parts, dtype, backward):
+  ys = fp8_matmuls(x, kernels, dtype, backward)
+  h = dot(x, _cat([a.astype(dtype) for a in a_parts]), 0, dtype)
+  deltas = _low_rank(h, b_parts, dtype)
+  ys = tuple(y if d is None else (y.astype(jnp.float32) + d).astype(dtype) for y, d in zip(ys, deltas))
+  return ys, (x, kernels, a_parts, b_parts, h)
+
+
+def _lora_backward(dtype, backward, residuals, dys):
+  x, kernels, a_parts, b_parts, h = residuals
+  dx, _ = _backward(dtype, backward, kernels, dys)
+  dys = [dy.astype(dtype) for dy in dys]
+  dh = _cat([dot(dy, b.astype(dtype), 1, dtype) for dy, b in zip(dys, b_parts)])
+  a = _cat([a.astype(dtype) for a in a_parts])
+  lead = tuple(range(x.ndim - 1))
+  da = jax.lax.dot_general(x, dh, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+  da_parts, db_parts, start = [], [], 0
+  for a_i, b_i, dy in zip(a_parts, b_parts, dys):
+    rank = b_i.shape[0]
+    da_parts.append(da[:, start:start + rank].astype(a_i.dtype))
+    h_i = h[..., start:start + rank]
+    db_parts.append(jax.lax.dot_general(h_i, dy, ((lead, lead), ((), ())),
+                                        preferred_element_type=jnp.float32).astype(b_i.dtype))
+    start += rank
+  if a.shape[-1]:
+    dx = (dx.astype(jnp.float32) + dot(dh, a, 1, jnp.float32)).astype(x.dtype)
+  return dx, None, tuple(da_parts), tuple(db_parts)
+
+
+fp8_lora_matmuls.defvjp(_lora_forward, _lora_backward)

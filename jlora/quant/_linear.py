@@ -94,11 +94,15 @@ class QuantizedLinear(nnx.Module):
       (``jlora.nn.lora_projections``), one GEMM per direction for all of them.
     fp8_backward: fp8: ``"fp8"`` (the input gradient through an e5m2 x e4m3
       GEMM) or ``"upcast"`` (a GEMM in the compute dtype).
-    ``jlora.quant.set_fp8_matmul`` sets both for a whole model.
+    fused_lora: fp8: LoRA layers over this one compute their adapters inside
+      the fp8 matmul's own backward pass (``jlora.quant._fp8.fp8_lora_matmuls``)
+      instead of under plain autodiff.
+    ``jlora.quant.set_fp8_matmul`` sets these for a whole model.
   """
 
   shared_input: bool = True
   fp8_backward: str = "fp8"
+  fused_lora: bool = True
 
   def __init__(self, spec: QuantSpec, arrays: dict, *, bias: nnx.Param | None = None, dtype=None,
                param_dtype=jnp.float32):
@@ -160,26 +164,36 @@ class QuantizedLinear(nnx.Module):
     return y + self.bias[...].astype(y.dtype) if self.use_bias else y
 
 
-def fp8_projections(layers, x: jax.Array) -> tuple[jax.Array, ...] | None:
-  """Base outputs of fp8 ``QuantizedLinear`` siblings on one input ``x``, one cast and GEMM for all.
+def fp8_group(layers, x: jax.Array) -> tuple[jnp.dtype, str, tuple] | None:
+  """``(dtype, fp8_backward, ((codes, scale), ...))`` for fp8 layers computed together on ``x``, or None.
 
-  None unless every layer is an unstacked fp8 ``QuantizedLinear`` with
-  ``shared_input``, all computing in one dtype with one ``fp8_backward``.
+  None unless every layer is an unstacked fp8 ``QuantizedLinear`` (with
+  ``shared_input`` when there are several), all computing in one dtype with
+  one ``fp8_backward``.
   """
-  if len(layers) < 2 or not all(isinstance(l, QuantizedLinear) and l.spec.format == "fp8" and l.shared_input
-                                and not l.stack_shape for l in layers):
+  if not all(isinstance(l, QuantizedLinear) and l.spec.format == "fp8" and not l.stack_shape for l in layers):
+    return None
+  if len(layers) > 1 and not all(l.shared_input for l in layers):
     return None
   dtypes = {l.compute_dtype(x) for l in layers}
   backwards = {l.fp8_backward for l in layers}
   if len(dtypes) != 1 or len(backwards) != 1:
     return None
-  dtype = dtypes.pop()
-  kernels = tuple((l.qkernel[...], l.kernel_scale[...]) for l in layers)
-  ys = fp8_matmuls(x.astype(dtype), kernels, dtype, backwards.pop())
+  return dtypes.pop(), backwards.pop(), tuple((l.qkernel[...], l.kernel_scale[...]) for l in layers)
+
+
+def fp8_projections(layers, x: jax.Array) -> tuple[jax.Array, ...] | None:
+  """Base outputs of sibling fp8 layers on one input ``x``, one cast and GEMM for all (see ``fp8_group``)."""
+  group = fp8_group(layers, x) if len(layers) > 1 else None
+  if group is None:
+    return None
+  dtype, backward, kernels = group
+  ys = fp8_matmuls(x.astype(dtype), kernels, dtype, backward)
   return tuple(l.add_bias(y) for l, y in zip(layers, ys))
 
 
-def set_fp8_matmul(model: nnx.Module, *, shared_input: bool = True, backward: str = "fp8") -> nnx.Module:
+def set_fp8_matmul(model: nnx.Module, *, shared_input: bool = True, backward: str = "fp8",
+                   fused_lora: bool = True) -> nnx.Module:
   """Choose how the model's fp8 ``QuantizedLinear`` layers compute (before jitting); returns the model.
 
   Args:
@@ -189,10 +203,15 @@ def set_fp8_matmul(model: nnx.Module, *, shared_input: bool = True, backward: st
     backward: ``"fp8"`` (default; the input gradient cast to e5m2, an fp8
       GEMM) or ``"upcast"`` (the e4m3 kernel converted to the compute dtype:
       a slower GEMM, no rounding of the gradient).
+    fused_lora: compute LoRA adapters over fp8 layers inside the fp8
+      matmul's custom backward (one ``x @ [A_q|A_k|A_v]``, one ``dA``, one
+      ``dx`` for a group; default), or under plain autodiff (False). Same
+      math; dropout, per-sample routing and DoRA always take the plain path.
   """
   check_backward(backward)
   for _, layer in nnx.iter_graph(model):
     if isinstance(layer, QuantizedLinear):
       layer.shared_input = bool(shared_input)
       layer.fp8_backward = backward
+      layer.fused_lora = bool(fused_lora)
   return model
