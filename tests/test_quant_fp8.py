@@ -183,7 +183,8 @@ def test_adapters_inside_the_fp8_matmul_match_plain_autodiff(adapters):
     return set_fp8_matmul(model, fused_lora=fused)
 
   fused, plain = build(True), build(False)
-  assert _jaxpr(fused).count("name=fp8_lora_matmuls") == 4 and "fp8_lora_matmuls" not in _jaxpr(plain)
+  calls = 4 if adapters == "lora" else 3  # q|k|v, o (without an adapter in "several"), gate|up, down
+  assert _jaxpr(fused).count("name=fp8_lora_matmuls") == calls and "fp8_lora_matmuls" not in _jaxpr(plain)
   np.testing.assert_allclose(np.asarray(fused(IDS)), np.asarray(plain(IDS)), rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.tree.leaves(_grads(fused)[0]), jax.tree.leaves(_grads(plain)[0]), strict=True):
     assert relative(got, want) <= 1e-4
