@@ -15,8 +15,10 @@ Environment (all optional):
 * ``QUANT_SHAPES``: ``tinyllama,llama3b`` (default) or one of them;
 * ``QUANT_BASES``: rows to run, default ``bf16,nf4,int8,fp8``; a row is a base
   with options after a colon, joined by ``+``, compared side by side in one
-  run, e.g. ``bf16,fp8,fp8:separate,fp8:head,fp8:upcast,fp8:autotune0``:
-  ``separate`` (fp8: cast the input for each projection, the pre-sharing path),
+  run, e.g. ``bf16,fp8,fp8:separate+unfused,fp8:unfused,fp8:head,fp8:autotune0``:
+  ``separate`` (fp8: cast the input for each projection), ``unfused`` (fp8:
+  LoRA adapters under plain autodiff; ``separate+unfused`` is the first
+  fp8 implementation),
   ``upcast`` (fp8: input gradient GEMM in bf16), ``head`` (the untied
   ``lm_head`` quantized too), ``auto`` (``set_lora_matmul(model, "auto")``),
   ``autotune0`` (``XLA_FLAGS=--xla_gpu_autotune_level=0``: no GEMM autotuning,
@@ -53,7 +55,7 @@ SHAPES = {
                     num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
 }
 BASES = ("bf16", "nf4", "int8", "fp8")
-OPTIONS = ("separate", "upcast", "head", "auto", "autotune0", "autotune1")
+OPTIONS = ("separate", "unfused", "upcast", "head", "auto", "autotune0", "autotune1")
 XLA_OPTION_FLAGS = {"autotune0": "--xla_gpu_autotune_level=0", "autotune1": "--xla_gpu_autotune_level=1"}
 
 
@@ -63,8 +65,8 @@ def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
   options = tuple(o for o in options.split("+") if o)
   if base not in BASES or any(o not in OPTIONS for o in options):
     raise ValueError(f"QUANT_BASES row {row!r}: bases are {BASES}, options {OPTIONS}")
-  if base != "fp8" and {"separate", "upcast"} & set(options):
-    raise ValueError(f"QUANT_BASES row {row!r}: separate and upcast are fp8 options")
+  if base != "fp8" and {"separate", "unfused", "upcast"} & set(options):
+    raise ValueError(f"QUANT_BASES row {row!r}: separate, unfused and upcast are fp8 options")
   return base, options
 
 
@@ -134,7 +136,8 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
     jlora.set_lora_matmul(model, "auto", shared_input=False)
   if base == "fp8":
     jlora.quant.set_fp8_matmul(model, shared_input="separate" not in options,
-                               backward="upcast" if "upcast" in options else "fp8")
+                               backward="upcast" if "upcast" in options else "fp8",
+                               fused_lora="unfused" not in options)
   parts = split_model(model)
   tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
                              end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
