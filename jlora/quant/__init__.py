@@ -25,7 +25,7 @@ understands carries the rest.
 
 from jlora.quant._formats import FORMATS, NF4_CODEBOOK, QuantSpec, dequantize as dequantize_arrays
 from jlora.quant._formats import quantize as quantize_array
-from jlora.quant._fp8 import FP8_BACKWARDS, fp8_matmuls
+from jlora.quant._fp8 import FP8_BACKWARDS, fp8_lora_matmuls, fp8_matmuls
 from jlora.quant._linear import QuantizedLinear, QuantizedWeight, quantized_matmul, set_fp8_matmul
 from jlora.quant._load import LoadQuantizer
 from jlora.quant._lora import QuantizedLoraLinear
@@ -34,5 +34,5 @@ from jlora.quant._model import dequantize, merge_and_unload, plan, quantize, qua
 __all__ = [
     "FORMATS", "FP8_BACKWARDS", "NF4_CODEBOOK", "LoadQuantizer", "QuantSpec", "QuantizedLinear", "QuantizedLoraLinear",
     "QuantizedWeight", "dequantize", "dequantize_arrays", "merge_and_unload", "plan", "quantize",
-    "fp8_matmuls", "quantize_array", "quantized_layers", "quantized_matmul", "set_fp8_matmul",
+    "fp8_lora_matmuls", "fp8_matmuls", "quantize_array", "quantized_layers", "quantized_matmul", "set_fp8_matmul",
 ]

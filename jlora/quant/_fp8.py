@@ -117,7 +117,7 @@ def _low_rank(h, b_parts, dtype):
   outs, start = [], 0
   for b in b_parts:
     rank = b.shape[0]
-    outs.append(dot(h[..., start:start + rank], b.astype(dtype), 0, jnp.float32) if rank else None)
+    outs.append(dot(h[..., start:start + rank], b.astype(dtype), 0, dtype) if rank else None)
     start += rank
   return outs
 
@@ -142,7 +142,7 @@ def _lora_forward(x, kernels, a_parts, b_parts, dtype, backward):
   ys = fp8_matmuls(x, kernels, dtype, backward)
   h = dot(x, _cat([a.astype(dtype) for a in a_parts]), 0, dtype)
   deltas = _low_rank(h, b_parts, dtype)
-  ys = tuple(y if d is None else (y.astype(jnp.float32) + d).astype(dtype) for y, d in zip(ys, deltas))
+  ys = tuple(y if d is None else y + d for y, d in zip(ys, deltas))
   return ys, (x, kernels, a_parts, b_parts, h)
 
 
@@ -163,7 +163,7 @@ def _lora_backward(dtype, backward, residuals, dys):
                                         preferred_element_type=jnp.float32).astype(b_i.dtype))
     start += rank
   if a.shape[-1]:
-    dx = (dx.astype(jnp.float32) + dot(dh, a, 1, jnp.float32)).astype(x.dtype)
+    dx = (dx.astype(jnp.float32) + dot(dh, a, 1, dtype)).astype(x.dtype)
   return dx, None, tuple(da_parts), tuple(db_parts)
 
 
