@@ -9,6 +9,11 @@ flags, so one call compares them side by side:
     python bench/bench.py run --suite train,forward,mixed,variants --out $OUT/results.jsonl
     python bench/bench.py report $OUT/results.jsonl > bench/RESULTS.md
 
+A suite row may carry its own per-run ``timeout`` (seconds; the larger of it
+and ``--timeout`` applies), e.g. PEFT + torch.compile at the Llama-3.2-3B
+shape, whose compile alone outlasts the usual limit; ``--frameworks`` runs
+only the rows of the named frameworks (to split a suite over calls).
+
 MFU (headline) counts the work a LoRA step does: ``4·N_base`` (forward and
 input gradients of the frozen matmuls, no weight gradients) ``+ 3·F_attn``
 (causal attention forward, backward twice that) ``+ 6·N_adapter`` per token,
@@ -40,6 +45,9 @@ SHAPES = {
         hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
         head_dim=128, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
         tie_word_embeddings=True, rope_theta=500000.0)),
+    "tiny": dict(layers=2, hf=dict(  # smoke runs on CPU
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)),
     "wide70b": dict(layers=48, hf=dict(  # 70B-class width; initialised sharded, no checkpoint
         hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
         head_dim=128, vocab_size=128256)),
@@ -69,9 +77,12 @@ def make_checkpoint(path: str, shape: str, layers: int) -> None:
   import transformers
   config = transformers.LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", **SHAPES[shape]["hf"])
   torch.manual_seed(0)
-  with torch.device("cuda"):
+  with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
   model.save_pretrained(path, safe_serialization=True)
+  del model
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()  # this (parent) process keeps no GPU memory from the runs it spawns
 
 
 def param_count(path: str) -> int:
@@ -157,19 +168,22 @@ def _import_jax():
   jax_compat.patch_hijax()
 
 
-def _jlora_model(args, adapter: str | None, matmul: str | None = None):
+def _jlora_model(args, adapter: str | None, matmul: str | None = None, mesh=None):
   """The checkpoint with ``adapter`` ("lora" / "moslora" / "wlora" over two LoRAs) on the 7 projections.
 
   ``matmul`` (default ``args.lora_matmul``) picks plain autodiff or the fused
   LoRA matmul; ``args.shared`` lets q/k/v and gate/up share one input matmul.
+  ``mesh``: load each parameter's shards straight onto their devices (no whole copy on one GPU).
   """
   import jax
   import jax.numpy as jnp
   from flax import nnx
   import jlora
   from jlora.nn import set_lora_matmul
-  model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16)
+  model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16, mesh=mesh)
   model.remat = args.remat
+  model.scan_unroll = args.scan_unroll
+  model.attention = args.attention
   lora = lambda: jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
   if adapter == "moslora":
     jlora.get_peft_model(model, jlora.MoSLoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS,
@@ -243,6 +257,67 @@ def run_jlora_mixed(args) -> list[dict]:
   return results
 
 
+ATTENTION_KERNELS = ("cudnn", "tokamax")  # the first is the reference the others are compared with
+
+
+def run_jlora_attention(args) -> list[dict]:
+  """One layer's attention alone, forward + backward, per kernel: cuDNN vs tokamax, full and packed rows.
+
+  ``q [B, T, H, D]``, ``k, v [B, T, K, D]`` of the shape's attention (bf16);
+  packed rows hold records of 100..900 tokens. Each row also reports the
+  largest difference of the output and of dq from cuDNN's on the same inputs.
+  """
+  _import_jax()
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jlora.models._attention import AttentionMask, attend
+
+  c = SHAPES[args.shape]["hf"]
+  heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+  d = c.get("head_dim", c["hidden_size"] // heads)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (args.batch, args.seq, heads, d), jnp.bfloat16)
+  k, v = (jax.random.normal(key, (args.batch, args.seq, kv_heads, d), jnp.bfloat16) for key in keys[1:3])
+  dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  segments = np.zeros((args.batch, args.seq), np.int32)
+  for row in segments:
+    start, sid = 0, 1
+    while start < args.seq:
+      n = int(rng.integers(100, 900))
+      row[start:start + n] = sid
+      start, sid = start + n, sid + 1
+  results, reference = [], {}
+  for packed in (False, True):
+    seg = jnp.asarray(segments) if packed else None
+    for impl in ATTENTION_KERNELS:
+      mask = AttentionMask(segment_ids=seg, implementation=impl)
+      fwd_bwd = jax.jit(lambda q, k, v, mask=mask: _fwd_bwd(attend, mask, q, k, v, dout))
+      row = dict(variant=f"{impl}{' packed' if packed else ''}", attention=impl, packed=packed)
+      try:
+        out, dq, _, _ = fwd_bwd(q, k, v)
+        row.update(_time_jax(lambda: fwd_bwd(q, k, v), args))
+      except Exception as e:  # a kernel that does not lower here is a result too
+        results.append(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
+        continue
+      if impl == ATTENTION_KERNELS[0]:
+        reference[packed] = (out, dq)
+      elif packed in reference:
+        ref_out, ref_dq = reference[packed]
+        row.update(max_abs_diff_out=float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)))),
+                   max_abs_diff_dq=float(jnp.max(jnp.abs(dq.astype(jnp.float32) - ref_dq.astype(jnp.float32)))))
+      results.append(row)
+  return results
+
+
+def _fwd_bwd(attend, mask, q, k, v, dout):
+  """The attention output and its gradients ``(out, dq, dk, dv)`` for the cotangent ``dout``."""
+  import jax
+  out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), q, k, v)
+  return (out, *vjp(dout))
+
+
 def _jlora_train_step(model, mesh=None):
   """The step ``jlora.train`` runs (masked causal-LM loss, AdamW on the adapter only), placed on ``mesh``."""
   from jlora.train import make_optimizer, make_train_step, shard_state, split_model
@@ -256,7 +331,8 @@ def _jlora_train_step(model, mesh=None):
   return make_train_step(parts.graphdef, tx, mesh=mesh), [params, tx.init(params), rng], frozen
 
 
-def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
+def _time_train(model, batch: int, seq: int, args, mesh=None, analyse: bool = False) -> dict:
+  """Step time and peak memory; ``analyse`` adds XLA's compiled memory analysis (``compiled``)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -270,7 +346,13 @@ def _time_train(model, batch: int, seq: int, args, mesh=None) -> dict:
     carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, inputs)
     return loss
 
-  return _time_jax(step, args)
+  if not analyse:
+    return _time_jax(step, args)
+  memory = train_step.lower(carry[0], carry[1], carry[2], frozen, inputs).compile().memory_analysis()
+  compiled = None if memory is None else dict(
+      argument=memory.argument_size_in_bytes, output=memory.output_size_in_bytes,
+      temp=memory.temp_size_in_bytes, alias=memory.alias_size_in_bytes)
+  return dict(_time_jax(step, args), compiled=compiled)
 
 
 def run_jlora_train(args) -> list[dict]:
@@ -299,7 +381,7 @@ def _wide_model(args, mesh):
 
   config = ModelConfig(num_hidden_layers=args.layers, **WIDE70B)
   make = lambda: CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                          remat=args.remat)
+                          remat=args.remat, scan_unroll=args.scan_unroll)
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh))()
   model = nnx.merge(graphdef, state)
@@ -331,13 +413,14 @@ def run_jlora_scaling(args) -> list[dict]:
   devices = int(np.prod(shape))
   mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), MESH_AXES)
   batch = args.batch * shape[0] * shape[1]
-  model = _wide_model(args, mesh) if args.model == "wide70b" else _jlora_model(args, "lora")
+  model = _wide_model(args, mesh) if args.model == "wide70b" else _jlora_model(args, "lora", mesh=mesh)
   plan = _plan_bytes(model, args, shape, batch)
-  result = _time_train(model, batch, args.seq, args, mesh)
+  result = _time_train(model, batch, args.seq, args, mesh, analyse=True)
   stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
+  peaks = [s.get("peak_bytes_in_use", 0) for s in stats]
   result.update(devices=devices, mesh=dict(zip(MESH_AXES, shape)), batch=batch, rows=args.batch,
-                model=args.model,
-                peak_bytes=max(s.get("peak_bytes_in_use", 0) for s in stats), plan_bytes=plan)
+                model=args.model, peak_bytes=max(peaks), peak_bytes_per_device=peaks, plan_bytes=plan,
+                compiled=result.pop("compiled", None))
   if args.model == "wide70b":
     from jlora.models import ModelConfig
     from jlora.train import Arch
@@ -367,7 +450,7 @@ def _time_jax(fn, args) -> dict:
 def worker(args) -> None:
   if args.framework == "jlora":
     run = {"train": run_jlora_train, "forward": run_jlora_forward, "scaling": run_jlora_scaling,
-           "mixed": run_jlora_mixed}[args.task]
+           "mixed": run_jlora_mixed, "attention": run_jlora_attention}[args.task]
     results = run(args)
   else:
     results = run_peft(args)
@@ -376,9 +459,15 @@ def worker(args) -> None:
   for result in results:
     base = dict(framework=args.framework, task=args.task, shape=args.shape, batch=args.batch, seq=args.seq,
                 layers=args.layers, adapter=args.adapter, remat=args.remat, merged=False, base_only=False)
+    if os.environ.get("XLA_FLAGS"):
+      base["xla_flags"] = os.environ["XLA_FLAGS"]
     if args.framework == "jlora":
-      base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype)
+      base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype,
+                  attention=args.attention, scan_unroll=args.scan_unroll)
     result = dict(base, **result)
+    if "error" in result:  # one variant that failed (e.g. a kernel that does not lower here)
+      print("RESULT " + json.dumps(result), flush=True)
+      continue
     result["tokens_per_s"] = result["batch"] * result["seq"] / result["step_s"]
     if args.task in ("train", "scaling"):
       per_device = result["tokens_per_s"] / result.get("devices", 1)
@@ -392,8 +481,10 @@ def worker(args) -> None:
 def spawn(args, **overrides) -> list[dict]:
   opts = dict(framework="jlora", task="train", shape="tinyllama", batch=8, seq=2048, adapter="lora",
               remat=args.remat, lora_matmul=args.lora_matmul, shared=args.shared,
-              adapter_dtype=args.adapter_dtype, steps=args.steps, warmup=args.warmup)
+              adapter_dtype=args.adapter_dtype, attention=args.attention, scan_unroll=args.scan_unroll,
+              steps=args.steps, warmup=args.warmup)
   opts.update(overrides)
+  timeout = max(args.timeout, opts.pop("timeout", 0))
   opts.setdefault("layers", SHAPES[opts["shape"]]["layers"])
   ckpt = f"/dev/shm/{opts['shape']}-{opts['layers']}"
   if opts.get("model", "tinyllama") == "tinyllama":  # the wide model is initialised on the GPUs
@@ -403,9 +494,9 @@ def spawn(args, **overrides) -> list[dict]:
     cmd += [f"--{key.replace('_', '-')}", str(value)]
   print("#", " ".join(cmd[2:]), flush=True)
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
-    return [dict(opts, error=f"timed out after {args.timeout} s")]
+    return [dict(opts, error=f"timed out after {timeout} s")]
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if not lines or proc.returncode:
     print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
@@ -415,7 +506,16 @@ def spawn(args, **overrides) -> list[dict]:
 
 
 FUSED = dict(lora_matmul="auto", shared=1)
+AUTO = dict(lora_matmul="auto", shared=0)  # the fastest measured setting (NOTES.md entries 7-8)
 PLAIN = dict(lora_matmul="plain", shared=0)
+FULL_UNROLL = SHAPES["tinyllama"]["layers"]
+UNROLL_TIMEOUT = 300  # an unrolled layer loop compiles every layer: minutes, not seconds
+
+
+def _attention_suite(shape: str, batch: int, seq: int) -> list[dict]:
+  """The attention kernels alone, then a fused-matmul training step on cuDNN and on tokamax."""
+  run = dict(framework="jlora", shape=shape, batch=batch, seq=seq, **FUSED)
+  return [dict(run, task="attention")] + [dict(run, attention=a) for a in ("cudnn", "tokamax")]
 
 
 SUITES = {
@@ -424,7 +524,18 @@ SUITES = {
                        + [dict(framework="jlora", batch=n, lora_matmul="auto", shared=0) for n in b]
                        + [dict(framework="jlora", batch=n, **FUSED) for n in b]
                        + [dict(framework="jlora", batch=n, lora_matmul="fused", shared=1) for n in b]
+                       + [dict(framework="jlora", batch=n, scan_unroll=u, timeout=UNROLL_TIMEOUT, **AUTO)
+                          for n in b for u in (2, FULL_UNROLL)]
                        + [dict(framework=f, batch=n) for n in b for f in ("peft", "peft-compile")],
+    # Only the layer-loop unrolling rows of "train" (1, 2 and all 22 layers per loop step).
+    # The headline comparison alone: plain, auto, auto fully unrolled, PEFT+compile.
+    "headline": lambda b: [dict(framework="jlora", batch=n, **PLAIN) for n in b]
+                          + [dict(framework="jlora", batch=n, **AUTO) for n in b]
+                          + [dict(framework="jlora", batch=n, scan_unroll=FULL_UNROLL, timeout=UNROLL_TIMEOUT, **AUTO)
+                             for n in b]
+                          + [dict(framework="peft-compile", batch=n) for n in b],
+    "unroll": lambda b: [dict(framework="jlora", batch=n, scan_unroll=u, timeout=UNROLL_TIMEOUT, **AUTO) for n in b
+                         for u in (1, 2, FULL_UNROLL)],
     # Adapter kinds, remat policies and adapter dtype, all on the fused matmul.
     "variants": lambda b: [dict(framework="jlora", batch=n, **FUSED, **extra) for n in b for extra in (
         dict(adapter="moslora"), dict(adapter="wlora"), dict(remat="none"), dict(remat="full"),
@@ -436,16 +547,27 @@ SUITES = {
     "forward": lambda b: [dict(framework=f, task="forward", batch=n, seq=s, **FUSED)
                           for (n, s) in ((1, 128), (8, 1024)) for f in ("jlora", "peft")],
     "mixed": lambda b: [dict(framework="jlora", task="mixed", batch=8, seq=1024, **FUSED)],
-    # Llama-3.2-3B shape at 2x4096 (and a bigger batch for jlora, which fits more).
-    "llama3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=n, seq=4096, **FUSED) for n in (2, 4)]
-                         + [dict(framework=f, shape="llama3b", batch=2, seq=4096) for f in ("peft-compile",)],
+    # Llama-3.2-3B shape: jlora and PEFT (eager and compiled) at 2x4096, and jlora at 4x4096, which it
+    # fits. torch.compile of 28 layers and a 128k vocabulary takes minutes: its row has its own limit.
+    "llama3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=n, seq=4096, **AUTO) for n in (2, 4)]
+                         + [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **PLAIN)]
+                         + [dict(framework="peft", shape="llama3b", batch=2, seq=4096),
+                            dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
     # 1 GPU, then data=2, fsdp=2, tensor=2 at the same rows per data-parallel GPU (2 GPUs).
     "scaling": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m, **FUSED)
                           for n in b for m in ("1,1,1", "2,1,1", "1,2,1", "1,1,2")],
+    # FSDP alone beside its 1-GPU baseline ("fsdp2": only the 2-GPU run, e.g. under other XLA_FLAGS).
+    "fsdp": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh=m, **FUSED)
+                       for n in b for m in ("1,1,1", "1,2,1")],
+    "fsdp2": lambda b: [dict(framework="jlora", task="scaling", batch=n, mesh="1,2,1", **FUSED) for n in b],
     # A Llama of 70B width, 48 layers: 43B params, 86 GB in bf16, more than one 80 GB GPU; fsdp=2.
     "wide": lambda b: [dict(framework="jlora", task="scaling", shape="wide70b", model="wide70b", batch=1,
                             seq=2048, mesh="1,2,1", remat="full", steps=4, warmup=1, **FUSED)],
-    "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
+    # cuDNN vs tokamax's Pallas flash attention: the kernels alone (full and packed rows, with their
+  # difference from cuDNN), then training steps; TinyLlama (head_dim 64), Llama-3.2-3B (head_dim 128).
+  "tokamax": lambda b: _attention_suite("tinyllama", 8, 2048),
+  "tokamax3b": lambda b: _attention_suite("llama3b", 2, 4096),
+  "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
                           for n in (11, 22)],
 }
 
@@ -467,8 +589,13 @@ def main() -> None:
                       help="jlora: plain autodiff, or the fused LoRA matmul (merged on the fly)")
   parser.add_argument("--shared", type=int, default=1, help="jlora: fuse q/k/v and gate/up input matmuls")
   parser.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--scan-unroll", type=int, default=1,
+                      help="jlora: layers per step of the layer loop (the layer count: fully unrolled)")
+  parser.add_argument("--frameworks", default="", help="run: only rows of these frameworks (comma-separated)")
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")
+  parser.add_argument("--attention", default="auto",
+                      help="jlora: attention kernel (auto = cuDNN on GPU; tokamax needs its wheel)")
   parser.add_argument("--remat", default="matmuls", help="jlora: what the backward pass keeps per layer")
   parser.add_argument("--mesh", default="1,1,1", help="scaling: data,fsdp,tensor")
   parser.add_argument("--model", default="tinyllama", help="scaling: tinyllama (checkpoint) or wide70b (sharded init)")
@@ -490,6 +617,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for suite in args.suite.split(","):
       for overrides in SUITES[suite](batches):
+        if args.frameworks and overrides.get("framework", "jlora") not in args.frameworks.split(","):
+          continue
         for result in spawn(args, **overrides):
           with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -12,6 +12,10 @@ PACKAGES=(
   nest-asyncio==1.6.0 aiofiles==25.1.0 humanize==4.17.0 simplejson==4.3.0 uvloop==0.23.0
   prometheus-client==0.26.0 protobuf==7.36.2 array-record==0.8.6 cloudpickle==2.1.0
   portpicker==1.6.0 psutil==7.2.2 accelerate==1.15.0
+  # attention="tokamax" (bench suite tokamax): tokamax and what the image lacks of its dependencies
+  # (it has jaxtyping, absl-py, tqdm; tokamax pins typeguard 2.13.3 for jaxtyping's checks).
+  tokamax==0.0.12 qwix==0.1.8 einshape==1.0 immutabledict==4.3.1 typeguard==2.13.3
+  pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
 )
 mkdir -p .whl
 for package in "${PACKAGES[@]}"; do

@@ -8,9 +8,11 @@ its own subprocess (so peak memory does not mix):
 - ``packed``: segment ids of records 100..900 tokens long, ``attention=auto``
   (cuDNN's packed layout on Hopper);
 - ``packed-xla``: the same rows on XLA's attention with a ``[B, 1, T, T]`` mask;
-- ``packed-chunked``: ``packed`` with the loss head run 4096 tokens at a time.
+- ``packed-chunked``: ``packed`` with the loss head run 4096 tokens at a time;
+- ``packed-tokamax``: ``packed`` on tokamax's Pallas flash attention (its wheel carried).
 
-It first checks that cuDNN's packed attention equals XLA's on one packed row.
+It first checks that cuDNN's (and tokamax's) packed attention equals XLA's on
+one packed row. ``--variants`` picks some of the variants.
 
     bench/on_device.sh bench/packing.py --batch 8 --seq 2048
 """
@@ -28,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 VARIANTS = {"plain": ("auto", False, 0), "packed": ("auto", True, 0), "packed-xla": ("xla", True, 0),
-            "packed-chunked": ("auto", True, 4096)}
+            "packed-chunked": ("auto", True, 4096), "packed-tokamax": ("tokamax", True, 0)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -67,17 +69,22 @@ def batch(b: int, t: int, packed: bool) -> dict:
   return out
 
 
-def check_cudnn_equals_xla(seq: int) -> float:
+def check_equals_xla(seq: int, kernels=("cudnn", "tokamax")) -> dict:
+  """Largest difference of each kernel's hidden states from XLA's on one packed row (or its error)."""
   import jax.numpy as jnp
   import numpy as np
 
-  m = model("cudnn", 2)
+  m = model("xla", 2)
   b = {k: jnp.asarray(v[:1]) for k, v in batch(1, seq, True).items()}
-  outs = []
-  for impl in ("cudnn", "xla"):
+  hidden = lambda: np.asarray(m.hidden(b["tokens"], segment_ids=b["segment_ids"]), np.float32)
+  reference, out = hidden(), {}
+  for impl in kernels:
     m.attention = impl
-    outs.append(np.asarray(m.hidden(b["tokens"], segment_ids=b["segment_ids"]), np.float32))
-  return float(np.max(np.abs(outs[0] - outs[1])))
+    try:
+      out[f"{impl}_packed_vs_xla_max_abs_diff"] = float(np.max(np.abs(hidden() - reference)))
+    except Exception as e:  # a kernel that does not lower here
+      out[f"{impl}_packed_vs_xla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  return out
 
 
 def run(variant: str, args) -> dict:
@@ -120,6 +127,7 @@ def main() -> None:
   parser.add_argument("--layers", type=int, default=22)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--variant", choices=list(VARIANTS))
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
   parser.add_argument("--timeout", type=int, default=500)
   args = parser.parse_args()
   import jax_compat
@@ -128,8 +136,8 @@ def main() -> None:
   if args.variant:
     print("RESULT " + json.dumps(run(args.variant, args)), flush=True)
     return
-  print(json.dumps({"cudnn_packed_vs_xla_max_abs_diff": check_cudnn_equals_xla(args.seq)}), flush=True)
-  for variant in VARIANTS:
+  print(json.dumps(check_equals_xla(args.seq)), flush=True)
+  for variant in args.variants.split(","):
     cmd = [sys.executable, __file__, "--variant", variant] + [
         f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "layers", "steps")]
     try:

@@ -22,19 +22,23 @@ def render(results: list[dict]) -> str:
     out += ["### Training step (bf16 base, LoRA r=16 on 7 projections, AdamW)", "",
             "MFU = (4·N_base + 3·F_attn + 6·N_adapter)·tokens/s / 989e12; 6N and 4N use N = all params. "
             "× PEFT+compile: same shape and batch.", "",
-            _row(["shape", "framework", "adapter", "matmul", "shared", "remat", "adapter dtype", "batch",
-                  "tokens/s", "× PEFT+compile", "MFU", "MFU (6N)", "MFU (4N)", "peak GiB", "first step s"]),
-            _row(["---"] * 15)]
+            _row(["shape", "framework", "adapter", "matmul", "shared", "remat", "unroll", "adapter dtype",
+                  "attention", "batch", "tokens/s", "× PEFT+compile", "MFU", "MFU (6N)", "MFU (4N)", "peak GiB",
+                  "first step s"]),
+            _row(["---"] * 17)]
     compiled = {(r.get("shape", "tinyllama"), r["batch"], r["seq"]): r["tokens_per_s"] for r in train
                 if r["framework"] == "peft-compile"}
     for r in sorted(train, key=lambda r: (r.get("shape", "tinyllama"), r["batch"], r["framework"],
-                                          r["adapter"], r.get("lora_matmul", ""))):
+                                          r["adapter"], r.get("lora_matmul", ""), r.get("attention", ""),
+                                          r.get("scan_unroll", 1))):
       shape = r.get("shape", "tinyllama")
       ref = compiled.get((shape, r["batch"], r["seq"]))
       jl = r["framework"] == "jlora"
       out.append(_row([shape, r["framework"], r["adapter"], r.get("lora_matmul", "-") if jl else "-",
                        ("yes" if r.get("shared") else "no") if jl else "-", r["remat"] if jl else "-",
-                       r.get("adapter_dtype", "-") if jl else "-", f"{r['batch']}×{r['seq']}",
+                       r.get("scan_unroll", 1) if jl else "-",
+                       r.get("adapter_dtype", "-") if jl else "-", r.get("attention", "auto") if jl else "sdpa",
+                       f"{r['batch']}×{r['seq']}",
                        f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / ref:.2f}" if ref else "-",
                        f"{r['mfu']:.1%}" if "mfu" in r else "-", f"{r['mfu_6n']:.1%}",
                        f"{r.get('mfu_4n', r['mfu_6n'] * 4 / 6):.1%}", _gib(r["peak_bytes"]),
@@ -65,6 +69,20 @@ def render(results: list[dict]) -> str:
       out.append(_row([f"{r['batch']}×{r['seq']}", r.get("variant", "?"), f"{r['step_s'] * 1e3:.2f}",
                        f"{r['tokens_per_s']:,.0f}", ratio]))
     out.append("")
+  kernels = [r for r in ok if r["task"] == "attention"]
+  if kernels:
+    out += ["### Attention kernels alone: forward + backward of one layer (bf16)", "",
+            "max |Δ|: largest difference from cuDNN's output / dq on the same inputs.", "",
+            _row(["shape", "batch", "kernel", "rows", "ms", "speed vs cuDNN", "max |Δ| out", "max |Δ| dq"]),
+            _row(["---"] * 8)]
+    for r in kernels:
+      ref = next((o for o in kernels if o["shape"] == r["shape"] and o["attention"] == "cudnn"
+                  and o["packed"] == r["packed"]), None)
+      diff = lambda key: f"{r[key]:.3g}" if key in r else "-"
+      out.append(_row([r["shape"], f"{r['batch']}×{r['seq']}", r["attention"], "packed" if r["packed"] else "full",
+                       f"{r['step_s'] * 1e3:.2f}", f"{ref['step_s'] / r['step_s']:.2f}" if ref else "-",
+                       diff("max_abs_diff_out"), diff("max_abs_diff_dq")]))
+    out.append("")
   depth = [r for r in ok if r["task"] == "train" and r["batch"] == 1]
   if depth:
     out += ["### Compile time vs depth (jlora, first train step incl. compile)", "",
@@ -92,6 +110,6 @@ def render(results: list[dict]) -> str:
     out += ["### Quantized frozen base (LoRA r=16 on 7 projections; rows as QUANT_BASES names them)", "",
             table(quant), ""]
   for r in failed:
-    out.append(f"- FAILED {r.get('framework')} {r.get('task')} batch {r.get('batch')}: "
+    out.append(f"- FAILED {r.get('framework')} {r.get('task')} {r.get('variant', '')} batch {r.get('batch')}: "
                f"`{r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}`")
   return "\n".join(out)

@@ -76,6 +76,23 @@ def test_frozen_kernel_gets_no_gradient_matmul():
   assert trained - frozen >= 2 * 1024 * 64 * 64 * 0.9
 
 
+@pytest.mark.parametrize("projections", [1, 2])
+def test_merged_kernel_is_one_dot_plus_kernel_in_the_compute_dtype(projections):
+  # add(dot(A', B), W) with the dot in bf16 and read by the add alone: the form XLA's GPU gemm
+  # rewriter folds into the cuBLAS epilogue (W' = A'·B + 1·W), no float32 [in, out] delta.
+  import re
+  x = jnp.ones((64, 16), jnp.bfloat16)
+  kernels = [jnp.ones((16, 24), jnp.bfloat16)] * projections
+  factors = [(jnp.ones((16, 2)), jnp.ones((2, 24)))] * projections
+  hlo = jax.jit(lambda x, ws, fs: lora_matmul(x, ws, fs, mode="fused")).lower(x, kernels, factors).as_text(
+      dialect="hlo")
+  merged = f"bf16[16,{24 * projections}]"
+  dots = re.findall(rf"(\S+) = {re.escape(merged)}\S* dot\(", hlo)
+  assert len(dots) == 1 and f"f32[16,{24 * projections}]" not in hlo
+  users = [line for line in hlo.splitlines() if re.search(rf"[(,] ?{re.escape(dots[0])}[,)]", line)]
+  assert len(users) == 1 and re.search(rf"= {re.escape(merged)}\S* add\(", users[0])
+
+
 @pytest.mark.parametrize("mode", ["auto", "fused"])
 @pytest.mark.parametrize("shared", [True, False])
 def test_llama_loss_and_grads_equal_plain(mode, shared):
@@ -90,8 +107,10 @@ def test_fused_path_works_under_remat_policies(remat):
 
 
 def test_moslora_fused_equals_plain():
+  # The mixer is folded into A before the merge, so the two paths round in a different order; this
+  # model's loss amplifies float32 rounding to ~1e-4 of the largest gradient.
   config = jlora.MoSLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
-  assert_same(loss_and_grads(adapted(config), "fused"), loss_and_grads(adapted(config), "plain"))
+  assert_same(loss_and_grads(adapted(config), "fused"), loss_and_grads(adapted(config), "plain"), tol=3e-4)
 
 
 def test_rank_pattern_fused_equals_plain():

@@ -266,7 +266,7 @@ def test_quantized_kernel_arrays_are_sharded_like_the_kernel():
     spec = param_spec(path("model", "layers", "mlp", "up_proj", name), (2, 16, 32), MESH)
     assert spec == P(None, "fsdp", "tensor")
   under_lora = path("model", "layers", "self_attn", "o_proj", "base_layer", "qkernel")
-  assert param_spec(under_lora, (2, 32, 16), MESH) == P(None, "tensor", "fsdp")
+  assert param_spec(under_lora, (2, 32, 16), MESH) == P(None, ("tensor", "fsdp"), None)
 
 
 # ---------------------------------------------------------------- bad input

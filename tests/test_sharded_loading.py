@@ -61,7 +61,8 @@ for name, shape in meshes.items():
     for s in x.addressable_shards:
       held[str(s.device)] += s.data.nbytes
     spec = param_spec(path, x.shape, mesh)
-    share += x.nbytes // int(np.prod([mesh.shape[a] for a in spec if a is not None]))
+    axes = [a for dim in spec if dim is not None for a in (dim if isinstance(dim, tuple) else (dim,))]
+    share += x.nbytes // int(np.prod([mesh.shape[a] for a in axes]))
   r = {"held": held, "share": share, "read_total": sum(reads), "read_max": max(reads),
        "logits_diff": float(np.max(np.abs(np.asarray(model(ids)) - want)))}
   bf16 = jlora.from_pretrained(model_dir, dtype=jnp.bfloat16, mesh=mesh)

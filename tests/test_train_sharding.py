@@ -47,8 +47,12 @@ def test_projection_in_is_fsdp_by_tensor_and_stack_dim_replicated():
   assert spec == P(None, "fsdp", "tensor")
 
 
-def test_projection_out_is_tensor_by_fsdp():
-  assert param_spec(path("mlp", "down_proj", "kernel"), (32, 16), MESH) == P("tensor", "fsdp")
+def test_row_parallel_kernel_splits_its_in_side_over_tensor_then_fsdp():
+  assert param_spec(path("mlp", "down_proj", "kernel"), (32, 16), MESH) == P(("tensor", "fsdp"), None)
+
+
+def test_row_parallel_kernel_takes_fsdp_on_its_out_side_when_the_in_side_is_full():
+  assert param_spec(path("self_attn", "o_proj", "kernel"), (12, 16), MESH) == P("tensor", "fsdp")
 
 
 def test_adapter_factors_follow_their_base_layer_and_also_split_over_fsdp():
@@ -67,6 +71,7 @@ def test_adapter_factor_keeps_its_base_axis_when_fsdp_does_not_divide_too():
 def test_gathered_spec_drops_only_fsdp():
   base = ("model", "layers", "mlp", "down_proj")
   assert gathered_spec(path(*base, "base_layer", "kernel"), (32, 16), MESH) == P("tensor", None)
+  assert gathered_spec(path(*base, "base_layer", "kernel"), (12, 16), MESH) == P("tensor", None)
   assert gathered_spec(path(*base, "adapters", "default", "lora_A"), (32, 4), MESH) == P("tensor", None)
 
 

@@ -7,7 +7,7 @@ lives in ``jlora.io``, which depends on this package, not the reverse.
 from jlora.models._attention import ATTENTION, check_attention, target_backend
 from jlora.models._cache import KVCache
 from jlora.models._config import SUPPORTED, ModelConfig, from_hf_config
-from jlora.models._decoder import CausalLM
+from jlora.models._decoder import CausalLM, check_scan_unroll
 from jlora.models._generate import generate, sample_token
 from jlora.models._gpt2 import Gpt2LMHeadModel
 from jlora.models._remat import REMAT_POLICIES
@@ -23,4 +23,5 @@ def model_class(config: ModelConfig):
 
 
 __all__ = ["ATTENTION", "CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED",
-           "check_attention", "from_hf_config", "generate", "model_class", "sample_token", "target_backend"]
+           "check_attention", "check_scan_unroll", "from_hf_config", "generate", "model_class", "sample_token",
+           "target_backend"]

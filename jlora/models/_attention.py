@@ -1,6 +1,6 @@
 """Masks, norms and the attention kernels shared by every model family.
 
-Attention runs on one of four implementations, picked per call by
+Attention runs on one of these implementations, picked per call by
 ``AttentionMask.implementation`` (a model's ``attention`` attribute):
 
 - ``"auto"``: Pallas splash attention on TPU, cuDNN's fused flash attention
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-ATTENTION = ("auto", "xla", "cudnn", "splash", "splash_interpret")
+ATTENTION = ("auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla")
 _TARGET = contextvars.ContextVar("jlora_attention_target", default=None)
 
 
@@ -58,8 +58,9 @@ def check_attention(name: str, *, for_backend: bool = False) -> str:
   """``name`` if it is an attention implementation (and, with ``for_backend``, one this backend runs).
 
   Raises:
-    ValueError: an unknown name, or (``for_backend``) ``"splash"`` off TPU or
-      ``"cudnn"`` off GPU, naming the fix.
+    ValueError: an unknown name, or (``for_backend``) ``"splash"`` off TPU,
+      ``"cudnn"`` or ``"tokamax"`` off GPU, or a tokamax backend without
+      tokamax installed, naming the fix.
   """
   if name not in ATTENTION:
     raise ValueError(f"attention={name!r} is not an attention implementation; use one of {', '.join(ATTENTION)}.")
@@ -74,6 +75,13 @@ def check_attention(name: str, *, for_backend: bool = False) -> str:
   if name == "cudnn" and here != "gpu":
     raise ValueError(f"attention='cudnn' needs an NVIDIA GPU, but the backend here is {here!r}; use "
                      "attention='auto' or 'xla'.")
+  if name == "tokamax" and here != "gpu":
+    raise ValueError(f"attention='tokamax' runs Pallas Mosaic GPU kernels (Hopper or newer), but the backend here "
+                     f"is {here!r}; use attention='auto', or 'tokamax_xla' for tokamax's XLA reference.")
+  if name.startswith("tokamax"):
+    from jlora.models._tokamax import require
+
+    require(name)
   return name
 
 
@@ -169,6 +177,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
 
     return splash_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
                             interpret=impl == "splash_interpret")
+  if impl in ("tokamax", "tokamax_xla"):
+    from jlora.models._tokamax import tokamax_attention
+
+    return tokamax_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
+                             implementation="mosaic" if impl == "tokamax" else "xla")
   window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
   if impl == "cudnn":
     if mask.segment_ids is not None:

@@ -41,11 +41,26 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.R
   return mark_stacked(build(rngs), num_layers)
 
 
-def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args, remat: str = "none"):
+def check_scan_unroll(unroll: int) -> int:
+  """``unroll`` if it is a positive int (layers per step of the layer loop), else ValueError with the fix."""
+  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+    raise ValueError(
+        f"scan_unroll={unroll!r} is not a positive number of layers per loop step; use 1 (a rolled loop, "
+        "the shortest compile), a small number such as 2, or the number of layers to unroll the loop fully.")
+  return unroll
+
+
+def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args, remat: str = "none",
+                unroll: int = 1):
   """Run the stacked ``layers`` over ``h``; each layer is called ``layer(h, kv, *args)``.
 
   ``kv`` is that layer's ``(k, v)`` slice of the cache (None without one);
   ``remat`` names what the backward pass keeps (``jlora.models.REMAT_POLICIES``).
+  ``unroll`` layers run per step of the loop (``jax.lax.scan``'s ``unroll``; at
+  least the number of layers: no loop at all). Unrolling lets XLA fuse and
+  schedule across layer boundaries and write saved residuals without a
+  dynamic-update-slice per step, at the price of a longer compile; results are
+  the same up to floating-point rounding.
   Under a mesh placement (``jlora.models._remat.placed``) ``h`` stays split
   over the batch and each layer's weights are gathered inside the body.
   Returns ``(h, (k, v) stacked over layers or None)``.
@@ -55,7 +70,8 @@ def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args, 
   where = placement()
   pin = (lambda x: x) if where is None else where.activations
 
-  @nnx.scan(in_axes=(nnx.Carry, 0, 0) + (None,) * len(args), out_axes=(nnx.Carry, 0))
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0) + (None,) * len(args), out_axes=(nnx.Carry, 0),
+            unroll=check_scan_unroll(unroll))
   def run(h, layer, kv, *args):
     h, kv = call(layer, pin(h), kv, *args)
     return pin(h), kv
@@ -169,12 +185,16 @@ class CausalLM(nnx.Module):
   forward; pass ``positions`` for left-padded batches. ``remat`` (an
   attribute, settable later) names what training keeps for the backward
   pass: ``"none"``, ``"matmuls"`` or ``"full"`` (see ``jlora.models._remat``).
+  ``scan_unroll`` (an attribute too) is how many layers run per step of the
+  layer loop (1: a rolled loop; the layer count: fully unrolled, see
+  ``scan_layers``).
 
   Packed rows: ``segment_ids [B, T]`` (int, one id per record, padding its
   own id) keep attention within each record and restart the default
   positions at 0 with each record. ``attention`` (an attribute too) picks
-  the kernel: ``"auto"``, ``"xla"``, ``"cudnn"``, ``"splash"`` or
-  ``"splash_interpret"`` (``jlora.models._attention``).
+  the kernel: ``"auto"``, ``"xla"``, ``"cudnn"``, ``"splash"``,
+  ``"splash_interpret"``, ``"tokamax"`` or ``"tokamax_xla"``
+  (``jlora.models._attention``).
 
   ``model.hidden(ids, ...)`` returns the final hidden states ``[B, T, hidden]``
   and ``model.head(h)`` their logits, so a loss can run the output head
@@ -182,12 +202,14 @@ class CausalLM(nnx.Module):
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto"):
+               rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto",
+               scan_unroll: int = 1):
     rngs = rngs or nnx.Rngs(0)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     self.config = config
     self.dtype = dtype
     self.remat = check_remat(remat)
+    self.scan_unroll = check_scan_unroll(scan_unroll)
     self.attention = check_attention(attention)
     self.model = DecoderModel(config, dtypes, rngs)
     if not config.tie_word_embeddings:
@@ -214,5 +236,6 @@ class CausalLM(nnx.Module):
     positions, mask, new_valid, index = prepare(self, input_ids, attention_mask, positions, cache, segment_ids)
     cos, sin = cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
     h = self.model.embed_tokens(input_ids)
-    h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index, remat=self.remat)
+    h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index, remat=self.remat,
+                        unroll=self.scan_unroll)
     return self.model.norm(h), with_cache(cache, kv, new_valid, input_ids.shape[1])

@@ -13,7 +13,8 @@ from flax import nnx
 from jlora.models._attention import LayerNorm, activation, check_attention
 from jlora.models._config import ModelConfig
 from jlora.models._remat import check_remat, saved
-from jlora.models._decoder import base_embed, linear, prepare, scan_layers, self_attention, stacked, with_cache
+from jlora.models._decoder import (base_embed, check_scan_unroll, linear, prepare, scan_layers, self_attention,
+                                   stacked, with_cache)
 from jlora.models._cache import KVCache
 
 
@@ -66,15 +67,17 @@ class Gpt2Transformer(nnx.Module):
 class Gpt2LMHeadModel(nnx.Module):
   """GPT-2 causal LM: ``input_ids [B, T]`` → logits ``[B, T, vocab]``.
 
-  The same call as ``CausalLM`` (``segment_ids``, ``attention``, ``hidden`` / ``head``).
+  The same call as ``CausalLM`` (``segment_ids``, ``attention``, ``scan_unroll``, ``hidden`` / ``head``).
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto"):
+               rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto",
+               scan_unroll: int = 1):
     rngs = rngs or nnx.Rngs(0)
     self.config = config
     self.dtype = dtype
     self.remat = check_remat(remat)
+    self.scan_unroll = check_scan_unroll(scan_unroll)
     self.attention = check_attention(attention)
     self.transformer = Gpt2Transformer(config, dict(dtype=dtype, param_dtype=param_dtype), rngs)
 
@@ -96,5 +99,5 @@ class Gpt2LMHeadModel(nnx.Module):
     positions, mask, new_valid, index = prepare(self, input_ids, attention_mask, positions, cache, segment_ids)
     t = self.transformer
     h = t.wte(input_ids) + t.wpe(positions)
-    h, kv = scan_layers(t.h, h, cache, mask, index, remat=self.remat)
+    h, kv = scan_layers(t.h, h, cache, mask, index, remat=self.remat, unroll=self.scan_unroll)
     return t.ln_f(h), with_cache(cache, kv, new_valid, input_ids.shape[1])

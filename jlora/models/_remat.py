@@ -7,7 +7,8 @@ policies trade that memory for cheap recomputation:
 
 - ``"none"``: keep whatever autodiff keeps (most memory, no recomputation);
 - ``"matmuls"`` (default): keep the projections' outputs (the models mark
-  them with ``saved``), adapters' low-rank ``x @ A`` and fused attention;
+  them with ``saved``), adapters' low-rank ``x @ A`` and fused attention
+  (cuDNN's, and tokamax's with its softmax statistics);
   recompute the elementwise work between them (norms, rope, activations,
   adapter additions) in the backward pass. It saves most of the memory and
   costs only memory-bound elementwise passes;
@@ -34,6 +35,8 @@ import jax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jlora.models._tokamax import is_tokamax_attention
+
 REMAT_POLICIES = ("none", "matmuls", "full")
 
 
@@ -48,7 +51,15 @@ def saved(x: jax.Array) -> jax.Array:
 
 
 def _low_rank_or_attention(prim, *args, **params) -> bool:
-  """Fused-attention outputs and narrow matmuls (an adapter's ``x @ A``: at most ``LOW_RANK_MAX`` wide)."""
+  """Fused-attention outputs and narrow matmuls (an adapter's ``x @ A``: at most ``LOW_RANK_MAX`` wide).
+
+  tokamax's attention is a custom_vjp with remat optimisation: one
+  ``remat_opt`` equation whose outputs are the attention output and the
+  residuals its backward kernel reads. Keeping it saves recomputing the
+  forward kernel in the backward pass.
+  """
+  if prim.name == "remat_opt":
+    return is_tokamax_attention(params)
   if prim is jax.lax.dot_general_p:
     (_, rhs_contract), (lhs_batch, rhs_batch) = params["dimension_numbers"]
     rhs = args[1]

@@ -7,8 +7,15 @@ and training (``jlora.train`` places params, adapter and optimizer state).
   a projection into the hidden size's wide side (``q_proj``, ``up_proj`` …)
   is ``[embed, mlp]``, one back (``o_proj``, ``down_proj``) ``[mlp, embed]``;
   logical ``embed`` goes to mesh axis ``fsdp``, ``mlp`` / ``heads`` /
-  ``vocab`` to ``tensor``. Leading (scan) dims and dims the mesh axis does not
-  divide are replicated.
+  ``vocab`` to ``tensor``. A row-parallel kernel (``o_proj``, ``down_proj``:
+  ``embed`` on its out side) puts ``fsdp`` beside ``tensor`` on its in side
+  instead, ``[(tensor, fsdp), None]``, so FSDP's per-layer all-gather runs
+  over the major dim of every kernel: gathering the minor dim makes XLA's GPU
+  layout assignment copy the whole local stack of that kernel into a
+  transposed layout (half of a 70B model's ``down_proj`` stack, 10.5 GiB, at
+  fsdp=2); ``fsdp`` goes to the out side only where it does not divide the in
+  side. Leading (scan) dims and dims the mesh axis does not divide are
+  replicated.
 - An adapter is sharded like its base layer: ``lora_A [.., in, r]`` takes the
   kernel's ``in`` axis, ``lora_B [.., r, out]`` its ``out`` axis, and both
   are also split over ``fsdp`` where that axis is not already theirs (so the
@@ -68,6 +75,8 @@ def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -
   in_axis, out_axis = (LOGICAL_TO_MESH[a] for a in axes)
   with_fsdp = lambda axis: (axis,) if axis == "fsdp" else (axis, "fsdp")
   if name in _KERNEL_NAMES:
+    if out_axis == "fsdp" and in_axis != "fsdp":  # row-parallel: FSDP joins the in side (see module doc)
+      return {prev: (in_axis, "fsdp"), last: ("fsdp",)}
     return {prev: (in_axis,), last: (out_axis,)}
   if name == "lora_A":  # [.., in, r]: split like the kernel's in side, and over fsdp too
     return {prev: with_fsdp(in_axis)}
@@ -88,11 +97,14 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
       module = module[:i]
       break
   spec: list = [None] * len(shape)
+  used: set[str] = set()
   for dim, wanted in _dim_axes(name, _logical_axes(".".join(module)), shape).items():
+    wanted = tuple(a for a in wanted if a not in used)  # a mesh axis splits one dim at most
     for n in range(len(wanted), 0, -1):  # the most axes that divide the dim
       axes = wanted[:n]
       if shape[dim] % math.prod(mesh.shape[a] for a in axes) == 0:
         spec[dim] = axes[0] if n == 1 else axes
+        used.update(axes)
         break
   return P(*spec)
 

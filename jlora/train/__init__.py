@@ -19,7 +19,8 @@ from jlora.train._model import presets, register_preset
 from jlora.train._optimizer import adapter_optimizer, trainable_mask
 from jlora.train._run_dir import OutputDirError
 from jlora.train._sharding import AXES as MESH_AXES
-from jlora.train._sharding import MeshError, make_mesh, param_spec, put_batch, shard_state, state_shardings
+from jlora.train._sharding import (MeshError, batch_sharding, make_mesh, param_spec, put_batch, shard_state,
+                                   state_shardings)
 from jlora.train._steps import make_eval_step, make_optimizer, make_train_step, masked_nll, split_model
 from jlora.train._tokenizer import ByteTokenizer
 from jlora.train._train import NonFiniteLossError, TrainingInterrupted, TrainResult, train

@@ -45,8 +45,10 @@ class ModelConfig:
       ``jlora.train(model=...)`` is used as given (quantize it yourself).
     attention: the attention kernel: ``"auto"`` (splash on TPU, cuDNN on
       GPU, XLA elsewhere), ``"xla"``, ``"cudnn"`` (GPU only), ``"splash"``
-      (TPU only) or ``"splash_interpret"`` (the TPU kernel interpreted; slow,
-      for tests).
+      (TPU only), ``"splash_interpret"`` (the TPU kernel interpreted; slow,
+      for tests), ``"tokamax"`` (tokamax's Pallas flash attention; Hopper
+      GPUs, bf16; needs ``pip install 'jlora[tokamax]'``) or
+      ``"tokamax_xla"`` (tokamax's XLA reference; any backend, for tests).
     lora_matmul: how LoRA linears compute (``jlora.nn.set_lora_matmul``):
       ``"plain"`` (default) computes ``x@W + s·(x@A)@B`` under plain
       autodiff; ``"auto"`` merges ``W + s·A·B`` on the fly for calls with
@@ -55,6 +57,11 @@ class ModelConfig:
       rounds ``W + s·A·B`` to the base dtype once: in bf16 a small adapter
       delta is partly lost in the forward pass (as in merged bf16 inference),
       so use it with a float32 base or once the adapter's delta is large.
+    scan_unroll: layers per step of the layer loop (``jax.lax.scan``'s
+      ``unroll``): 1 (default) keeps one rolled loop and the shortest
+      compile; 2 or more lets XLA fuse across layer boundaries and drop the
+      per-layer stacking of saved activations, at a longer compile; the
+      number of layers (or more) unrolls the loop fully.
   """
 
   name: str = "byte-stories"
@@ -62,8 +69,9 @@ class ModelConfig:
   seed: int = 0
   remat: Literal["none", "matmuls", "full"] = "matmuls"
   quantize: Literal["", "nf4", "int8", "fp8"] = ""
-  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret"] = "auto"
+  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla"] = "auto"
   lora_matmul: Literal["auto", "fused", "plain"] = "plain"
+  scan_unroll: int = 1
 
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
@@ -264,7 +272,7 @@ def _check_values(cfg: TrainConfig) -> None:
   positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
               "log_every": cfg.log_every, "data.seq_len": cfg.data.seq_len, "adapter.r": cfg.adapter.r,
               "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
-              "checkpoint.keep": cfg.checkpoint.keep}
+              "checkpoint.keep": cfg.checkpoint.keep, "model.scan_unroll": cfg.model.scan_unroll}
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}.")

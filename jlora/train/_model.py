@@ -54,6 +54,8 @@ def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
   model, model_dir = _base_model(cfg, mesh)
   if hasattr(model, "remat"):
     model.remat = cfg.remat
+  if hasattr(model, "scan_unroll"):
+    model.scan_unroll = cfg.scan_unroll
   set_attention(model, cfg.attention)
   return model, model_dir
 

@@ -47,6 +47,7 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, batch_size: int,
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows of a ``[batch, ...]`` array split over ``(data, fsdp)``, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
