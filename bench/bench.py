@@ -605,9 +605,11 @@ def main() -> None:
   args = parser.parse_args()
   if args.mode == "run" and args.suite == "quant":  # quantized bases: bench/quant_suite.py, self-contained
     import quant_suite
-    quant_suite.run(args.out, steps=args.steps, warmup=args.warmup, timeout=min(args.timeout, 120),
+    quant_suite.run(args.out, steps=args.steps, warmup=args.warmup,
+                    timeout=float(os.environ.get("QUANT_RUN_TIMEOUT_S", 300)),
                     shapes=os.environ.get("QUANT_SHAPES", "tinyllama,llama3b").split(","),
-                    budget_s=float(os.environ.get("QUANT_BUDGET_S", 290)))
+                    bases=os.environ.get("QUANT_BASES", ",".join(quant_suite.BASES)).split(","),
+                    budget_s=float(os.environ.get("QUANT_BUDGET_S", 540)))
     return
   if args.mode == "worker":
     worker(args)

@@ -10,11 +10,28 @@ never on the device next to the quantized one.
 
     python bench/bench.py run --suite quant --steps 5 --warmup 1 --out $OUT/quant.jsonl
 
-``QUANT_SHAPES=tinyllama`` (or ``llama3b``) runs one shape; ``QUANT_BUDGET_S``
-(default 290) caps the suite's wall time.
+Environment (all optional):
 
-Reported per run: tokens/s, step time, peak device memory, the frozen
-base's bytes, bytes per quantized-kernel parameter (scales included), and
+* ``QUANT_SHAPES``: ``tinyllama,llama3b`` (default) or one of them;
+* ``QUANT_BASES``: rows to run, default ``bf16,nf4,int8,fp8``; a row is a base
+  with options after a colon, joined by ``+``, compared side by side in one
+  run, e.g. ``bf16,fp8,fp8:separate+unfused,fp8:unfused,fp8:head,fp8:autotune0``:
+  ``separate`` (fp8: cast the input for each projection), ``unfused`` (fp8:
+  LoRA adapters under plain autodiff; ``separate+unfused`` is the first
+  fp8 implementation),
+  ``upcast`` (fp8: input gradient GEMM in bf16), ``head`` (the untied
+  ``lm_head`` quantized too), ``auto`` (``set_lora_matmul(model, "auto")``),
+  ``autotune0`` (``XLA_FLAGS=--xla_gpu_autotune_level=0``: no GEMM autotuning,
+  to see what compile time autotuning takes), ``autotune1`` (level 1:
+  autotuning without the default level 4's buffer initialisation and
+  result checks);
+* ``QUANT_BUDGET_S`` (default 540): the suite's wall time; runs start only
+  while it lasts;
+* ``QUANT_RUN_TIMEOUT_S`` (default 300): one run's wall time, compile included.
+
+Reported per run: tokens/s, step time, compile time (``compile_s``) and the
+first step after it (``first_step_s``), peak device memory, the frozen base's
+bytes, bytes per quantized-kernel parameter (scales included), and
 ``fp8_gemms``: cuBLASLt fp8 GEMM calls in the compiled step (> 0 shows the fp8
 base really runs fp8 matmuls on the GPU).
 """
@@ -38,10 +55,24 @@ SHAPES = {
                     num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
 }
 BASES = ("bf16", "nf4", "int8", "fp8")
+OPTIONS = ("separate", "unfused", "upcast", "head", "auto", "autotune0", "autotune1")
+XLA_OPTION_FLAGS = {"autotune0": "--xla_gpu_autotune_level=0", "autotune1": "--xla_gpu_autotune_level=1"}
 
 
-def build(shape: str, base: str):
-  """A random-init bf16 Llama of ``shape``; Linear kernels quantized one by one as they are made."""
+def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
+  """``"fp8:separate+head"`` -> ``("fp8", ("separate", "head"))``; raises on unknown names."""
+  base, _, options = row.partition(":")
+  options = tuple(o for o in options.split("+") if o)
+  if base not in BASES or any(o not in OPTIONS for o in options):
+    raise ValueError(f"QUANT_BASES row {row!r}: bases are {BASES}, options {OPTIONS}")
+  if base != "fp8" and {"separate", "unfused", "upcast"} & set(options):
+    raise ValueError(f"QUANT_BASES row {row!r}: separate, unfused and upcast are fp8 options")
+  return base, options
+
+
+def build(shape: str, base: str, head: bool = False):
+  """A random-init bf16 Llama of ``shape``; Linear kernels quantized one by one as they are made
+  (with ``head``, the untied ``lm_head`` as well)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -52,7 +83,8 @@ def build(shape: str, base: str):
                        **SHAPES[shape])
   abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                              rngs=nnx.Rngs(0)))
-  quantizer = None if base == "bf16" else LoadQuantizer(abstract, base)
+  targets = TARGETS + ["lm_head"] if head else None
+  quantizer = None if base == "bf16" else LoadQuantizer(abstract, base, targets=targets)
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   normal = jax.jit(lambda key, shape: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16),
@@ -82,7 +114,7 @@ def weight_bytes(model) -> dict:
               bytes_per_quantized_param=quantized / params if params else None)
 
 
-def worker(shape: str, base: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
   sys.path.insert(0, ROOT)
   sys.path.insert(0, HERE)
   import jax_compat
@@ -92,10 +124,20 @@ def worker(shape: str, base: str, batch: int, seq: int, steps: int, warmup: int)
   import jlora
   from jlora.train import make_optimizer, make_train_step, split_model
 
-  model = build(shape, base)
+  base, options = parse_row(row)
+  if "head" in options and SHAPES[shape]["tie_word_embeddings"]:
+    raise ValueError(f"{row}: {shape} ties its output head to the embedding, which stays bf16 (no "
+                     "quantized embedding); run head rows at tinyllama")
+  model = build(shape, base, head="head" in options)
   sizes = weight_bytes(model)
   jlora.get_peft_model(model, jlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                                init_lora_weights=False))
+  if "auto" in options:
+    jlora.set_lora_matmul(model, "auto", shared_input=False)
+  if base == "fp8":
+    jlora.quant.set_fp8_matmul(model, shared_input="separate" not in options,
+                               backward="upcast" if "upcast" in options else "fp8",
+                               fused_lora="unfused" not in options)
   parts = split_model(model)
   tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
                              end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
@@ -125,19 +167,22 @@ def worker(shape: str, base: str, batch: int, seq: int, steps: int, warmup: int)
     times.append(time.perf_counter() - start)
   step_s = sorted(times)[len(times) // 2]
   stats = jax.devices()[0].memory_stats() or {}
-  return dict(suite="quant", shape=shape, base=base, batch=batch, seq=seq, first_step_s=first, step_s=step_s,
+  return dict(suite="quant", shape=shape, base=row, batch=batch, seq=seq, first_step_s=first, step_s=step_s,
               tokens_per_s=batch * seq / step_s, peak_bytes=stats.get("peak_bytes_in_use", 0),
               first_loss=loss, device=jax.devices()[0].device_kind, compile_s=compile_s,
               fp8_gemms=hlo.count("__cublas$lt$matmul$f8"), **sizes)
 
 
-def run(out: str, steps: int = 5, warmup: int = 1, timeout: int = 120, shapes=tuple(SHAPES),
-        bases=BASES, batch: int = 4, seq: int = 2048, budget_s: float = 290.0) -> list[dict]:
-  """Every (shape, base) in its own subprocess; results appended to ``out`` (JSON lines).
+def run(out: str, steps: int = 5, warmup: int = 1, timeout: float = 300.0, shapes=tuple(SHAPES),
+        bases=BASES, batch: int = 4, seq: int = 2048, budget_s: float = 540.0) -> list[dict]:
+  """Every (shape, base row) in its own subprocess; results appended to ``out`` (JSON lines).
 
-  Runs start only while ``budget_s`` lasts (each gets at most the time left),
-  so the whole suite fits one device call.
+  ``bases``: rows as ``QUANT_BASES`` names them (see the module doc). Runs
+  start only while ``budget_s`` lasts (each gets at most ``timeout`` and the
+  time left), so the whole suite fits one device call.
   """
+  for row in bases:
+    parse_row(row)
   results, start = [], time.perf_counter()
   for shape in shapes:
     for base in bases:
@@ -146,14 +191,20 @@ def run(out: str, steps: int = 5, warmup: int = 1, timeout: int = 120, shapes=tu
         results.append(dict(suite="quant", shape=shape, base=base, error="skipped: time budget spent"))
         continue
       cmd = [sys.executable, __file__, shape, base, str(batch), str(seq), str(steps), str(warmup)]
-      print("#", " ".join(cmd[1:]), flush=True)
+      env = dict(os.environ)
+      flags = [XLA_OPTION_FLAGS[o] for o in parse_row(base)[1] if o in XLA_OPTION_FLAGS]
+      if flags:
+        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", "")] + flags).strip()
+      print("#", " ".join(cmd[1:]), " ".join(flags), flush=True)
+      started = time.perf_counter()
       try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(timeout, left))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(timeout, left), env=env)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         result = (json.loads(lines[-1][len("RESULT "):]) if lines
                   else dict(suite="quant", shape=shape, base=base, error=(proc.stderr or proc.stdout)[-800:]))
       except subprocess.TimeoutExpired:
         result = dict(suite="quant", shape=shape, base=base, error=f"timed out after {min(timeout, left):.0f} s")
+      result["wall_s"] = time.perf_counter() - started
       results.append(result)
       with open(out, "a") as f:
         f.write(json.dumps(result) + "\n")
@@ -164,18 +215,20 @@ def run(out: str, steps: int = 5, warmup: int = 1, timeout: int = 120, shapes=tu
 
 def table(results: list[dict]) -> str:
   """Markdown: per shape, each base's tokens/s (and ratio to bf16), peak GiB, base GiB, bytes/param."""
-  rows = ["| shape | base | tokens/s | × bf16 | peak GiB | base weights GiB | bytes/quantized param | fp8 GEMMs |",
-          "|---|---|---|---|---|---|---|---|"]
+  rows = ["| shape | base | tokens/s | × bf16 | peak GiB | base weights GiB | bytes/quantized param | fp8 GEMMs "
+          "| compile s | first step s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
   for shape in dict.fromkeys(r["shape"] for r in results):
     ref = next((r for r in results if r["shape"] == shape and r["base"] == "bf16" and "error" not in r), None)
     for r in (r for r in results if r["shape"] == shape):
       if "error" in r:
-        rows.append(f"| {shape} | {r['base']} | error: {r['error'][-120:]!r} | | | | | |")
+        rows.append(f"| {shape} | {r['base']} | error: {r['error'][-120:]!r} | | | | | | | |")
         continue
       ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
       bpp = f"{r['bytes_per_quantized_param']:.3f}" if r.get("bytes_per_quantized_param") else "-"
       rows.append(f"| {shape} | {r['base']} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_bytes'] / 2**30:.1f} "
-                  f"| {r['base_bytes'] / 2**30:.2f} | {bpp} | {r.get('fp8_gemms', '-')} |")
+                  f"| {r['base_bytes'] / 2**30:.2f} | {bpp} | {r.get('fp8_gemms', '-')} "
+                  f"| {r.get('compile_s', 0):.1f} | {r.get('first_step_s', 0):.2f} |")
   return "\n".join(rows)
 
 

@@ -12,6 +12,8 @@ def _row(cells) -> str:
 
 
 def render(results: list[dict]) -> str:
+  quant = [r for r in results if r.get("suite") == "quant"]  # bench/quant_suite.py rows: its own table
+  results = [r for r in results if r.get("suite") != "quant"]
   ok = [r for r in results if "error" not in r]
   failed = [r for r in results if "error" in r]
   out = []
@@ -103,6 +105,10 @@ def render(results: list[dict]) -> str:
       out.append(_row([r.get("model", "tinyllama"), r["devices"], mesh_text or "1 GPU", f"{r['batch']}×{r['seq']}",
                        f"{r['tokens_per_s']:,.0f}", eff, _gib(r["peak_bytes"]), plan]))
     out.append("")
+  if quant:
+    from quant_suite import table
+    out += ["### Quantized frozen base (LoRA r=16 on 7 projections; rows as QUANT_BASES names them)", "",
+            table(quant), ""]
   for r in failed:
     out.append(f"- FAILED {r.get('framework')} {r.get('task')} {r.get('variant', '')} batch {r.get('batch')}: "
                f"`{r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}`")

@@ -1,4 +1,4 @@
-"""Quantize while loading onto a mesh: ``from_pretrained(mesh=..., quantize="nf4")``.
+"""Quantize while loading onto a mesh: ``from_pretrained(mesh=..., quantize="nf4" | "fp8")``.
 
 Runs in a subprocess with 4 simulated CPU devices (``XLA_FLAGS`` must be set
 before jax starts). Tolerance: float32 logits within 1e-5 of the unsharded
@@ -35,7 +35,16 @@ flat = lambda m: [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(m, 
 same = all(np.array_equal(a, b) for a, b in zip(flat(whole), flat(sharded), strict=True))
 devices = {len(v[...].sharding.device_set) for _, v in nnx.to_flat_state(nnx.state(sharded, QuantizedWeight))}
 diff = float(np.abs(np.asarray(sharded(ids)) - np.asarray(whole(ids))).max())
-print("RESULT " + json.dumps({"same": same, "devices": sorted(devices), "diff": diff}))
+
+
+def fp8(mesh=None):  # q/k/v and gate/up share one fp8 cast and a GEMM over concatenated kernels
+  model = jlora.from_pretrained(sys.argv[1], dtype=jnp.float32, mesh=mesh, quantize="fp8")
+  return jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj", "up_proj"],
+                                                      init_lora_weights=False))
+
+
+fp8_diff = float(np.abs(np.asarray(fp8(make_mesh((1, 2, 2)))(ids)) - np.asarray(fp8()(ids))).max())
+print("RESULT " + json.dumps({"same": same, "devices": sorted(devices), "diff": diff, "fp8_diff": fp8_diff}))
 """
 
 
@@ -62,3 +71,8 @@ def test_sharded_quantized_load_places_the_quantized_arrays_on_the_mesh(probe):
 
 def test_sharded_quantized_load_gives_the_same_logits(probe):
   assert probe["diff"] <= 1e-5
+
+
+def test_sharded_fp8_base_with_shared_casts_gives_the_same_logits(probe):
+  # the kernels of q/k/v (gate/up) are split over "tensor" and concatenated for one GEMM
+  assert probe["fp8_diff"] <= 1e-5

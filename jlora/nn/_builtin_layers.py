@@ -43,7 +43,22 @@ class LoraLinear(LoraLayer):
     ``A'`` is every active adapter's folded, scaled A concatenated along the
     rank (``[in, R]``, R may be 0), ``B`` the matching ``[R, out]``.
     """
-    if self.matmul_mode == "plain" or self.routing is not None:
+    if self.matmul_mode == "plain":
+      return None
+    parts = linear_parts(self.base_layer, x)
+    factors = None if parts is None else self.folded_factors()
+    if factors is None:
+      return None
+    x, kernel, bias, dtype = parts
+    return x, kernel, bias, factors if factors[0].shape[-1] else zero_rank(kernel), dtype
+
+  def folded_factors(self) -> tuple[jax.Array, jax.Array] | None:
+    """The active adapters as one plain LoRA ``(A' [in, R], B [R, out])``, scaling folded into A'.
+
+    R is the sum of their ranks (0 without an active adapter); None when the
+    call needs the generic path (per-sample routing, dropout, DoRA).
+    """
+    if self.routing is not None:
       return None
     adapters = [] if self.disabled else [
         self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
@@ -51,20 +66,17 @@ class LoraLinear(LoraLayer):
       return None
     if any(isinstance(a, DoraAdapter) for a in adapters):
       return None  # DoRA rescales the base output too: its own branch of LoraLayer.__call__
-    parts = linear_parts(self.base_layer, x)
-    if parts is None:
-      return None
-    x, kernel, bias, dtype = parts
     a_parts, b_parts = [], []
     for adapter in adapters:
       a, b, scaling = adapter.lora_factors(self)
       a_parts.append(a * scaling.astype(a.dtype))
       b_parts.append(b)
     if not a_parts:
-      return x, kernel, bias, zero_rank(kernel), dtype
+      n_in, n_out = self.base_layer.in_features, self.base_layer.out_features
+      return jnp.zeros((n_in, 0), jnp.float32), jnp.zeros((0, n_out), jnp.float32)
     a = a_parts[0] if len(a_parts) == 1 else jnp.concatenate(a_parts, axis=-1)
     b = b_parts[0] if len(b_parts) == 1 else jnp.concatenate(b_parts, axis=0)
-    return x, kernel, bias, (a, b), dtype
+    return a, b
 
   def __call__(self, x, *args, **kwargs):
     parts = None if args or kwargs else self.fused_parts(x)

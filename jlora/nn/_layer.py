@@ -278,8 +278,23 @@ class LoraLayer(nnx.Module):
     del self.adapters[name]
     self.active_adapters = tuple(n for n in self.active_adapters if n != name)
 
+  @classmethod
+  def shared_projections(cls, layers: Sequence[nnx.Module], x: jax.Array) -> tuple[jax.Array, ...] | None:
+    """Outputs of sibling ``layers`` (this type among them) that all read ``x``, computed together.
+
+    ``jlora.nn.lora_projections`` asks each LoRA layer type in a group; a
+    type whose base layers can share work on one input (e.g. a quantized base
+    that casts ``x`` to fp8 once for all of them) returns every output
+    (adapters included, via ``with_adapters``); None lets the caller call
+    each layer on its own.
+    """
+    return None
+
   def __call__(self, x, *args, **kwargs):
-    y = self.base_layer(x, *args, **kwargs)
+    return self.with_adapters(self.base_layer(x, *args, **kwargs), x, *args, **kwargs)
+
+  def with_adapters(self, y, x, *args, **kwargs):
+    """The base output ``y`` plus the active adapters' deltas on the layer input ``x``."""
     if self.disabled:
       return y
     x = self.adapter_input(x, *args, **kwargs)

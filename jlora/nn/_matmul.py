@@ -18,6 +18,7 @@ from flax import nnx
 from jlora.nn._builtin_layers import LoraLinear, linear_parts, zero_rank
 from jlora.nn._fused import check_matmul_mode, lora_matmul
 from jlora.nn._inject import lora_layers
+from jlora.nn._layer import LoraLayer
 
 
 def set_lora_matmul(model: nnx.Module, mode: str = "auto", *, shared_input: bool = True) -> None:
@@ -54,9 +55,15 @@ def lora_projections(layers: Sequence[nnx.Module], x: jax.Array) -> tuple[jax.Ar
   Fusion needs at least one ``LoraLinear`` among ``layers``, all of them with
   ``shared_input`` and one ``matmul_mode`` other than ``"plain"``, and every
   layer an ``nnx.Linear`` or ``LoraLinear`` that can take the fused path;
-  otherwise each layer is called on its own. Outputs equal the separate calls
-  up to floating-point rounding.
+  otherwise each layer is called on its own. A LoRA layer type among
+  ``layers`` may compute them together its own way first
+  (``LoraLayer.shared_projections``). Outputs equal the separate calls up to
+  floating-point rounding.
   """
+  for kind in dict.fromkeys(type(layer) for layer in layers if isinstance(layer, LoraLayer)):
+    shared = kind.shared_projections(layers, x)
+    if shared is not None:
+      return shared
   loras = [layer for layer in layers if isinstance(layer, LoraLinear)]
   modes = {layer.matmul_mode for layer in loras}
   if (not loras or len(modes) != 1 or "plain" in modes

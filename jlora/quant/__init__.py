@@ -25,13 +25,14 @@ understands carries the rest.
 
 from jlora.quant._formats import FORMATS, NF4_CODEBOOK, QuantSpec, dequantize as dequantize_arrays
 from jlora.quant._formats import quantize as quantize_array
-from jlora.quant._linear import QuantizedLinear, QuantizedWeight, quantized_matmul
+from jlora.quant._fp8 import FP8_BACKWARDS, fp8_lora_matmuls, fp8_matmuls
+from jlora.quant._linear import QuantizedLinear, QuantizedWeight, quantized_matmul, set_fp8_matmul
 from jlora.quant._load import LoadQuantizer
 from jlora.quant._lora import QuantizedLoraLinear
 from jlora.quant._model import dequantize, merge_and_unload, plan, quantize, quantized_layers
 
 __all__ = [
-    "FORMATS", "NF4_CODEBOOK", "LoadQuantizer", "QuantSpec", "QuantizedLinear", "QuantizedLoraLinear",
+    "FORMATS", "FP8_BACKWARDS", "NF4_CODEBOOK", "LoadQuantizer", "QuantSpec", "QuantizedLinear", "QuantizedLoraLinear",
     "QuantizedWeight", "dequantize", "dequantize_arrays", "merge_and_unload", "plan", "quantize",
-    "quantize_array", "quantized_layers", "quantized_matmul",
+    "fp8_lora_matmuls", "fp8_matmuls", "quantize_array", "quantized_layers", "quantized_matmul", "set_fp8_matmul",
 ]
