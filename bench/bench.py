@@ -536,6 +536,8 @@ SUITES = {
                           + [dict(framework="peft-compile", batch=n) for n in b],
     "headline3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **AUTO),
                              dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
+    "unroll3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, scan_unroll=28,
+                                timeout=UNROLL_TIMEOUT, **AUTO)],
     "unroll": lambda b: [dict(framework="jlora", batch=n, scan_unroll=u, timeout=UNROLL_TIMEOUT, **AUTO) for n in b
                          for u in (1, 2, FULL_UNROLL)],
     # Adapter kinds, remat policies and adapter dtype, all on the fused matmul.
