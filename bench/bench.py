@@ -398,7 +398,8 @@ def _plan_bytes(model, args, mesh_shape, batch: int) -> int | None:
   from jlora.train import plan_job
   plan = plan_job(model, devices=int(__import__("math").prod(mesh_shape)), batch_size=batch,
                           seq_len=args.seq, mesh=mesh_shape, remat=args.remat, r=16, targets=TARGETS,
-                          capacity_gib=1e6, backend=jax.default_backend())
+                          capacity_gib=1e6, backend=jax.default_backend(),
+                          scan_unroll=getattr(args, "scan_unroll", 1))
   return None if plan is None else plan.total
 
 

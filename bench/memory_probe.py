@@ -74,7 +74,8 @@ def abstract_job(args):
     config = from_hf_config(transformers.LlamaConfig(num_hidden_layers=args.layers, **bench.SHAPES[args.shape]["hf"]))
 
   def make():
-    model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0), remat=args.remat)
+    model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0), remat=args.remat,
+                     scan_unroll=args.scan_unroll)
     jlora.get_peft_model(model, jlora.LoraConfig(r=bench.RANK, lora_alpha=2 * bench.RANK,
                                                  target_modules=list(bench.TARGETS), init_lora_weights=False))
     return model
@@ -121,6 +122,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1, help="rows per data-parallel device")
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--remat", default="matmuls")
+  parser.add_argument("--scan-unroll", type=int, default=1, help="layers per step of the layer loop")
   parser.add_argument("--lora-matmul", default="auto")
   parser.add_argument("--shared", type=int, default=0)
   parser.add_argument("--out", default=None, help="folder for the optimized HLO")
@@ -139,7 +141,7 @@ def main() -> None:
   compiled = step.lower(*inputs).compile()
   memory = compiled.memory_analysis()
   hlo = compiled.as_text()
-  plan = bench._plan_bytes(model, argparse.Namespace(seq=args.seq, remat=args.remat), shape, rows)
+  plan = bench._plan_bytes(model, argparse.Namespace(seq=args.seq, remat=args.remat, scan_unroll=args.scan_unroll), shape, rows)
   figures = dict(argument=memory.argument_size_in_bytes, output=memory.output_size_in_bytes,
                  temp=memory.temp_size_in_bytes, alias=memory.alias_size_in_bytes)
   total = figures["argument"] + figures["output"] + figures["temp"] - figures["alias"]
@@ -151,7 +153,7 @@ def main() -> None:
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     name = (f"{args.shape}-{args.layers}-{args.mesh.replace(',', 'x')}-{args.remat}-{args.lora_matmul}"
-            f"-rowfsdp-{args.row_parallel_fsdp}")
+            f"-unroll-{args.scan_unroll}-rowfsdp-{args.row_parallel_fsdp}")
     with open(os.path.join(args.out, name + ".hlo.txt"), "w") as f:
       f.write(hlo)
 

@@ -4,9 +4,9 @@
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (jax reads it once, at
 start) and returns its JSON answer:
 
-- ``"memory"``: per case ``(data, fsdp, tensor, remat)`` the compiled train
-  step's per-device ``memory_analysis()`` (argument, temp, output bytes) and
-  the result shapes of every all-gather in its HLO;
+- ``"memory"``: per case ``(data, fsdp, tensor, remat[, scan_unroll])`` the
+  compiled train step's per-device ``memory_analysis()`` (argument, temp,
+  output bytes) and the result shapes of every all-gather in its HLO;
 - ``"logits"``: per case ``(data, fsdp, tensor)`` the max |logit difference|
   and the loss difference of one train step against the same model on one
   device (8 rows in all).
@@ -41,10 +41,20 @@ MEMORY_CASES = ((1, 1, 1, "matmuls"), (1, 2, 1, "matmuls"), (1, 4, 1, "matmuls")
                 (1, 4, 1, "none"), (1, 1, 1, "full"))
 
 
+# Layers per loop step compiled for the unrolling tests (one device, "matmuls"): rolled, 2, all.
+UNROLLS = (1, 2, MODEL["num_hidden_layers"])
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_memory() -> dict:
   """``on_8_devices("memory", MEMORY_CASES)``, keyed ``"DxFxT/remat"``."""
   return on_8_devices("memory", [list(c) for c in MEMORY_CASES])
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_unrolled_memory() -> dict:
+  """The one-device ``"matmuls"`` step at each of ``UNROLLS``, keyed ``"1x1x1/matmuls/u<unroll>"``."""
+  return on_8_devices("memory", [[1, 1, 1, "matmuls", u] for u in UNROLLS])
 
 
 def on_8_devices(job: str, cases: list) -> dict:
@@ -56,26 +66,26 @@ def on_8_devices(job: str, cases: list) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _model(remat: str = "matmuls"):
+def _model(remat: str = "matmuls", unroll: int = 1):
   import jax.numpy as jnp
   from flax import nnx
   import jlora
   from jlora import testing
   from jlora.models import CausalLM, ModelConfig
 
-  model = CausalLM(ModelConfig(**MODEL), dtype=jnp.float32, rngs=nnx.Rngs(0), remat=remat)
+  model = CausalLM(ModelConfig(**MODEL), dtype=jnp.float32, rngs=nnx.Rngs(0), remat=remat, scan_unroll=unroll)
   jlora.get_peft_model(model, jlora.LoraConfig(r=RANK, lora_alpha=16, target_modules=list(TARGETS)))
   testing.randomize_adapters(model, seed=1, scale=0.1)
   return model
 
 
-def _setup(shape, remat="matmuls", rows=None):
+def _setup(shape, remat="matmuls", rows=None, unroll=1):
   import jax
   import numpy as np
   from jax.sharding import Mesh
   from jlora.train import _sharding, _steps
 
-  model = _model(remat)
+  model = _model(remat, unroll)
   mesh = Mesh(np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape), _sharding.AXES)
   parts = _steps.split_model(model)
   tx = _steps.make_optimizer(model, parts.params, learning_rate=1e-2, steps=10, warmup_steps=0,
@@ -91,12 +101,12 @@ def _setup(shape, remat="matmuls", rows=None):
 
 def memory(cases) -> dict:
   out = {}
-  for d, f, t, remat in cases:
-    _, _, _, step, args = _setup((d, f, t), remat)
+  for d, f, t, remat, *unroll in cases:
+    _, _, _, step, args = _setup((d, f, t), remat, unroll=unroll[0] if unroll else 1)
     compiled = step.lower(*args).compile()
     m = compiled.memory_analysis()
     gathers = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", compiled.as_text())
-    out[f"{d}x{f}x{t}/{remat}"] = dict(argument=m.argument_size_in_bytes, temp=m.temp_size_in_bytes,
+    out[f"{d}x{f}x{t}/{remat}" + "".join(f"/u{u}" for u in unroll)] = dict(argument=m.argument_size_in_bytes, temp=m.temp_size_in_bytes,
                                        output=m.output_size_in_bytes, gathers=gathers)
   return out
 

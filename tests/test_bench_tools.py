@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import memory_probe  # noqa: E402
 import profile_step  # noqa: E402
 
 HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
@@ -98,3 +99,22 @@ def test_bench_worker_trains_on_cpu_at_the_tiny_shape_with_its_levers(tmp_path):
   (line,) = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   result = json.loads(line[len("RESULT "):])
   assert result["scan_unroll"] == 2 and result["lora_matmul"] == "auto" and result["tokens_per_s"] > 0
+
+
+STACKS_HLO = """
+  %p.1 = bf16[4,256,128]{2,1,0} parameter(0)
+  %dynamic-update-slice.3 = f32[4,8,64]{2,1,0} dynamic-update-slice(%a, %b, %c, %d, %e)
+  %copy.7 = bf16[4,256,128]{1,2,0} copy(%p.1)
+  ROOT %fusion.2 = bf16[4,16]{1,0} fusion(%p.1), kind=kLoop, calls=%f
+  %small.9 = f32[4,2]{1,0} add(%x, %y)
+  %other.5 = f32[3,256,128]{2,1,0} add(%x, %y)
+  %tuple.1 = (f32[4,8]{1,0}, f32[4,8]{1,0}) tuple(%x, %y)
+"""
+
+
+def test_stacked_buffers_lists_layer_stacks_largest_first_without_parameters():
+  found = memory_probe.stacked_buffers(STACKS_HLO, layers=4, min_bytes=64)
+  assert [(f["name"], f["op"], f["shape"], f["bytes"]) for f in found] == [
+      ("copy.7", "copy", [4, 256, 128], 2 * 4 * 256 * 128),
+      ("dynamic-update-slice.3", "dynamic-update-slice", [4, 8, 64], 4 * 4 * 8 * 64),
+      ("fusion.2", "fusion", [4, 16], 2 * 4 * 16)]

@@ -3,27 +3,35 @@
 The estimate is checked against XLA's compiled ``memory_analysis()`` of the
 real train step (argument + temp + output bytes per device) on 8 simulated
 CPU devices: it must land within a factor of 1.6 either way, for FSDP,
-tensor-parallel and every remat policy.
+tensor-parallel and every remat policy, and for an unrolled layer loop.
+Unrolling is calibrated on GPU peaks (``UNROLLED_KEPT``): the plan must stay
+above those measurements.
 """
 
 import types
 
 import pytest
 
-from mesh_doubles import MEMORY_CASES, MODEL, RANK, ROWS, SEQ, TARGETS, compiled_memory
+from mesh_doubles import (MEMORY_CASES, MODEL, RANK, ROWS, SEQ, TARGETS, UNROLLS, compiled_memory,
+                          compiled_unrolled_memory)
 from jlora.train import MemoryPlanError, TrainConfig, train
 from jlora.train._memory import GiB, Arch, check_fits, device_capacity, plan_defaults, plan_memory, suggestions
 
 TEST_ARCH = Arch(**{k: MODEL[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "head_dim")})
+TINYLLAMA = Arch(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, head_dim=64)
+LLAMA_3B = Arch(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
 LLAMA_8B = Arch(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128)
 V5E = 16 * GiB
 
 
-def estimate(d, f, t, remat):
+def estimate(d, f, t, remat, unroll=1):
   return plan_memory(TEST_ARCH, mesh=(d, f, t), remat=remat, rows_per_device=ROWS, seq_len=SEQ,
-                     base_bytes_per_param=4, activation_bytes=4, adapter_bytes=4, r=RANK, targets=TARGETS)
+                     base_bytes_per_param=4, activation_bytes=4, adapter_bytes=4, r=RANK, targets=TARGETS,
+                     scan_unroll=unroll)
 
 
 @pytest.mark.slow
@@ -32,6 +40,64 @@ def test_estimate_is_within_a_factor_of_the_compiled_step(case):
   m = compiled_memory()[f"{case[0]}x{case[1]}x{case[2]}/{case[3]}"]
   compiled = m["argument"] + m["temp"] + m["output"]
   assert 1 / 1.6 < estimate(*case).total / compiled < 1.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unroll", UNROLLS)
+def test_estimate_at_each_scan_unroll_is_within_a_factor_of_the_compiled_step(unroll):
+  m = compiled_unrolled_memory()[f"1x1x1/matmuls/u{unroll}"]
+  assert 1 / 1.6 < estimate(1, 1, 1, "matmuls", unroll).total / (m["argument"] + m["temp"] + m["output"]) < 1.6
+
+
+@pytest.mark.slow
+def test_the_estimate_grows_with_unrolling_as_the_compiled_step_does():
+  compiled = {u: m["argument"] + m["temp"] + m["output"]
+              for u, m in zip(UNROLLS, compiled_unrolled_memory().values())}
+  full = UNROLLS[-1]
+  assert compiled[full] > compiled[1]
+  assert estimate(1, 1, 1, "matmuls", full).total > estimate(1, 1, 1, "matmuls").total
+
+
+# Peak bytes measured on one H100 (bench/RESULTS.md): bf16 base, float32 LoRA r=16 on all projections,
+# remat "matmuls", cuDNN attention, at scan_unroll 1 and fully unrolled.
+GPU_PEAKS_GIB = [(TINYLLAMA, 8, 2048, 1, 16.6), (TINYLLAMA, 8, 2048, 22, 26.2),
+                 (LLAMA_3B, 2, 4096, 1, 22.4), (LLAMA_3B, 2, 4096, 28, 35.0)]
+
+
+@pytest.mark.parametrize("arch, rows, seq, unroll, peak", GPU_PEAKS_GIB,
+                         ids=lambda v: str(v) if not isinstance(v, Arch) else f"{v.num_hidden_layers}layers")
+def test_the_plan_is_above_the_measured_gpu_peak_rolled_and_unrolled(arch, rows, seq, unroll, peak):
+  plan = plan_memory(arch, rows_per_device=rows, seq_len=seq, fused_attention=True, scan_unroll=unroll)
+  assert plan.total >= peak * GiB
+
+
+def test_the_plan_grows_with_scan_unroll():
+  totals = [plan_memory(LLAMA_8B, rows_per_device=1, scan_unroll=u).total for u in (1, 2, 32)]
+  assert totals == sorted(totals) and len(set(totals)) == 3
+
+
+# Totals of the plan before it counted unrolling (TinyLlama 8x2048, fsdp=2), per (remat, fused attention).
+ROLLED_TOTALS = [("matmuls", True, 20194027520), ("matmuls", False, 27307567104), ("none", True, 42709051392),
+                 ("full", False, 17261160448)]
+
+
+@pytest.mark.parametrize("remat, fused, total", ROLLED_TOTALS)
+def test_a_scan_unroll_of_one_gives_the_rolled_figure(remat, fused, total):
+  plan = plan_memory(TINYLLAMA, mesh=(1, 2, 1), rows_per_device=8, seq_len=2048, remat=remat,
+                     fused_attention=fused, scan_unroll=1)
+  assert plan.total == total
+
+
+def test_the_printed_plan_names_scan_unroll():
+  assert "remat=matmuls, scan_unroll=22, 8 rows per device" in plan_memory(TINYLLAMA, scan_unroll=22).describe()
+
+
+def test_an_unrolled_job_that_fits_rolled_is_told_to_roll_the_loop():
+  capacity = 24 * GiB
+  plan = plan_memory(TINYLLAMA, capacity=capacity, fused_attention=True, scan_unroll=22)
+  assert not plan.fits
+  assert suggestions(plan, TINYLLAMA, devices=1, batch_size=8, fused_attention=True,
+                     scan_unroll=22)[0] == "model.scan_unroll=1"
 
 
 def test_params_and_adapter_fall_with_fsdp_times_tensor():
@@ -83,6 +149,13 @@ def test_train_refuses_a_job_that_cannot_fit_before_writing_anything(tmp_path):
   with pytest.raises(MemoryPlanError, match="per device, the device has 1.0 MiB"):
     train(cfg)
   assert not (tmp_path / "run").exists()
+
+
+def test_train_plans_with_the_configured_scan_unroll(tmp_path):
+  cfg = TrainConfig().replace(**{"output_dir": str(tmp_path / "run"), "mesh.device_memory_gib": 0.001,
+                                 "progress": False, "model.scan_unroll": 2})
+  with pytest.raises(MemoryPlanError, match="scan_unroll=2"):
+    train(cfg)
 
 
 @pytest.mark.slow

@@ -278,7 +278,7 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
     shape, remat, said = _memory.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
         tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
-        capacity_gib=m.device_memory_gib, backend=jax.default_backend())
+        capacity_gib=m.device_memory_gib, backend=jax.default_backend(), scan_unroll=cfg.model.scan_unroll)
   return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
 
 
@@ -287,7 +287,8 @@ def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int
   plan = _memory.plan_job(
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
       remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
-      capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
+      capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend(),
+      scan_unroll=getattr(model, "scan_unroll", cfg.model.scan_unroll))
   if plan is not None and jax.process_index() == 0:
     print(plan.describe() + (f"\n  {picked}" if picked else ""), flush=True)
 
