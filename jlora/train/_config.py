@@ -61,7 +61,9 @@ class ModelConfig:
       ``unroll``): 1 (default) keeps one rolled loop and the shortest
       compile; 2 or more lets XLA fuse across layer boundaries and drop the
       per-layer stacking of saved activations, at a longer compile; the
-      number of layers (or more) unrolls the loop fully.
+      number of layers (or more) unrolls the loop fully, which keeps more
+      activations alive (TinyLlama 8x2048 on an H100: 16.6 -> 26.2 GiB peak);
+      the memory plan counts it.
   """
 
   name: str = "byte-stories"

@@ -134,25 +134,17 @@ class MemoryPlan:
 
 
 UNROLLED_KEPT = 0.5
-"""Share of what the remat policy recomputes that a fully unrolled layer loop keeps alive instead.
+"""Share of what the remat policy recomputes that a layer loop unrolled to no loop keeps alive instead.
 
-Why: ``jax.checkpoint`` runs with ``prevent_cse=False`` (safe inside a
-``scan``: forward and backward are separate while loops). With no loop at
-all (``layers // scan_unroll <= 1``: XLA drops a loop of one trip) the forward and the backward's
-recomputation sit in one straight-line computation and XLA's CSE merges
-them, so the forward's intermediates live until the backward reads them.
-On CPU the merge is complete: a tiny model's step compiles to the same HLO
-and the same temp bytes under ``"matmuls"`` and ``"none"``. On GPU, fusion
-duplicates the cheap elementwise producers into the backward's consumers,
-so part of it is recomputed anyway: measured on one H100, TinyLlama 8x2048
-bf16 (``"matmuls"``, fused attention) peaks at 16.6 GiB rolled and 26.2 GiB
-unrolled (22 layers), Llama-3.2-3B 2x4096 at 22.4 and 35.0 GiB (28 layers);
-the extra is 0.46 and 0.63 of the gap between ``"matmuls"`` and ``"none"``
-kept activations. 0.5 of that gap on top of the policy's own figure puts
-the plan at 30.2 and 37.4 GiB, above both measurements (the rolled plan is
-already ~1.2x high). The CPU (where the plan never refuses a job: no
-capacity) keeps more than that; there the plan stays within the tests'
-factor of the compiled step.
+``jax.checkpoint`` runs with ``prevent_cse=False`` (safe while forward and
+backward are separate loops); with no loop XLA's CSE merges the backward's
+recomputation into the forward. On CPU the merge is whole (``"matmuls"``
+and ``"none"`` compile to the same step); on GPU fusion still recomputes
+cheap elementwise producers: one H100's peaks (bf16, ``"matmuls"``) rise
+16.6 -> 26.2 GiB (TinyLlama 8x2048, 22 layers) and 22.4 -> 35.0 GiB
+(Llama-3.2-3B 2x4096, 28 layers), 0.46 and 0.63 of the ``"none"`` minus
+``"matmuls"`` kept activations. With 0.5 the plan says 30.2 and 37.4 GiB
+(rolled: 19.7 and 27.3). See bench/NOTES.md, entry 16.
 """
 
 
