@@ -16,8 +16,9 @@ from flax.nnx.nn.linear import canonicalize_padding
 
 from jlora.nn._dora import DoraAdapter
 from jlora.nn._fused import lora_matmul
-from jlora.nn._layer import LoraLayer, dropout_active
+from jlora.nn._layer import LoraLayer
 from jlora.nn._registry import register_lora_layer
+from jlora.nn._routing import dropout_active
 
 
 @register_lora_layer(nnx.Linear)

@@ -13,11 +13,16 @@ kernel applied to the dropped-out input, as PEFT does).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
-from jlora.nn._adapters import LayerOps, LoraAdapter
+from jlora.nn._adapters import LayerOps, LoraAdapter, delta_weight
 from jlora.nn._variables import LoraBuffer, LoraParam
+
+if TYPE_CHECKING:
+  from jlora.nn._layer import LoraLayer
 
 
 def column_norm(weight: jax.Array, stack_ndim: int = 0) -> jax.Array:
@@ -68,3 +73,27 @@ class DoraAdapter(LoraAdapter):
       base = base - bias[...].astype(dtype)
     scale = self.output_scale(layer, layer.kernel()[...]).astype(dtype)
     return (scale - 1) * base + scale * lora
+
+
+def new_dora_adapter(layer: LoraLayer, a: jax.Array, b: jax.Array, scaling: jax.Array, *,
+                     rewrites_base: bool, **kwargs) -> DoraAdapter:
+  """A ``DoraAdapter`` for ``layer`` whose magnitudes leave its output unchanged at init.
+
+  The magnitudes are the column norms of ``W + s·A·B`` (``[*stack, out]``);
+  with ``rewrites_base`` (PiSSA/OLoRA, which then move ``s·A·B`` out of the
+  kernel, so ``W_res + s·A·B`` is today's kernel) of ``W`` alone. ``kwargs``
+  go to ``LoraAdapter``.
+  """
+  stack = layer.stack_shape
+  adapter = DoraAdapter(a, b, scaling, jnp.zeros(stack + layer.kernel().shape[-1:]), **kwargs)
+  delta = 0.0 if rewrites_base else delta_weight(adapter, layer)
+  weight = jnp.asarray(layer.kernel()[...], jnp.float32) + delta
+  adapter.lora_magnitude_vector[...] = column_norm(weight, len(stack))
+  return adapter
+
+
+def merged_scale(adapter: DoraAdapter, layer: LoraLayer) -> jax.Array:
+  """``m / ‖W₀ + ΔW‖`` of the last merge, shaped to broadcast against ``layer``'s ``[*stack, *kernel]``."""
+  stack_ndim = len(layer.stack_shape)
+  factor = adapter.lora_magnitude_vector[...] / adapter.merge_norm[...]
+  return along_output(factor, len(layer.kernel().shape) - stack_ndim, stack_ndim)

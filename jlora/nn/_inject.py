@@ -16,11 +16,12 @@ import numpy as np
 from flax import nnx
 
 from jlora.nn._config import AdapterConfig, LoraConfig, MoSLoraConfig, WLoraConfig
-from jlora.nn._layer import LoraLayer, frozen_copy, new_wlora_adapter
+from jlora.nn._layer import LoraLayer
 from jlora.nn._adapters import LoraAdapter
 from jlora.nn._dora import DoraAdapter
 from jlora.nn._init import rewrites_base
 from jlora.nn._modules_to_save import ModuleCopy, ModulesToSaveLayer
+from jlora.nn._new_adapters import frozen_copy, new_wlora_adapter
 from jlora.nn._registry import lora_layer_type, registered_types
 from jlora.nn._targets import (
     Candidate, candidates, describe, is_selected, name_matches, output_head_name)

@@ -4,195 +4,21 @@ Every field has a default that works, so ``TrainConfig()`` is the embedded demo
 job. ``load_config(path, overrides)`` reads a YAML file of nested mappings
 (``model: {name: ...}``) and applies ``"section.key=value"`` overrides; values
 are parsed as YAML scalars and type-checked against the field annotations.
-Unknown keys and wrong types raise ``ConfigError`` naming the key.
+Unknown keys and wrong types raise ``ConfigError`` naming the key. The
+sections live in ``_config_sections``, the parsing in ``_config_parse``; this
+module adds the values no type can check (ranges, combinations).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Sequence
 
-import yaml
-
-
-class ConfigError(ValueError):
-  """A config key that does not exist or a value of the wrong type."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The base model.
-
-  Attributes:
-    name: a preset name or a local Hugging Face checkpoint directory. Presets
-      need no download: ``"byte-stories"`` is the pretrained byte-level Llama
-      shipped with jlora (4 layers, 128 wide, trained on stories by
-      ``scripts/train_base.py``); ``"tiny"`` is a smaller randomly
-      initialised one for tests.
-    dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``).
-    seed: PRNG seed for presets with random weights (``"tiny"``).
-    remat: what the backward pass keeps per layer: ``"matmuls"`` (matmul and
-      attention outputs; elementwise work is recomputed), ``"none"``
-      (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
-      only; least memory, one extra forward pass).
-    quantize: ``""`` (full precision) or ``"nf4"`` / ``"int8"`` / ``"fp8"``:
-      store the loaded model's Linear kernels quantized and frozen under the
-      adapter (``jlora.quantize``; QLoRA with ``"nf4"``). A model passed to
-      ``jlora.train(model=...)`` is used as given (quantize it yourself).
-    attention: the attention kernel: ``"auto"`` (splash on TPU, cuDNN on
-      GPU, XLA elsewhere), ``"xla"``, ``"cudnn"`` (GPU only), ``"splash"``
-      (TPU only), ``"splash_interpret"`` (the TPU kernel interpreted; slow,
-      for tests), ``"tokamax"`` (tokamax's Pallas flash attention; Hopper
-      GPUs, bf16; needs ``pip install 'jlora[tokamax]'``) or
-      ``"tokamax_xla"`` (tokamax's XLA reference; any backend, for tests).
-    lora_matmul: how LoRA linears compute (``jlora.nn.set_lora_matmul``):
-      ``"plain"`` (default) computes ``x@W + s·(x@A)@B`` under plain
-      autodiff; ``"auto"`` merges ``W + s·A·B`` on the fly for calls with
-      many tokens and takes the low-rank backward (12% faster training on an
-      H100 at TinyLlama shape), ``"fused"`` always merges. The merged forward
-      rounds ``W + s·A·B`` to the base dtype once: in bf16 a small adapter
-      delta is partly lost in the forward pass (as in merged bf16 inference),
-      so use it with a float32 base or once the adapter's delta is large.
-    scan_unroll: layers per step of the layer loop (``jax.lax.scan``'s
-      ``unroll``): 1 (default) keeps one rolled loop and the shortest
-      compile; 2 or more lets XLA fuse across layer boundaries and drop the
-      per-layer stacking of saved activations, at a longer compile; the
-      number of layers (or more) unrolls the loop fully, which keeps more
-      activations alive (TinyLlama 8x2048 on an H100: 16.6 -> 26.2 GiB peak);
-      the memory plan counts it.
-  """
-
-  name: str = "byte-stories"
-  dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  seed: int = 0
-  remat: Literal["none", "matmuls", "full"] = "matmuls"
-  quantize: Literal["", "nf4", "int8", "fp8"] = ""
-  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla"] = "auto"
-  lora_matmul: Literal["auto", "fused", "plain"] = "plain"
-  scan_unroll: int = 1
-
-
-DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
-                "lm_head")
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterConfig:
-  """The adapter to train (mapped onto ``jlora.LoraConfig`` / ``MoSLoraConfig`` / ``WLoraConfig``).
-
-  ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only;
-  ``use_dora`` (DoRA's magnitude vectors) by ``kind="lora"`` only.
-  The default targets every projection plus the embedding and output head,
-  which the byte-level demo base affords; for a large model ``"all-linear"``
-  or the attention projections are the usual choice.
-  """
-
-  kind: Literal["lora", "moslora", "wlora"] = "lora"
-  r: int = 16
-  lora_alpha: float = 16.0
-  target_modules: Union[str, tuple[str, ...]] = DEMO_TARGETS
-  lora_dropout: float = 0.0
-  use_rslora: bool = False
-  mixer_init: Literal["orthogonal", "kaiming"] = "kaiming"
-  use_dora: bool = False
-  upstream_loras: tuple[str, ...] = ()
-  seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Training and held-out data.
-
-  Attributes:
-    path: a ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` file or a
-      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the Q/A
-      records of the embedded demo corpus (``jlora/train/data/qa.jsonl``),
-      a skill the shipped base model lacks.
-    eval_path: held-out data in the same forms; ``""`` holds out
-      ``eval_fraction`` of the training sequences instead.
-    format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /
-      ``completion``), ``"chat"`` (``messages``), or ``"auto"`` (per record).
-    seq_len: tokens per training sequence.
-    packing: pack several records into one sequence (else one per row, padded).
-    tokenizer: ``""`` uses the model's (its checkpoint dir's tokenizer files
-      for local models, bytes for presets); ``"bytes"`` forces the byte tokenizer.
-    seed: shuffling seed (each epoch is a fresh deterministic permutation).
-  """
-
-  path: str = ""
-  eval_path: str = ""
-  format: Literal["auto", "text", "instruction", "chat"] = "auto"
-  text_field: str = "text"
-  seq_len: int = 128
-  packing: bool = True
-  eval_fraction: float = 0.1
-  tokenizer: str = ""
-  seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """AdamW with linear warmup then cosine decay, global-norm clipping and accumulation.
-
-  ``loraplus_lr_ratio`` (e.g. 16) turns on LoRA+: B trains at that multiple of
-  ``learning_rate`` and embedding adapters at ``loraplus_lr_embedding``.
-  """
-
-  learning_rate: float = 1e-2
-  warmup_steps: int = 10
-  end_lr_ratio: float = 0.1
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.999
-  grad_clip: float = 1.0
-  grad_accum: int = 1
-  loraplus_lr_ratio: float | None = None
-  loraplus_lr_embedding: float = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Device mesh ``(data, fsdp, tensor)``; ``data=-1`` takes every device the others leave.
-
-  ``fsdp=-1`` picks the smallest FSDP split (and, if needed, ``model.remat="full"``)
-  whose memory plan fits the device. ``device_memory_gib`` overrides the
-  device memory the plan checks against (``0``: read it from the device).
-  """
-
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-  device_memory_gib: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-  """Orbax checkpoints under ``<output_dir>/checkpoints``: every N optimizer steps, keep the last K."""
-
-  every: int = 50
-  keep: int = 2
-  async_save: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportConfig:
-  """Where metrics go besides ``<output_dir>/metrics.jsonl``.
-
-  Attributes:
-    tensorboard: TensorBoard event files under ``<output_dir>/tensorboard``.
-    wandb: also log to Weights & Biases (needs ``pip install wandb``).
-    wandb_project: the wandb project.
-    wandb_name: the wandb run name (``""``: wandb picks one).
-  """
-
-  tensorboard: bool = True
-  wandb: bool = False
-  wandb_project: str = "jlora"
-  wandb_name: str = ""
+from jlora.train._config_parse import ConfigError, from_dict, merge_overrides, parse_overrides, read_mapping, to_plain
+from jlora.train._config_sections import (  # noqa: F401  (the sections are re-exported)
+    DEMO_TARGETS, AdapterConfig, CheckpointConfig, DataConfig, MeshConfig, ModelConfig, OptimConfig, ReportConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,19 +66,11 @@ class TrainConfig:
 
   def to_dict(self) -> dict:
     """Nested plain dict (YAML/JSON-ready; tuples become lists)."""
-    return _plain(dataclasses.asdict(self))
+    return to_plain(dataclasses.asdict(self))
 
   def replace(self, **overrides: Any) -> "TrainConfig":
     """A copy with dotted-key overrides: ``cfg.replace(**{"optim.learning_rate": 1e-3})``."""
-    return from_dict(_merge(self.to_dict(), {k: v for k, v in overrides.items()}, flat=True))
-
-
-def _plain(x):
-  if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  return x
+    return from_dict(merge_overrides(self.to_dict(), {k: v for k, v in overrides.items()}, flat=True), TrainConfig)
 
 
 def _non_finite(obj, prefix: str = "") -> list[tuple[str, float]]:
@@ -317,122 +135,7 @@ def _default(key: str):
   return node[leaf].default
 
 
-# ---------------------------------------------------------------------------- loading
-
-
-def from_dict(values: Mapping[str, Any], cls: type = TrainConfig, prefix: str = ""):
-  """Build ``cls`` from a nested mapping, checking every key and type."""
-  if not isinstance(values, Mapping):
-    raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(values).__name__}.")
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  hints = typing.get_type_hints(cls)
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ConfigError(
-        f"Unknown config key {(prefix + unknown[0])!r}; valid keys under "
-        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}.")
-  kwargs = {}
-  for name, value in values.items():
-    hint = hints[name]
-    key = prefix + name
-    if dataclasses.is_dataclass(hint):
-      kwargs[name] = from_dict(value, hint, key + ".")
-    else:
-      kwargs[name] = _coerce(value, hint, key)
-  return cls(**kwargs)
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
   """``TrainConfig`` from an optional YAML file plus ``"a.b=value"`` overrides."""
-  values: dict = {}
-  if path is not None:
-    path = Path(path)
-    if not path.is_file():
-      raise ConfigError(f"Config file {str(path)!r} does not exist.")
-    try:
-      values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-      raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from e
-    if not isinstance(values, dict):
-      raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys, got {type(values).__name__}.")
-  flat = {}
-  for item in overrides:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-      raise ConfigError(f"Override {item!r} must look like key=value (e.g. optim.learning_rate=1e-3).")
-    flat[key.strip()] = _parse_scalar(raw)
-  return from_dict(_merge(values, flat, flat=True))
-
-
-def _parse_scalar(raw: str):
-  try:
-    return yaml.safe_load(raw) if raw.strip() else ""
-  except yaml.YAMLError:
-    return raw
-
-
-def _merge(base: dict, updates: Mapping[str, Any], flat: bool) -> dict:
-  out = _plain(dict(base))
-  for key, value in updates.items():
-    parts = key.split(".") if flat else [key]
-    node = out
-    for i, part in enumerate(parts[:-1]):
-      child = node.setdefault(part, {})
-      if not isinstance(child, dict):
-        raise ConfigError(f"Unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section.")
-      node = child
-    node[parts[-1]] = value
-  return out
-
-
-def _coerce(value, hint, key: str):
-  """``value`` checked against ``hint`` (int->float widening, list->tuple); ConfigError if it does not fit."""
-  origin = typing.get_origin(hint)
-  if origin in (Union, types.UnionType):
-    for option in typing.get_args(hint):
-      try:
-        return _coerce(value, option, key)
-      except ConfigError:
-        pass
-    raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}.")
-  if origin is Literal:
-    if value in typing.get_args(hint) and type(value) is type(typing.get_args(hint)[0]):
-      return value
-    raise ConfigError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}.")
-  if origin is tuple:
-    if isinstance(value, (list, tuple)):
-      (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
-      return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-    raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}.")
-  if hint is type(None):
-    if value is None:
-      return None
-  elif hint is bool:
-    if isinstance(value, bool):
-      return value
-  elif hint is int:
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
-  elif hint is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-      try:
-        return float(value)
-      except ValueError:
-        pass
-  elif hint is str:
-    if isinstance(value, str):
-      return value
-  raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r} ({type(value).__name__}).")
-
-
-def _describe(hint) -> str:
-  origin = typing.get_origin(hint)
-  if origin in (Union, types.UnionType):
-    return " or ".join(_describe(a) for a in typing.get_args(hint))
-  if origin is tuple:
-    return f"a list of {_describe(typing.get_args(hint)[0])}"
-  if origin is Literal:
-    return f"one of {list(typing.get_args(hint))}"
-  return {type(None): "null", bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(hint, str(hint))
+  values = {} if path is None else read_mapping(path)
+  return from_dict(merge_overrides(values, parse_overrides(overrides), flat=True), TrainConfig)

@@ -1,0 +1,182 @@
+"""The sections of ``TrainConfig``: model, adapter, data, optimizer, mesh, checkpoints, reports.
+
+Each is a frozen dataclass whose defaults make the embedded demo job; the
+YAML file and ``--set`` overrides name a field as ``section.key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The base model.
+
+  Attributes:
+    name: a preset name or a local Hugging Face checkpoint directory. Presets
+      need no download: ``"byte-stories"`` is the pretrained byte-level Llama
+      shipped with jlora (4 layers, 128 wide, trained on stories by
+      ``scripts/train_base.py``); ``"tiny"`` is a smaller randomly
+      initialised one for tests.
+    dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``).
+    seed: PRNG seed for presets with random weights (``"tiny"``).
+    remat: what the backward pass keeps per layer: ``"matmuls"`` (matmul and
+      attention outputs; elementwise work is recomputed), ``"none"``
+      (everything autodiff keeps; most memory) or ``"full"`` (layer inputs
+      only; least memory, one extra forward pass).
+    quantize: ``""`` (full precision) or ``"nf4"`` / ``"int8"`` / ``"fp8"``:
+      store the loaded model's Linear kernels quantized and frozen under the
+      adapter (``jlora.quantize``; QLoRA with ``"nf4"``). A model passed to
+      ``jlora.train(model=...)`` is used as given (quantize it yourself).
+    attention: the attention kernel: ``"auto"`` (splash on TPU, cuDNN on
+      GPU, XLA elsewhere), ``"xla"``, ``"cudnn"`` (GPU only), ``"splash"``
+      (TPU only), ``"splash_interpret"`` (the TPU kernel interpreted; slow,
+      for tests), ``"tokamax"`` (tokamax's Pallas flash attention; Hopper
+      GPUs, bf16; needs ``pip install 'jlora[tokamax]'``) or
+      ``"tokamax_xla"`` (tokamax's XLA reference; any backend, for tests).
+    lora_matmul: how LoRA linears compute (``jlora.nn.set_lora_matmul``):
+      ``"plain"`` (default) computes ``x@W + s·(x@A)@B`` under plain
+      autodiff; ``"auto"`` merges ``W + s·A·B`` on the fly for calls with
+      many tokens and takes the low-rank backward (12% faster training on an
+      H100 at TinyLlama shape), ``"fused"`` always merges. The merged forward
+      rounds ``W + s·A·B`` to the base dtype once: in bf16 a small adapter
+      delta is partly lost in the forward pass (as in merged bf16 inference),
+      so use it with a float32 base or once the adapter's delta is large.
+    scan_unroll: layers per step of the layer loop (``jax.lax.scan``'s
+      ``unroll``): 1 (default) keeps one rolled loop and the shortest
+      compile; 2 or more lets XLA fuse across layer boundaries and drop the
+      per-layer stacking of saved activations, at a longer compile; the
+      number of layers (or more) unrolls the loop fully, which keeps more
+      activations alive (TinyLlama 8x2048 on an H100: 16.6 -> 26.2 GiB peak);
+      the memory plan counts it.
+  """
+
+  name: str = "byte-stories"
+  dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  seed: int = 0
+  remat: Literal["none", "matmuls", "full"] = "matmuls"
+  quantize: Literal["", "nf4", "int8", "fp8"] = ""
+  attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla"] = "auto"
+  lora_matmul: Literal["auto", "fused", "plain"] = "plain"
+  scan_unroll: int = 1
+
+
+DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
+                "lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """The adapter to train (mapped onto ``jlora.LoraConfig`` / ``MoSLoraConfig`` / ``WLoraConfig``).
+
+  ``upstream_loras`` (PEFT adapter directories) is used by ``kind="wlora"`` only;
+  ``use_dora`` (DoRA's magnitude vectors) by ``kind="lora"`` only.
+  The default targets every projection plus the embedding and output head,
+  which the byte-level demo base affords; for a large model ``"all-linear"``
+  or the attention projections are the usual choice.
+  """
+
+  kind: Literal["lora", "moslora", "wlora"] = "lora"
+  r: int = 16
+  lora_alpha: float = 16.0
+  target_modules: Union[str, tuple[str, ...]] = DEMO_TARGETS
+  lora_dropout: float = 0.0
+  use_rslora: bool = False
+  mixer_init: Literal["orthogonal", "kaiming"] = "kaiming"
+  use_dora: bool = False
+  upstream_loras: tuple[str, ...] = ()
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training and held-out data.
+
+  Attributes:
+    path: a ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` file or a
+      ``datasets`` directory saved with ``save_to_disk``; ``""`` is the Q/A
+      records of the embedded demo corpus (``jlora/train/data/qa.jsonl``),
+      a skill the shipped base model lacks.
+    eval_path: held-out data in the same forms; ``""`` holds out
+      ``eval_fraction`` of the training sequences instead.
+    format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /
+      ``completion``), ``"chat"`` (``messages``), or ``"auto"`` (per record).
+    seq_len: tokens per training sequence.
+    packing: pack several records into one sequence (else one per row, padded).
+    tokenizer: ``""`` uses the model's (its checkpoint dir's tokenizer files
+      for local models, bytes for presets); ``"bytes"`` forces the byte tokenizer.
+    seed: shuffling seed (each epoch is a fresh deterministic permutation).
+  """
+
+  path: str = ""
+  eval_path: str = ""
+  format: Literal["auto", "text", "instruction", "chat"] = "auto"
+  text_field: str = "text"
+  seq_len: int = 128
+  packing: bool = True
+  eval_fraction: float = 0.1
+  tokenizer: str = ""
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup then cosine decay, global-norm clipping and accumulation.
+
+  ``loraplus_lr_ratio`` (e.g. 16) turns on LoRA+: B trains at that multiple of
+  ``learning_rate`` and embedding adapters at ``loraplus_lr_embedding``.
+  """
+
+  learning_rate: float = 1e-2
+  warmup_steps: int = 10
+  end_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  loraplus_lr_ratio: float | None = None
+  loraplus_lr_embedding: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh ``(data, fsdp, tensor)``; ``data=-1`` takes every device the others leave.
+
+  ``fsdp=-1`` picks the smallest FSDP split (and, if needed, ``model.remat="full"``)
+  whose memory plan fits the device. ``device_memory_gib`` overrides the
+  device memory the plan checks against (``0``: read it from the device).
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  device_memory_gib: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpoints under ``<output_dir>/checkpoints``: every N optimizer steps, keep the last K."""
+
+  every: int = 50
+  keep: int = 2
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+  """Where metrics go besides ``<output_dir>/metrics.jsonl``.
+
+  Attributes:
+    tensorboard: TensorBoard event files under ``<output_dir>/tensorboard``.
+    wandb: also log to Weights & Biases (needs ``pip install wandb``).
+    wandb_project: the wandb project.
+    wandb_name: the wandb run name (``""``: wandb picks one).
+  """
+
+  tensorboard: bool = True
+  wandb: bool = False
+  wandb_project: str = "jlora"
+  wandb_name: str = ""
