@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import jlora
 from jlora.models import CausalLM, Gpt2LMHeadModel, ModelConfig
+from jlora.nn import LoraParam
 from jlora.train._data import pack
+from jlora.train._steps import batch_nll, split_model
 
 VOCAB = 61
 
@@ -61,3 +64,21 @@ def single_batches(lengths, seed: int = 0) -> list[dict]:
   """Each record of ``lengths`` alone in a row of its own length."""
   return [{k: jnp.asarray(v) for k, v in pack([r], len(r[0]), pad_id=0, packing=False).batch().items()}
           for r in records(lengths, seed)]
+
+
+def assert_same_loss_and_lora_grads(model, batch: dict, attention: str, reference: str = "xla") -> None:
+  """``model``'s mean token loss on ``batch`` and its LoRA gradients agree under two attention kernels."""
+  results = {}
+  for impl in (attention, reference):
+    model.attention = impl
+    graphdef, params, rng, frozen = split_model(model)
+
+    def loss(p):
+      total, count = batch_nll(nnx.merge(graphdef, p, rng, frozen, copy=True), batch)
+      return total / count
+
+    results[impl] = jax.value_and_grad(loss)(params)
+  (loss_a, grads_a), (loss_r, grads_r) = results[attention], results[reference]
+  np.testing.assert_allclose(float(loss_a), float(loss_r), rtol=1e-5)
+  for ga, gr in zip(jax.tree.leaves(nnx.state(grads_a, LoraParam)), jax.tree.leaves(nnx.state(grads_r, LoraParam))):
+    np.testing.assert_allclose(ga, gr, rtol=1e-3, atol=1e-6)

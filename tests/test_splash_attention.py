@@ -10,14 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from attention_doubles import packed_batch, tiny_llama, with_lora
+from attention_doubles import assert_same_loss_and_lora_grads, packed_batch, tiny_llama, with_lora
 from jlora.models import target_backend
 from jlora.models._attention import causal_mask
 from jlora.models._splash import splash_attention
-from jlora.nn import LoraParam
-from jlora.train._steps import batch_nll, split_model
 
 LENGTHS = (50, 30, 40)  # 120 tokens in a row of 128: three records and padding
 
@@ -50,20 +47,7 @@ def test_model_loss_and_lora_gradients_match_xla_on_packed_rows():
   model = with_lora(tiny_llama(model_type="mistral", sliding_window=48, num_hidden_layers=1))
   model.remat = "none"  # one kernel call per pass keeps the interpreted run short
   batch = {k: v[:1] for k, v in packed_batch(LENGTHS, seq_len=128).items()}
-  results = {}
-  for impl in ("splash_interpret", "xla"):
-    model.attention = impl
-    graphdef, params, rng, frozen = split_model(model)
-
-    def loss(p):
-      total, count = batch_nll(nnx.merge(graphdef, p, rng, frozen, copy=True), batch)
-      return total / count
-
-    results[impl] = jax.value_and_grad(loss)(params)
-  (loss_s, grads_s), (loss_x, grads_x) = results["splash_interpret"], results["xla"]
-  np.testing.assert_allclose(float(loss_s), float(loss_x), rtol=1e-5)
-  for gs, gx in zip(jax.tree.leaves(nnx.state(grads_s, LoraParam)), jax.tree.leaves(nnx.state(grads_x, LoraParam))):
-    np.testing.assert_allclose(gs, gx, rtol=1e-3, atol=1e-6)
+  assert_same_loss_and_lora_grads(model, batch, "splash_interpret")
 
 
 def test_splash_off_tpu_is_refused_with_the_fix():

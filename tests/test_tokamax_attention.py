@@ -14,18 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 pytest.importorskip("tokamax")
 
-from attention_doubles import packed_batch, tiny_llama, with_lora  # noqa: E402
+from attention_doubles import assert_same_loss_and_lora_grads, packed_batch, tiny_llama, with_lora  # noqa: E402
 from jlora.models import check_attention  # noqa: E402
 from jlora.models import _tokamax  # noqa: E402
 from jlora.models._attention import causal_mask  # noqa: E402
 from jlora.models._remat import save_matmuls_and_attention  # noqa: E402
 from jlora.models._tokamax import key_start, tokamax_attention  # noqa: E402
-from jlora.nn import LoraParam  # noqa: E402
-from jlora.train._steps import batch_nll, split_model  # noqa: E402
 
 SEGMENTS = np.repeat([[1, 2, 3, 0]], [20, 12, 16, 8], axis=1)  # three records and padding in a row of 56
 
@@ -66,20 +63,7 @@ def test_outputs_and_gradients_equal_masked_attention(packed, window):
 def test_model_loss_and_lora_gradients_match_xla_on_packed_rows():
   model = with_lora(tiny_llama(model_type="mistral", sliding_window=24, num_hidden_layers=1))
   batch = packed_batch((30, 20, 25, 40), seq_len=64)
-  results = {}
-  for impl in ("tokamax_xla", "xla"):
-    model.attention = impl
-    graphdef, params, rng, frozen = split_model(model)
-
-    def loss(p):
-      total, count = batch_nll(nnx.merge(graphdef, p, rng, frozen, copy=True), batch)
-      return total / count
-
-    results[impl] = jax.value_and_grad(loss)(params)
-  (loss_t, grads_t), (loss_x, grads_x) = results["tokamax_xla"], results["xla"]
-  np.testing.assert_allclose(float(loss_t), float(loss_x), rtol=1e-5)
-  for gt, gx in zip(jax.tree.leaves(nnx.state(grads_t, LoraParam)), jax.tree.leaves(nnx.state(grads_x, LoraParam))):
-    np.testing.assert_allclose(gt, gx, rtol=1e-3, atol=1e-6)
+  assert_same_loss_and_lora_grads(model, batch, "tokamax_xla")
 
 
 def test_matmuls_policy_keeps_the_attention_forward_for_the_backward_pass():
