@@ -16,6 +16,7 @@ from flax import nnx
 
 import jlora
 from jlora.models import CausalLM, Gpt2LMHeadModel, ModelConfig
+from jlora.models._attention import causal_mask
 from jlora.nn import LoraParam
 from jlora.train._data import pack
 from jlora.train._steps import batch_nll, split_model
@@ -82,3 +83,21 @@ def assert_same_loss_and_lora_grads(model, batch: dict, attention: str, referenc
   np.testing.assert_allclose(float(loss_a), float(loss_r), rtol=1e-5)
   for ga, gr in zip(jax.tree.leaves(nnx.state(grads_a, LoraParam)), jax.tree.leaves(nnx.state(grads_r, LoraParam))):
     np.testing.assert_allclose(ga, gr, rtol=1e-3, atol=1e-6)
+
+
+def random_qkv(batch: int, t: int, heads: int = 4, kv_heads: int = 2, d: int = 8):
+  """``q [batch, t, heads, d]``, ``k, v [batch, t, kv_heads, d]``, standard normal (GQA by default)."""
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  return (jax.random.normal(kq, (batch, t, heads, d)), jax.random.normal(kk, (batch, t, kv_heads, d)),
+          jax.random.normal(kv, (batch, t, kv_heads, d)))
+
+
+def assert_matches_masked_attention(attention, q, k, v, segments=None, window=None) -> None:
+  """``attention(q, k, v)`` and its q/k/v gradients equal XLA's attention under the same causal mask."""
+  def xla(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=causal_mask(q.shape[1], segments, window))
+
+  np.testing.assert_allclose(attention(q, k, v), xla(q, k, v), atol=1e-5)
+  grads = [jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v) for f in (attention, xla)]
+  for g_kernel, g_xla in zip(*grads):
+    np.testing.assert_allclose(g_kernel, g_xla, atol=1e-4)

@@ -6,23 +6,20 @@ match the XLA path. The kernel works on blocks of 128 tokens, so rows are 128
 long. On CPU or GPU the real kernel is refused with the fix.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_doubles import assert_same_loss_and_lora_grads, packed_batch, tiny_llama, with_lora
+from attention_doubles import (assert_matches_masked_attention, assert_same_loss_and_lora_grads, packed_batch,
+                               random_qkv, tiny_llama, with_lora)
 from jlora.models import target_backend
-from jlora.models._attention import causal_mask
 from jlora.models._splash import splash_attention
 
 LENGTHS = (50, 30, 40)  # 120 tokens in a row of 128: three records and padding
 
 
-def qkv(t=128, heads=4, kv_heads=2, d=8):
-  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(kq, (1, t, heads, d)), jax.random.normal(kk, (1, t, kv_heads, d)),
-          jax.random.normal(kv, (1, t, kv_heads, d)))
+def qkv(t=128):
+  return random_qkv(1, t)
 
 
 def test_kernel_equals_masked_attention_with_segments_and_a_window():
@@ -33,13 +30,7 @@ def test_kernel_equals_masked_attention_with_segments_and_a_window():
   def splash(q, k, v):
     return splash_attention(q, k, v, segments, window, None, interpret=True)
 
-  def xla(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, mask=causal_mask(128, segments, window))
-
-  np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), atol=1e-5)
-  grads = [jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v) for f in (splash, xla)]
-  for g_splash, g_xla in zip(*grads):
-    np.testing.assert_allclose(g_splash, g_xla, atol=1e-4)
+  assert_matches_masked_attention(splash, q, k, v, segments, window)
 
 
 @pytest.mark.slow

@@ -17,21 +17,18 @@ import pytest
 
 pytest.importorskip("tokamax")
 
-from attention_doubles import assert_same_loss_and_lora_grads, packed_batch, tiny_llama, with_lora  # noqa: E402
+from attention_doubles import (assert_matches_masked_attention, assert_same_loss_and_lora_grads,  # noqa: E402
+                               packed_batch, random_qkv, tiny_llama, with_lora)
 from jlora.models import check_attention  # noqa: E402
 from jlora.models import _tokamax  # noqa: E402
-from jlora.models._attention import causal_mask  # noqa: E402
 from jlora.models._remat import save_matmuls_and_attention  # noqa: E402
 from jlora.models._tokamax import key_start, tokamax_attention  # noqa: E402
 
 SEGMENTS = np.repeat([[1, 2, 3, 0]], [20, 12, 16, 8], axis=1)  # three records and padding in a row of 56
 
 
-def qkv(t=56, heads=4, kv_heads=2, d=8):
-  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(kq, (2, t, heads, d)), jax.random.normal(kk, (2, t, kv_heads, d)),
-          jax.random.normal(kv, (2, t, kv_heads, d)))
-
+def qkv(t=56):
+  return random_qkv(2, t)
 
 def test_key_start_is_the_record_start_raised_by_the_window():
   segments = jnp.asarray([[1, 1, 1, 2, 2, 0]])
@@ -50,13 +47,7 @@ def test_outputs_and_gradients_equal_masked_attention(packed, window):
   def tokamax(q, k, v):
     return tokamax_attention(q, k, v, segments, window, None, implementation="xla")
 
-  def xla(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, mask=causal_mask(56, segments, window))
-
-  np.testing.assert_allclose(tokamax(q, k, v), xla(q, k, v), atol=1e-5)
-  grads = [jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v) for f in (tokamax, xla)]
-  for g_tokamax, g_xla in zip(*grads):
-    np.testing.assert_allclose(g_tokamax, g_xla, atol=1e-4)
+  assert_matches_masked_attention(tokamax, q, k, v, segments, window)
 
 
 @pytest.mark.slow
