@@ -20,6 +20,18 @@ def images():
   return testing.images()
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  """``(dir, transformers model)``: a tiny Llama saved as a Hugging Face checkpoint (torch-side tests).
+
+  Test modules that need more (an adapter, logits) define their own ``llama``.
+  """
+  import hf_doubles  # torch and transformers: imported only by the tests that ask for this
+
+  path = tmp_path_factory.mktemp("llama")
+  return path, hf_doubles.save("llama", path)
+
+
 @pytest.fixture(autouse=True)
 def _restore_registry():
   """Layer types a test registers do not leak into other tests."""

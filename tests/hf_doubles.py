@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+
+import jlora
 
 VOCAB = 61
 _COMMON = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
@@ -59,3 +62,8 @@ def batch(batch: int = 2, length: int = 7, seed: int = 1) -> tuple[np.ndarray, n
   mask = np.ones((batch, length), np.int32)
   mask[-1, :2] = 0
   return ids, mask
+
+
+def jlora_model(path):
+  """The checkpoint at ``path`` loaded by jlora in float32 (the precision the oracle tests compare at)."""
+  return jlora.from_pretrained(path, dtype=jnp.float32)

@@ -59,22 +59,11 @@ def test_outputs_match_peft(module):
   np.testing.assert_allclose(got, expected, atol=TOL)
 
 
-def torch_loss(root):
-  x, ids, imgs = oracle.torch_inputs()
-  return sum((root.get_submodule(m)(i) ** 2).mean() for m, i in zip(MODULES, (x, ids, imgs)))
-
-
-def jax_loss(model):
-  x, ids, imgs = (oracle.to_np(t) for t in oracle.torch_inputs())
-  inputs = (x, ids, imgs.transpose(0, 2, 3, 1))
-  return sum((getattr(model, m)(i) ** 2).mean() for m, i in zip(MODULES, inputs))
-
-
 def test_gradients_match_peft_with_the_norm_detached():
   root, model = twins()
-  torch_loss(root).backward()
+  oracle.torch_squared_loss(root, MODULES).backward()
   graphdef, params, rest = nnx.split(model, jlora.LoraParam, ...)
-  grads = jax.grad(lambda p: jax_loss(nnx.merge(graphdef, p, rest, copy=True)))(params)
+  grads = jax.grad(lambda p: oracle.jax_squared_loss(nnx.merge(graphdef, p, rest, copy=True), MODULES))(params)
   for name in MODULES:
     layer = root.get_submodule(name)
     got = grads[name]["adapters"]["default"]
@@ -91,7 +80,7 @@ def test_training_moves_the_magnitude():
   before = np.asarray(model.lin.adapters["default"].lora_magnitude_vector[...])
   graphdef, params, rest = nnx.split(model, jlora.LoraParam, ...)
   tx = jlora.adapter_optimizer(model, optax.sgd(0.1))
-  grads = jax.grad(lambda p: jax_loss(nnx.merge(graphdef, p, rest, copy=True)))(params)
+  grads = jax.grad(lambda p: oracle.jax_squared_loss(nnx.merge(graphdef, p, rest, copy=True), MODULES))(params)
   updates, _ = tx.update(grads, tx.init(params), params)
   nnx.update(model, optax.apply_updates(params, updates))
   assert np.abs(np.asarray(model.lin.adapters["default"].lora_magnitude_vector[...]) - before).max() > 1e-4
@@ -140,12 +129,6 @@ def test_pure_unmerge_of_dora_is_refused():
 
 
 # ---- checkpoints (PEFT's format: lora_magnitude_vector) on a real tiny model -----------------
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  path = tmp_path_factory.mktemp("llama")
-  return path, hf_doubles.save("llama", path)
 
 
 def peft_dora(base, out):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -41,8 +40,7 @@ def llama(tmp_path_factory):
   return path, logits
 
 
-def jmodel(path):
-  return jlora.from_pretrained(path, dtype=jnp.float32)
+jmodel = hf_doubles.jlora_model
 
 
 def test_five_swaps_give_peft_logits_with_one_compilation(llama):

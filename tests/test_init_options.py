@@ -143,14 +143,7 @@ def test_unknown_init_is_refused(init):
 # ---- real (tiny) transformers models: stacked layers, checkpoints, conversion --------------
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  path = tmp_path_factory.mktemp("llama")
-  return path, hf_doubles.save("llama", path)
-
-
-def jmodel(path):
-  return jlora.from_pretrained(path, dtype=jnp.float32)
+jmodel = hf_doubles.jlora_model
 
 
 PISSA = dict(r=2, lora_alpha=4, target_modules=LLAMA_LINEAR, init_lora_weights="pissa")

@@ -21,21 +21,10 @@ MODULES = ("lin", "emb", "conv")
 LR, RATIO, LR_EMBEDDING, STEPS = 1e-2, 16.0, 1e-3, 3
 
 
-def torch_loss(root):
-  x, ids, imgs = oracle.torch_inputs()
-  return sum((root.get_submodule(m)(i) ** 2).mean() for m, i in zip(MODULES, (x, ids, imgs)))
-
-
-def jax_loss(model):
-  x, ids, imgs = (oracle.to_np(t) for t in oracle.torch_inputs())
-  inputs = (x, ids, imgs.transpose(0, 2, 3, 1))
-  return sum((getattr(model, m)(i) ** 2).mean() for m, i in zip(MODULES, inputs))
-
-
 def train_jlora(model, tx, steps=STEPS):
   graphdef, params, rest = nnx.split(model, jlora.LoraParam, ...)
   state = tx.init(params)
-  grad_fn = jax.jit(jax.grad(lambda p: jax_loss(nnx.merge(graphdef, p, rest, copy=True))))
+  grad_fn = jax.jit(jax.grad(lambda p: oracle.jax_squared_loss(nnx.merge(graphdef, p, rest, copy=True), MODULES)))
   for _ in range(steps):
     updates, state = tx.update(grad_fn(params), state, params)
     params = optax.apply_updates(params, updates)
@@ -52,7 +41,7 @@ def test_loraplus_training_matches_peft_create_loraplus_optimizer():
                                   loraplus_lr_embedding=LR_EMBEDDING)
   for _ in range(STEPS):
     opt.zero_grad()
-    torch_loss(root).backward()
+    oracle.torch_squared_loss(root, MODULES).backward()
     opt.step()
   tx = jlora.adapter_optimizer(model, optax.adamw(LR, weight_decay=0.0), loraplus_lr_ratio=RATIO,
                                learning_rate=LR, loraplus_lr_embedding=LR_EMBEDDING)
@@ -67,7 +56,7 @@ def test_loraplus_training_matches_peft_create_loraplus_optimizer():
 
 def first_update(model, **loraplus):
   graphdef, params, rest = nnx.split(model, jlora.LoraParam, ...)
-  grads = jax.grad(lambda p: jax_loss(nnx.merge(graphdef, p, rest, copy=True)))(params)
+  grads = jax.grad(lambda p: oracle.jax_squared_loss(nnx.merge(graphdef, p, rest, copy=True), MODULES))(params)
   tx = jlora.adapter_optimizer(model, optax.sgd(LR), **loraplus)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import peft
@@ -23,14 +22,7 @@ IDS, _ = hf_doubles.batch()
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  path = tmp_path_factory.mktemp("llama")
-  return path, hf_doubles.save("llama", path)
-
-
-def jmodel(path):
-  return jlora.from_pretrained(path, dtype=jnp.float32)
+jmodel = hf_doubles.jlora_model
 
 
 def peft_with_copies(base, out, seed=1, modules=("lm_head", "embed_tokens")):

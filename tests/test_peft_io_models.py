@@ -16,12 +16,6 @@ LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  path = tmp_path_factory.mktemp("llama")
-  return path, hf_doubles.save("llama", path)
-
-
-@pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
   path = tmp_path_factory.mktemp("gpt2")
   return path, hf_doubles.save("gpt2", path)
@@ -40,8 +34,7 @@ def peft_adapter(base, out, seed=1, **config):
   return peft_model.eval()
 
 
-def jmodel(path):
-  return jlora.from_pretrained(path, dtype=jnp.float32)
+jmodel = hf_doubles.jlora_model
 
 
 def close(model, want):

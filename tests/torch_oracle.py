@@ -137,6 +137,19 @@ def torch_inputs(seed: int = 0):
           torch.randn(2, CHANNELS, 7, 7, generator=gen))
 
 
+def torch_squared_loss(torch_root: nn.Module, modules) -> torch.Tensor:
+  """Sum over ``modules`` ("lin" / "emb" / "conv") of the mean squared output on ``torch_inputs()``."""
+  x, ids, imgs = torch_inputs()
+  return sum((torch_root.get_submodule(m)(i) ** 2).mean() for m, i in zip(modules, (x, ids, imgs)))
+
+
+def jax_squared_loss(jlora_root: nnx.Module, modules):
+  """``torch_squared_loss`` of the jlora twin, on the same inputs in the Flax layout."""
+  x, ids, imgs = (to_np(t) for t in torch_inputs())
+  inputs = (x, ids, imgs.transpose(0, 2, 3, 1))
+  return sum((getattr(jlora_root, m)(i) ** 2).mean() for m, i in zip(modules, inputs))
+
+
 def outputs(torch_root: nn.Module, jlora_root: nnx.Module, module: str, seed: int = 0):
   """``(torch_out, jlora_out)`` of module ``module`` ("lin" / "emb" / "conv") on the same input,
   both as NumPy arrays in the Flax layout."""
