@@ -6,7 +6,11 @@ its own subprocess (so peak memory does not mix):
 
 - ``plain``: rows without segment ids (causal attention over the whole row);
 - ``packed``: segment ids of records 100..900 tokens long, ``attention=auto``
-  (cuDNN's packed layout on Hopper);
+  with the model's ``max_segments`` set from the rows as ``jlora.train`` does
+  (cuDNN's packed layout on Hopper; ``--max-segments`` overrides the bound,
+  and above 16 cuDNN takes the dense mask instead);
+- ``packed-dense``: the same rows with no bound given, so cuDNN's flash
+  attention takes a dense ``[B, 1, T, T]`` same-record mask as a bias;
 - ``packed-xla``: the same rows on XLA's attention with a ``[B, 1, T, T]`` mask;
 - ``packed-chunked``: ``packed`` with the loss head run 4096 tokens at a time;
 - ``packed-tokamax``: ``packed`` on tokamax's Pallas flash attention (its wheel carried).
@@ -29,8 +33,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-VARIANTS = {"plain": ("auto", False, 0), "packed": ("auto", True, 0), "packed-xla": ("xla", True, 0),
-            "packed-chunked": ("auto", True, 4096), "packed-tokamax": ("tokamax", True, 0)}
+VARIANTS = {"plain": ("auto", False, 0), "packed": ("auto", True, 0), "packed-dense": ("cudnn", True, 0),
+            "packed-xla": ("xla", True, 0), "packed-chunked": ("auto", True, 4096),
+            "packed-tokamax": ("tokamax", True, 0)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -69,21 +74,25 @@ def batch(b: int, t: int, packed: bool) -> dict:
   return out
 
 
-def check_equals_xla(seq: int, kernels=("cudnn", "tokamax")) -> dict:
-  """Largest difference of each kernel's hidden states from XLA's on one packed row (or its error)."""
+def check_equals_xla(seq: int) -> dict:
+  """Largest difference of each packed kernel's hidden states from XLA's on one packed row (or its error)."""
   import jax.numpy as jnp
   import numpy as np
+
+  from jlora.train import segment_bound
 
   m = model("xla", 2)
   b = {k: jnp.asarray(v[:1]) for k, v in batch(1, seq, True).items()}
   hidden = lambda: np.asarray(m.hidden(b["tokens"], segment_ids=b["segment_ids"]), np.float32)
   reference, out = hidden(), {}
-  for impl in kernels:
-    m.attention = impl
+  bound = segment_bound(np.asarray(b["segment_ids"]))
+  for name, impl, max_segments in (("cudnn_ragged", "cudnn", bound), ("cudnn_dense", "cudnn", None),
+                                   ("tokamax", "tokamax", None)):
+    m.attention, m.max_segments = impl, max_segments
     try:
-      out[f"{impl}_packed_vs_xla_max_abs_diff"] = float(np.max(np.abs(hidden() - reference)))
+      out[f"{name}_packed_vs_xla_max_abs_diff"] = float(np.max(np.abs(hidden() - reference)))
     except Exception as e:  # a kernel that does not lower here
-      out[f"{impl}_packed_vs_xla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      out[f"{name}_packed_vs_xla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
   return out
 
 
@@ -93,14 +102,19 @@ def run(variant: str, args) -> dict:
 
   from jlora.train import make_optimizer, make_train_step, split_model
 
+  from jlora.train import segment_bound
+
   attention, packed, chunk = VARIANTS[variant]
   m = model(attention, args.layers)
+  rows = batch(args.batch, args.seq, packed)
+  if packed and variant != "packed-dense":  # no bound given: cuDNN takes the dense mask
+    m.max_segments = args.max_segments or segment_bound(rows["segment_ids"])
   parts = split_model(m)
   tx = make_optimizer(m, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0, end_lr_ratio=1.0,
                       weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
   step = make_train_step(parts.graphdef, tx, chunk)
   carry = [parts.params, tx.init(parts.params), parts.rng]
-  inputs = jax.tree.map(jnp.asarray, batch(args.batch, args.seq, packed))
+  inputs = jax.tree.map(jnp.asarray, rows)
 
   def once():
     carry[0], carry[1], carry[2], loss, _ = step(carry[0], carry[1], carry[2], parts.frozen, inputs)
@@ -116,7 +130,8 @@ def run(variant: str, args) -> dict:
     times.append(time.perf_counter() - start)
   step_s = sorted(times)[len(times) // 2]
   stats = jax.devices()[0].memory_stats() or {}
-  return dict(variant=variant, batch=args.batch, seq=args.seq, loss=loss, first_step_s=compile_s, step_s=step_s,
+  return dict(variant=variant, batch=args.batch, seq=args.seq, max_segments=m.max_segments if packed else None,
+              loss=loss, first_step_s=compile_s, step_s=step_s,
               tokens_per_s=args.batch * args.seq / step_s, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
 
 
@@ -126,20 +141,24 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--layers", type=int, default=22)
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--variant", choices=list(VARIANTS))
+  parser.add_argument("--variant", choices=list(VARIANTS) + ["check"],
+                      help="run one variant in this process (\"check\": the kernels against XLA)")
   parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
   parser.add_argument("--timeout", type=int, default=500)
+  parser.add_argument("--max-segments", type=int, default=0,
+                      help="packed: records per row cuDNN makes room for (0: from the rows, as jlora.train does)")
   args = parser.parse_args()
   import jax_compat
 
   jax_compat.patch_hijax()
   if args.variant:
-    print("RESULT " + json.dumps(run(args.variant, args)), flush=True)
+    result = check_equals_xla(args.seq) if args.variant == "check" else run(args.variant, args)
+    print("RESULT " + json.dumps(result), flush=True)
     return
-  print(json.dumps(check_equals_xla(args.seq)), flush=True)
-  for variant in args.variants.split(","):
+  # Every part in a process of its own: this one never takes GPU memory the next part needs.
+  for variant in ["check"] + args.variants.split(","):
     cmd = [sys.executable, __file__, "--variant", variant] + [
-        f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "layers", "steps")]
+        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("batch", "seq", "layers", "steps", "max_segments")]
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_doubles import packed_batch, records, single_batches, tiny_gpt2, tiny_llama, with_lora
-from jlora.models._attention import segment_offsets, segment_positions
-from jlora.train._data import pack
+from attention_doubles import (assert_matches_masked_attention, packed_batch, random_qkv, records, single_batches,
+                               tiny_gpt2, tiny_llama, with_lora)
+from jlora.models._attention import (cudnn_packed_layout, dense_segment_attention, segment_offsets,
+                                     segment_overflow, segment_positions)
+from jlora.train._data import pack, segment_bound
 from jlora.train._loss import shifted_targets
 from jlora.train._steps import batch_nll
 
@@ -43,6 +45,38 @@ def test_cudnn_segment_layout_covers_every_token_padding_included():
   offsets, lengths = segment_offsets(jnp.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]]))
   np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1, -1, -1], [0, -1, -1, -1, -1, -1, -1]])
   np.testing.assert_array_equal(lengths, [[2, 3, 1, -1, -1, -1], [6, -1, -1, -1, -1, -1]])
+
+
+def test_cudnn_segment_layout_has_room_for_max_segments_runs():
+  offsets, lengths = segment_offsets(jnp.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]]), max_segments=3)
+  np.testing.assert_array_equal(offsets, [[0, 2, 5, -1], [0, -1, -1, -1]])
+  np.testing.assert_array_equal(lengths, [[2, 3, 1], [6, -1, -1]])
+
+
+def test_a_row_with_more_runs_than_the_bound_is_an_overflow():
+  segments = jnp.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])  # 3 runs, then 1
+  assert bool(segment_overflow(segments, 2))
+  assert not bool(segment_overflow(segments, 3))
+
+
+@pytest.mark.parametrize("max_segments, layout", [(8, "ragged"), (16, "ragged"), (32, "dense"), (None, "dense")])
+def test_cudnn_takes_its_packed_layout_only_for_a_small_known_bound(max_segments, layout):
+  assert cudnn_packed_layout(max_segments) == layout
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_dense_segment_mask_attention_equals_masked_attention(window):
+  q, k, v = random_qkv(2, 12)
+  segments = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+  assert_matches_masked_attention(
+      lambda q, k, v: dense_segment_attention(q, k, v, segments, window, None, implementation="xla"),
+      q, k, v, segments, window)
+
+
+def test_segment_bound_counts_padding_as_a_run_and_rounds_up_to_a_power_of_two():
+  assert segment_bound(np.array([[1, 1, 1, 1]])) == 1
+  assert segment_bound(np.array([[1, 2, 0, 0], [1, 1, 1, 1]])) == 4  # 3 runs
+  assert segment_bound(np.array([[1, 2, 3, 4]])) == 4
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama-gqa", "gpt2"])
@@ -80,8 +114,10 @@ def test_segment_ids_with_a_cache_is_an_error():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's packed layout needs an NVIDIA GPU (Hopper+)")
-def test_cudnn_packed_attention_matches_xla_on_gpu():
+@pytest.mark.parametrize("max_segments", [4, None], ids=["ragged", "dense"])
+def test_cudnn_packed_attention_matches_xla_on_gpu(max_segments):
   model = tiny_llama(head_dim=64, dtype=jnp.bfloat16)
+  model.max_segments = max_segments
   batch = packed_batch((100, 60, 90), seq_len=256)
   outs = {}
   for impl in ("cudnn", "xla"):

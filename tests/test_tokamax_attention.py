@@ -89,6 +89,21 @@ def test_missing_tokamax_is_refused_with_the_install_command(monkeypatch):
     check_attention("tokamax_xla", for_backend=True)
 
 
+def test_kernels_under_a_jax_they_do_not_build_with_are_refused_with_the_fix(monkeypatch):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  monkeypatch.setattr(plgpu, "kernel", lambda body=None, *, out_type=None, **mesh: None)  # jax >= 0.11's form
+  with pytest.raises(ValueError, match="cannot run with jax.*attention='auto'"):
+    _tokamax.require("tokamax")
+
+
+def test_tokamax_xla_needs_no_kernels(monkeypatch):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  monkeypatch.setattr(plgpu, "kernel", lambda body=None, *, out_type=None, **mesh: None)
+  _tokamax.require("tokamax_xla")
+
+
 @pytest.mark.slow
 def test_kernel_path_lowers_to_mosaic_gpu_kernels_for_packed_rows(monkeypatch):
   from tokamax._src import config, gpu_utils

@@ -145,3 +145,14 @@ def test_adapter_that_matches_no_layer_is_refused_before_claiming_the_dir(tmp_pa
   with pytest.raises(ValueError, match="nope_proj"):
     run_tiny_job(tmp_path / "run", **{"adapter.target_modules": ["nope_proj"]})
   assert not (tmp_path / "run").exists()
+
+
+def test_the_model_makes_room_for_the_most_records_a_packed_row_holds(tmp_path):
+  from jlora.train import ByteTokenizer, segment_bound, train
+  from jlora.train._train import _prepare_data
+  from train_doubles import tiny_job
+
+  cfg = tiny_job(tmp_path / "run", **{"model.name": "tiny", "steps": 2, "eval_every": 2, "checkpoint.every": 2})
+  result = train(cfg, tokenizer=ByteTokenizer())
+  rows = _prepare_data(cfg, ByteTokenizer())
+  assert result.model.max_segments == max(segment_bound(r.segment_ids) for r in rows) >= 2

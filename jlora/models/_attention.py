@@ -11,7 +11,14 @@ Attention runs on one of these implementations, picked per call by
   (segment offsets and lengths), which jax 0.10 reaches only through
   ``jax._src.cudnn`` (``jax.nn.dot_product_attention`` takes no segment ids).
   That layout needs a Hopper or newer GPU; on older ones ``"auto"`` gives
-  packed rows XLA's attention with a ``[B, 1, T, T]`` mask;
+  packed rows XLA's attention with a ``[B, 1, T, T]`` mask. The layout sizes
+  its buffers by a static bound on the records per row
+  (``AttentionMask.max_segments``, a model's ``max_segments`` attribute, which
+  ``jlora.train`` sets from its rows): its backward holds about
+  ``10 · B · T · heads · head_dim`` bytes per record it makes room for. Up to
+  ``RAGGED_MAX_SEGMENTS`` records it is used (it skips the blocks that cross
+  records); with more, or no bound given, cuDNN takes a dense ``[B, 1, T, T]``
+  same-record mask as a bias (no bound, no skipping);
 - ``"splash"``: JAX's Pallas TPU splash attention (``jlora.models._splash``);
   ``"splash_interpret"`` runs the same kernel in Pallas interpret mode on any
   backend (slow; for tests).
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 ATTENTION = ("auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla")
+RAGGED_MAX_SEGMENTS = 16  # cuDNN's packed layout beyond this costs more memory than its skipping saves time
 _TARGET = contextvars.ContextVar("jlora_attention_target", default=None)
 
 
@@ -96,12 +104,18 @@ class AttentionMask:
       own segment only; padding is a segment of its own), or None.
     sliding_window: a query sees at most this many keys back (itself included).
     implementation: one of ``ATTENTION``.
+    max_segments: the most runs of equal ``segment_ids`` a row holds
+      (trailing padding counts as one), or None when unknown; picks cuDNN's
+      packed layout (see ``cudnn_packed_layout``), which is sized by it. A
+      row with more runs makes that path return NaN, never a silently wrong
+      mask. The other kernels need no bound.
   """
 
   dense: jax.Array | None = None
   segment_ids: jax.Array | None = None
   sliding_window: int | None = struct.field(pytree_node=False, default=None)
   implementation: str = struct.field(pytree_node=False, default="auto")
+  max_segments: int | None = struct.field(pytree_node=False, default=None)
 
 
 def attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: int,
@@ -135,7 +149,7 @@ def causal_mask(length: int, segment_ids: jax.Array | None, sliding_window: int 
 
 
 def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, sliding_window: int | None,
-               implementation: str, length: int) -> AttentionMask:
+               implementation: str, length: int, max_segments: int | None = None) -> AttentionMask:
   """The ``AttentionMask`` of one model call (see ``CausalLM.__call__`` for the arguments).
 
   A window at least as long as the call is dropped (it hides nothing).
@@ -146,7 +160,8 @@ def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, sl
   if sliding_window is not None and cache is None and sliding_window >= length:
     sliding_window = None
   if attention_mask_2d is None and cache is None:
-    return AttentionMask(segment_ids=segment_ids, sliding_window=sliding_window, implementation=implementation)
+    return AttentionMask(segment_ids=segment_ids, sliding_window=sliding_window, implementation=implementation,
+                         max_segments=max_segments)
   dense = attention_mask(key_valid, query_slots, key_valid.shape[1], sliding_window)
   if segment_ids is not None:
     dense &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
@@ -186,7 +201,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
   if impl == "cudnn":
     if mask.segment_ids is not None:
       try:
-        return _cudnn_packed(q, k, v, mask.segment_ids, mask.sliding_window, scale)
+        return _cudnn_packed(q, k, v, mask, scale)
       except (NotImplementedError, ImportError, TypeError):  # pre-Hopper GPU, or jax moved its private API:
         if mask.implementation != "auto":  # "auto" falls back to XLA's masked path
           raise
@@ -217,32 +232,72 @@ def resolve(implementation: str, q: jax.Array) -> str:
   return "xla"
 
 
-def segment_offsets(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(offsets [B, T + 1], lengths [B, T])`` of the runs of equal ids in each row, -1 past the last.
+def segment_offsets(segment_ids: jax.Array, max_segments: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(offsets [B, M + 1], lengths [B, M])`` of the runs of equal ids in each row, -1 past the last.
 
   The layout of cuDNN's packed attention (``jax._src.cudnn``'s
   ``q_offsets`` / ``q_seqlen``): run ``m`` of row ``b`` starts at
   ``offsets[b, m]`` and holds ``lengths[b, m]`` tokens. Trailing padding is
-  one more run, so every token belongs to one.
+  one more run, so every token belongs to one. ``M`` is ``max_segments``
+  (default ``T``, room for any row); runs past the ``M``-th are left out,
+  which ``segment_overflow`` detects.
   """
   b, t = segment_ids.shape
+  m = t if max_segments is None else min(max_segments, t)
   starts = _segment_starts(segment_ids)
   ends = jnp.concatenate([starts[:, 1:], jnp.ones((b, 1), bool)], axis=1)
-  first = jax.vmap(lambda s: jnp.nonzero(s, size=t, fill_value=-1)[0])(starts).astype(jnp.int32)
-  last = jax.vmap(lambda s: jnp.nonzero(s, size=t, fill_value=-2)[0])(ends).astype(jnp.int32)
+  first = jax.vmap(lambda s: jnp.nonzero(s, size=m, fill_value=-1)[0])(starts).astype(jnp.int32)
+  last = jax.vmap(lambda s: jnp.nonzero(s, size=m, fill_value=-2)[0])(ends).astype(jnp.int32)
   lengths = jnp.where(first >= 0, last - first + 1, -1)
   return jnp.concatenate([first, jnp.full((b, 1), -1, jnp.int32)], axis=1), lengths
 
 
-def _cudnn_packed(q, k, v, segment_ids, sliding_window, scale):
-  """cuDNN flash attention over packed rows (Hopper or newer; raises on older GPUs at trace time)."""
+def segment_overflow(segment_ids: jax.Array, max_segments: int) -> jax.Array:
+  """Scalar bool: some row of ``segment_ids [B, T]`` holds more than ``max_segments`` runs."""
+  return jnp.any(jnp.sum(_segment_starts(segment_ids), axis=1) > max_segments)
+
+
+def cudnn_packed_layout(max_segments: int | None) -> str:
+  """How cuDNN runs packed rows of at most ``max_segments`` records: ``"ragged"`` or ``"dense"``.
+
+  ``"ragged"``: cuDNN's packed layout, which skips the key blocks of other
+  records (faster than unpacked rows) but holds buffers per record slot;
+  ``"dense"``: causal flash attention with a ``[B, 1, T, T]`` same-record
+  bias, as memory-lean as unpacked rows and about 10% slower (NOTES.md).
+  """
+  return "ragged" if max_segments is not None and max_segments <= RAGGED_MAX_SEGMENTS else "dense"
+
+
+def _cudnn_packed(q, k, v, mask: AttentionMask, scale):
+  """cuDNN flash attention over packed rows, in the layout ``cudnn_packed_layout`` picks."""
+  if cudnn_packed_layout(mask.max_segments) == "ragged":
+    return _cudnn_ragged(q, k, v, mask.segment_ids, mask.sliding_window, scale, mask.max_segments)
+  return dense_segment_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale)
+
+
+def dense_segment_attention(q, k, v, segment_ids, sliding_window: int | None, scale,
+                            implementation: str = "cudnn") -> jax.Array:
+  """Causal attention within each record through a dense same-record mask (cuDNN takes it as a bias)."""
+  same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  window = None if sliding_window is None else (sliding_window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, scale=scale, local_window_size=window,
+                                      implementation=implementation)
+
+
+def _cudnn_ragged(q, k, v, segment_ids, sliding_window, scale, max_segments: int):
+  """cuDNN's packed layout (Hopper or newer; raises on older GPUs at trace time).
+
+  Rows with more than ``max_segments`` runs would lose their last records
+  from the layout, so the whole output is NaN then, and the loss says so.
+  """
   from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
-  offsets, lengths = segment_offsets(segment_ids)
+  offsets, lengths = segment_offsets(segment_ids, max_segments)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                               kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL,
-                               sliding_window_length=sliding_window)
+  out = dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                              kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL,
+                              sliding_window_length=sliding_window)
+  return jnp.where(segment_overflow(segment_ids, max_segments), jnp.nan, out).astype(out.dtype)
 
 
 ACTIVATIONS = {

@@ -166,7 +166,8 @@ def prepare(model: nnx.Module, input_ids, attention_mask, positions, cache, segm
   key_valid, query_slots, new_valid = _cache.step_inputs(cache, mask_2d, t)
   index = jnp.zeros((), jnp.int32) if cache is None else cache.index
   mask = build_mask(attention_mask, cache, key_valid, query_slots, segment_ids,
-                    getattr(model.config, "sliding_window", None), model.attention, t)
+                    getattr(model.config, "sliding_window", None), model.attention, t,
+                    getattr(model, "max_segments", None))
   return positions, mask, new_valid, index
 
 
@@ -182,7 +183,13 @@ class LanguageModel(nnx.Module):
   ``model(ids, ...)`` is ``head(hidden(ids, ...))``, and with ``cache=`` it
   returns ``(logits, new_cache)``. ``_hidden(input_ids, attention_mask,
   positions, cache, segment_ids)`` returns ``(h [B, T, hidden], new_cache)``.
+
+  ``max_segments`` (an attribute; ``jlora.train`` sets it from its packed
+  rows) is the most records a packed row holds, None when unknown; it picks
+  how cuDNN runs packed rows (``jlora.models._attention.cudnn_packed_layout``).
   """
+
+  max_segments: int | None = None
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
                segment_ids=None):

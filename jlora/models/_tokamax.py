@@ -22,12 +22,16 @@ causal row.
 tokamax is an optional dependency (``pip install 'jlora[tokamax]'``),
 imported only when one of these backends is chosen. Its packed-row mask type
 lives in ``tokamax._src`` (the public ``tokamax.dot_product_attention`` takes
-only dense masks), so the extra pins tokamax below 0.1.
+only dense masks), so the extra pins tokamax below 0.1. tokamax 0.0.12, the
+newest release, builds its kernels with a Pallas argument jax 0.11 removed:
+under jax >= 0.11 ``attention="tokamax"`` is refused up front
+(``kernels_build_here``); ``"tokamax_xla"`` is unaffected.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
@@ -61,11 +65,31 @@ def _modules():
   return base
 
 
+def kernels_build_here() -> bool:
+  """Whether tokamax's Mosaic GPU kernels can be built with this jax.
+
+  tokamax (up to 0.0.12) calls ``jax.experimental.pallas.mosaic_gpu.kernel``
+  with ``out_shape=``, which jax 0.11 renamed ``out_type``; with such a jax
+  every kernel call fails deep inside Pallas with a TypeError.
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  return "out_shape" in inspect.signature(plgpu.kernel).parameters
+
+
 def require(name: str = "tokamax") -> None:
-  """Raise one clear error if tokamax is not installed (``name``: the attention asked for)."""
+  """Raise one clear error if tokamax cannot run here (``name``: the attention asked for).
+
+  Refused: tokamax not installed, or (for the ``"tokamax"`` kernels) a jax
+  its kernels do not build with.
+  """
   if not available():
     raise ValueError(f"attention={name!r} needs the tokamax package, which is not installed; run {INSTALL} "
                      "or use attention='auto'.")
+  if name == "tokamax" and not kernels_build_here():
+    raise ValueError(f"attention='tokamax' cannot run with jax {jax.__version__}: tokamax's Mosaic GPU kernels "
+                     "pass `out_shape=` to Pallas, which this jax no longer takes. Use attention='auto' (cuDNN "
+                     "flash attention), or jax<0.11 for tokamax's kernels.")
 
 
 @functools.cache

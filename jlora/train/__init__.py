@@ -12,7 +12,8 @@ from jlora.train._config import (
     TrainConfig,
     load_config,
 )
-from jlora.train._data import BatchStream, DataError, Rows, encode_record, load_rows, pack, read_records
+from jlora.train._data import (BatchStream, DataError, Rows, encode_record, load_rows, pack, read_records,
+                              segment_bound)
 from jlora.train._distributed import LaunchError, initialize_distributed
 from jlora.train._memory import Arch, MemoryPlan, MemoryPlanError, device_capacity, plan_defaults, plan_job, plan_memory
 from jlora.train._model import presets, register_preset

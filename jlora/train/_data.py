@@ -224,6 +224,19 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
   return Rows(tokens, loss_mask, attention, segments)
 
 
+def segment_bound(segment_ids: np.ndarray) -> int:
+  """Records per row to make room for: the most runs of equal ids in a row of ``segment_ids [N, T]``.
+
+  Trailing padding counts as a run. Rounded up to a power of two, so data of
+  a similar shape compiles the same step. A model's ``max_segments`` takes
+  it: cuDNN's packed attention sizes its buffers by it (``AttentionMask``).
+  """
+  if segment_ids.size == 0:
+    return 1
+  runs = 1 + np.count_nonzero(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1)
+  return 1 << int(runs.max() - 1).bit_length()
+
+
 def load_rows(path: str | Path, tokenizer, seq_len: int, fmt: str = "auto", text_field: str = "text",
               packing: bool = True) -> Rows:
   """Read, validate and pack one data source (every record checked before any compute)."""

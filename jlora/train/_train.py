@@ -161,6 +161,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   if vocab is not None:
     _data.check_vocab(train_rows, vocab, cfg.data.path or "the demo corpus")
     _data.check_vocab(eval_rows, vocab, cfg.data.eval_path or cfg.data.path or "the demo corpus")
+  if hasattr(model, "max_segments"):  # cuDNN's packed attention makes room for this many records per row
+    model.max_segments = max(_data.segment_bound(r.segment_ids) for r in (train_rows, eval_rows))
   local = _sharding.process_rows(mesh, cfg.batch_size)  # this process's rows of every global batch
   stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed, local=local)
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
