@@ -15,7 +15,8 @@ import pytest
 from mesh_doubles import (MEMORY_CASES, MODEL, RANK, ROWS, SEQ, TARGETS, UNROLLS, compiled_memory,
                           compiled_unrolled_memory)
 from jlora.train import MemoryPlanError, TrainConfig, train
-from jlora.train._memory import GiB, Arch, check_fits, device_capacity, plan_defaults, plan_memory, suggestions
+from jlora.train._memory import (GiB, Arch, check_fits, cudnn_packed_slots, device_capacity, plan_defaults,
+                                 plan_memory, suggestions)
 
 TEST_ARCH = Arch(**{k: MODEL[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "head_dim")})
@@ -69,6 +70,21 @@ GPU_PEAKS_GIB = [(TINYLLAMA, 8, 2048, 1, 16.6), (TINYLLAMA, 8, 2048, 22, 26.2),
 def test_the_plan_is_above_the_measured_gpu_peak_rolled_and_unrolled(arch, rows, seq, unroll, peak):
   plan = plan_memory(arch, rows_per_device=rows, seq_len=seq, fused_attention=True, scan_unroll=unroll)
   assert plan.total >= peak * GiB
+
+
+def test_record_slots_of_packed_rows_raise_the_plan_above_the_measured_gpu_peak():
+  # H100, TinyLlama 8x2048 with 8 record slots per row (bench/RESULTS.md, third round): 18.0 GiB.
+  unpacked = plan_memory(TINYLLAMA, rows_per_device=8, seq_len=2048, fused_attention=True)
+  packed = plan_memory(TINYLLAMA, rows_per_device=8, seq_len=2048, fused_attention=True, packed_segments=8)
+  assert packed.total > unpacked.total and packed.total >= 18.0 * GiB
+
+
+@pytest.mark.parametrize("backend, attention, max_segments, slots", [
+    ("gpu", "auto", 8, 8), ("gpu", "cudnn", 16, 16), ("gpu", "auto", 32, 0), ("gpu", "auto", None, 0),
+    ("gpu", "xla", 8, 0), ("tpu", "auto", 8, 0)])
+def test_only_cudnn_packed_layout_jobs_plan_record_slots(backend, attention, max_segments, slots):
+  model = types.SimpleNamespace(attention=attention, max_segments=max_segments)
+  assert cudnn_packed_slots(model, backend) == slots
 
 
 def test_the_plan_grows_with_scan_unroll():

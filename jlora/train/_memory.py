@@ -33,6 +33,7 @@ import math
 from typing import Iterable
 
 from jlora.models import REMAT_POLICIES
+from jlora.models._attention import cudnn_packed_layout
 from jlora.models._remat import check_remat
 
 GiB = 2**30
@@ -146,6 +147,7 @@ cheap elementwise producers: one H100's peaks (bf16, ``"matmuls"``) rise
 ``"matmuls"`` kept activations. With 0.5 the plan says 30.2 and 37.4 GiB
 (rolled: 19.7 and 27.3). See bench/NOTES.md, entry 16.
 """
+PACKED_SLOT_BYTES = 10  # cuDNN's packed-layout backward, per record slot and [rows, T, heads, head_dim] element
 
 
 def loop_remains(layers: int, unroll: int) -> bool:
@@ -194,14 +196,17 @@ def plan_memory(arch: Arch, *, mesh: tuple[int, int, int] = (1, 1, 1), remat: st
                 rows_per_device: int = 8, seq_len: int = 2048, base_bytes_per_param: float = 2.0,
                 activation_bytes: int = 2, adapter_bytes: int = 4, r: int = 16,
                 targets: Iterable[str] = PROJECTIONS, capacity: int | None = None,
-                fused_attention: bool = False, scan_unroll: int = 1) -> MemoryPlan:
+                fused_attention: bool = False, scan_unroll: int = 1, packed_segments: int = 0) -> MemoryPlan:
   """Per-device bytes of a LoRA train step of ``arch`` under ``mesh = (data, fsdp, tensor)``.
 
   ``activation_bytes`` is the compute dtype's size, ``adapter_bytes`` the
   adapter's; ``fused_attention``: attention runs as a fused kernel (cuDNN /
   splash) that never materialises ``[rows, heads, T, T]`` scores;
   ``scan_unroll`` the model's layers per loop step (``unrolled_kept``; 1
-  gives the rolled loop's figure).
+  gives the rolled loop's figure); ``packed_segments`` the record slots per
+  row of cuDNN's packed layout (0: not used), whose backward holds about
+  ``PACKED_SLOT_BYTES`` per slot and query element (H100: +1.4 GiB at 8
+  slots, +8.6 GiB at 32, TinyLlama 8x2048).
   """
   check_remat(remat)
   _, fsdp, tensor = mesh
@@ -217,6 +222,8 @@ def plan_memory(arch: Arch, *, mesh: tuple[int, int, int] = (1, 1, 1), remat: st
     layer = sum(i * o for i, o in arch.projections().values())
     working += 2 * layer * base_bytes_per_param / tensor + head
   working += rows_per_device * seq_len * (arch.vocab_size // tensor) * (2 * activation_bytes + 4)  # logits
+  working += (packed_segments * PACKED_SLOT_BYTES * rows_per_device * seq_len
+              * arch.num_attention_heads * arch.head_dim // tensor)
   return MemoryPlan(params=int(arch.base_params() * base_bytes_per_param / split),
                     adapter=int(3 * adapter * adapter_bytes),  # old, new, gradient
                     optimizer=int(2 * 2 * adapter * 4),  # two float32 moments, old and new
@@ -388,12 +395,21 @@ def auto_mesh(sizes: dict, *, devices: int, batch_size: int, seq_len: int, data:
   return plan.mesh, plan.remat, said
 
 
-def _plan_kwargs(sizes: dict, seq_len: int, r: int, targets, backend: str, scan_unroll: int = 1) -> dict:
+def _plan_kwargs(sizes: dict, seq_len: int, r: int, targets, backend: str, scan_unroll: int = 1,
+                 packed_segments: int = 0) -> dict:
   act = sizes["activation_bytes"]
   return dict(seq_len=seq_len, scan_unroll=scan_unroll, base_bytes_per_param=sizes["base_bytes_per_param"], activation_bytes=act,
               adapter_bytes=sizes["adapter_bytes"], r=r,
               targets=PROJECTIONS if isinstance(targets, str) else tuple(targets),
-              fused_attention=backend in ("gpu", "tpu") and act == 2)
+              fused_attention=backend in ("gpu", "tpu") and act == 2, packed_segments=packed_segments)
+
+
+def cudnn_packed_slots(model, backend: str) -> int:
+  """Record slots per row cuDNN's packed layout will hold for ``model``'s packed rows (0: not used)."""
+  slots = getattr(model, "max_segments", None)
+  if backend != "gpu" or getattr(model, "attention", None) not in ("auto", "cudnn"):
+    return 0
+  return slots if cudnn_packed_layout(slots) == "ragged" else 0
 
 
 def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[int, int, int], remat: str,
@@ -413,7 +429,7 @@ def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[
   arch = sizes["arch"]
   data, fsdp, tensor = mesh
   check_tensor_split(arch, tensor)
-  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend, scan_unroll)
+  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend, scan_unroll, cudnn_packed_slots(model, backend))
   plan = plan_memory(arch, mesh=mesh, remat=remat, rows_per_device=batch_size // (data * fsdp),
                      capacity=_capacity(capacity_gib, backend), **kwargs)
   check_fits(plan, suggestions(plan, arch, devices, batch_size, **kwargs))
