@@ -15,8 +15,8 @@ import pytest
 from mesh_doubles import (MEMORY_CASES, MODEL, RANK, ROWS, SEQ, TARGETS, UNROLLS, compiled_memory,
                           compiled_unrolled_memory)
 from jlora.train import MemoryPlanError, TrainConfig, train
-from jlora.train._memory import (GiB, Arch, check_fits, cudnn_packed_slots, device_capacity, plan_defaults,
-                                 plan_memory, suggestions)
+from jlora.train._memory import GiB, Arch, plan_memory
+from jlora.train._memory_fit import check_fits, cudnn_packed_slots, device_capacity, plan_defaults, suggestions
 
 TEST_ARCH = Arch(**{k: MODEL[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "head_dim")})

@@ -10,7 +10,8 @@ import pytest
 
 from mesh_doubles import compiled_memory, on_8_devices
 from jlora.train import MeshError
-from jlora.train._memory import Arch, check_tensor_split
+from jlora.train._memory import Arch
+from jlora.train._memory_fit import check_tensor_split
 
 MESHES = [(1, 1, 2), (1, 1, 4), (1, 2, 2)]
 

@@ -23,28 +23,19 @@ and ``jlora.train._sharding``):
   the forward pass, so part of what the remat policy drops stays alive.
 
 It is an estimate: the tests hold it within a stated factor of XLA's
-compiled ``memory_analysis()`` on CPU.
+compiled ``memory_analysis()`` on CPU. What fits a given device, and the
+plan of a ``jlora.train`` job, are in ``jlora.train._memory_fit``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterable
 
-from jlora.models import REMAT_POLICIES
-from jlora.models._attention import cudnn_packed_layout
 from jlora.models._remat import check_remat
 
 GiB = 2**30
 
-# HBM per chip, matched against ``jax.Device.device_kind`` (lower case, first match wins).
-DEVICE_MEMORY: tuple[tuple[str, float], ...] = (
-    ("h200", 141e9), ("h100", 80e9), ("a100-sxm4-40gb", 40e9), ("a100 40gb", 40e9), ("a100", 80e9),
-    ("l4", 24e9), ("tesla t4", 16e9), ("t4", 16e9), ("tpu v4", 32 * GiB), ("tpu v5 lite", 16 * GiB),
-    ("tpu v5e", 16 * GiB), ("tpu v5p", 95 * GiB), ("tpu v5", 95 * GiB), ("tpu v6 lite", 32 * GiB),
-    ("tpu v6e", 32 * GiB),
-)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -93,7 +84,8 @@ class Arch:
     return self.num_hidden_layers * layer + outer
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
+  """``n`` bytes as GiB (MiB below 0.1 GiB), for the printed plan and its errors."""
   return f"{n / GiB:.1f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.1f} MiB"
 
 
@@ -124,13 +116,13 @@ class MemoryPlan:
   def describe(self) -> str:
     """One line per figure, e.g. for ``jlora train`` before it compiles."""
     d, f, t = self.mesh
-    cap = "unknown device memory" if self.capacity is None else _size(self.capacity)
+    cap = "unknown device memory" if self.capacity is None else human_size(self.capacity)
     lines = [f"memory plan per device (mesh data={d} fsdp={f} tensor={t}, remat={self.remat}, "
              f"scan_unroll={self.scan_unroll}, {self.rows} rows per device):",
-             f"  frozen params  {_size(self.params)}", f"  adapter        {_size(self.adapter)}",
-             f"  optimizer      {_size(self.optimizer)}",
-             f"  activations    {_size(self.activations + self.working)}",
-             f"  total          {_size(self.total)} of {cap}"]
+             f"  frozen params  {human_size(self.params)}", f"  adapter        {human_size(self.adapter)}",
+             f"  optimizer      {human_size(self.optimizer)}",
+             f"  activations    {human_size(self.activations + self.working)}",
+             f"  total          {human_size(self.total)} of {cap}"]
     return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -229,208 +221,3 @@ def plan_memory(arch: Arch, *, mesh: tuple[int, int, int] = (1, 1, 1), remat: st
                     optimizer=int(2 * 2 * adapter * 4),  # two float32 moments, old and new
                     activations=int(kept), working=int(working), capacity=capacity, mesh=tuple(mesh),
                     remat=remat, rows=rows_per_device, notes=tuple(notes), scan_unroll=scan_unroll)
-
-
-def device_capacity(device=None) -> int | None:
-  """Bytes of memory of ``device`` (default: the first): ``memory_stats()['bytes_limit']`` where jax
-  exposes it, else the known HBM of its kind (``DEVICE_MEMORY``), else None (e.g. CPU)."""
-  import jax
-  device = device or jax.devices()[0]
-  try:
-    stats = device.memory_stats() or {}
-  except Exception:  # backends without memory stats raise
-    stats = {}
-  if stats.get("bytes_limit"):
-    return int(stats["bytes_limit"])
-  kind = str(getattr(device, "device_kind", "")).lower()
-  for name, size in DEVICE_MEMORY:
-    if name in kind:
-      return int(size)
-  return None
-
-
-def _divisors(n: int) -> list[int]:
-  return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def suggestions(plan: MemoryPlan, arch: Arch, devices: int, batch_size: int, **kwargs) -> list[str]:
-  """Concrete changes (model.scan_unroll, mesh.fsdp, model.remat, batch) under which the plan fits, best first."""
-  d, f, t = plan.mesh
-  out = []
-  if plan.scan_unroll > 1 and plan_memory(arch, mesh=plan.mesh, remat=plan.remat, rows_per_device=plan.rows,
-                                          capacity=plan.capacity, **dict(kwargs, scan_unroll=1)).fits:
-    out.append("model.scan_unroll=1")
-  for fsdp in _divisors(devices // t):
-    if fsdp <= f or batch_size % (devices // t):
-      continue
-    p = plan_memory(arch, mesh=(devices // (t * fsdp), fsdp, t), remat=plan.remat,
-                    rows_per_device=batch_size // (devices // t), capacity=plan.capacity, **kwargs)
-    if p.fits:
-      out.append(f"mesh.fsdp={fsdp}")
-      break
-  for remat in ("matmuls", "full"):
-    if REMAT_POLICIES.index(remat) > REMAT_POLICIES.index(plan.remat):
-      if plan_memory(arch, mesh=plan.mesh, remat=remat, rows_per_device=plan.rows, capacity=plan.capacity,
-                     **kwargs).fits:
-        out.append(f"model.remat={remat}")
-        break
-  rows = plan.rows
-  while rows > 1 and not out:
-    rows //= 2
-    if plan_memory(arch, mesh=plan.mesh, remat=plan.remat, rows_per_device=rows, capacity=plan.capacity,
-                   **kwargs).fits:
-      k = plan.rows // rows
-      out.append(f"batch_size={batch_size // k} with optim.grad_accum={k} (same tokens per step)")
-  return out
-
-
-def plan_defaults(arch: Arch, *, devices: int, capacity: int | None, tensor: int = 1,
-                  batch_size: int | None = None, max_rows_per_device: int = 64,
-                  **kwargs) -> tuple[MemoryPlan, str]:
-  """Defaults that fit: the smallest ``fsdp``, then the lighter remat, then (if ``batch_size`` is None)
-  the most rows per device (a power of two up to ``max_rows_per_device``).
-
-  With ``batch_size`` given, rows per device are ``batch_size / (data * fsdp)``.
-  Returns the plan and a sentence saying what was picked; when nothing
-  fits, the leanest plan (it does not ``fit``) and a sentence saying so.
-  """
-  data_fsdp = devices // tensor
-  leanest = None
-  rows_options = _rows(max_rows_per_device) if batch_size is None else [None]
-  for rows_wanted in rows_options:
-    for fsdp in _divisors(data_fsdp):
-      if batch_size is not None and batch_size % data_fsdp:
-        break
-      rows = rows_wanted or batch_size // data_fsdp
-      for remat in ("matmuls", "full"):
-        plan = plan_memory(arch, mesh=(data_fsdp // fsdp, fsdp, tensor), remat=remat, rows_per_device=rows,
-                           capacity=capacity, **kwargs)
-        if leanest is None or plan.total < leanest.total:
-          leanest = plan
-        if plan.fits:
-          return plan, (f"picked mesh.fsdp={fsdp}, model.remat={remat}, {rows} rows per device: "
-                        f"{_size(plan.total)} per device" + ("" if capacity is None else f" of {_size(capacity)}"))
-  return leanest, "nothing fits even at the largest fsdp with remat=full; the leanest plan is shown"
-
-
-def _rows(rows: int) -> list[int]:
-  out = [max(rows, 1)]
-  while out[-1] > 1:
-    out.append(out[-1] // 2)
-  return out
-
-
-def check_fits(plan: MemoryPlan, hints: list[str]) -> None:
-  """Raise ``MemoryPlanError`` with the fix when ``plan`` does not fit its device."""
-  if plan.fits:
-    return
-  fix = f"set {' or '.join(hints)}" if hints else "use more devices (mesh.fsdp) or a smaller model"
-  raise MemoryPlanError(f"the job needs {_size(plan.total)} per device, the device has "
-                        f"{_size(plan.capacity)}: {fix}.\n{plan.describe()}")
-
-
-class MemoryPlanError(ValueError):
-  """The job's memory plan does not fit the device; the message names the fix."""
-
-
-def check_tensor_split(arch: Arch, tensor: int) -> None:
-  """Tensor parallelism splits heads, kv heads and the MLP: each must divide by ``mesh.tensor``."""
-  from jlora.train._sharding import MeshError
-
-  if tensor == 1:
-    return
-  for name, size in (("num_attention_heads", arch.num_attention_heads),
-                     ("num_key_value_heads", arch.num_key_value_heads),
-                     ("intermediate_size", arch.intermediate_size)):
-    if size % tensor:
-      fits = [t for t in _divisors(math.gcd(arch.num_key_value_heads, arch.num_attention_heads,
-                                            arch.intermediate_size)) if t > 1]
-      raise MeshError(f"mesh.tensor={tensor} does not divide the model's {name}={size}; tensor parallelism "
-                      f"splits it across devices. Use mesh.tensor in {fits or [1]} (or mesh.fsdp instead).")
-
-
-def model_sizes(model) -> dict | None:
-  """``Arch`` and byte sizes of a built model (with its adapter), or None without a Llama-style config."""
-  import jax
-  import numpy as np
-  from flax import nnx
-  from jlora.nn import LoraParam
-
-  arch = Arch.of(getattr(model, "config", None))
-  if arch is None:
-    return None
-  frozen = [x for x in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoraParam))))
-            if np.ndim(x) >= 2]
-  lora = jax.tree.leaves(nnx.state(model, LoraParam))
-  act = np.dtype(getattr(model, "dtype", None) or np.float32).itemsize
-  return dict(arch=arch, base_bytes_per_param=sum(x.size * x.dtype.itemsize for x in frozen) /
-              max(sum(x.size for x in frozen), 1), activation_bytes=act,
-              adapter_bytes=lora[0].dtype.itemsize if lora else 4)
-
-
-def checkpoint_sizes(config_json: str, dtype_bytes: int) -> dict | None:
-  """``Arch`` and byte sizes from a Hugging Face ``config.json`` (before loading any weight)."""
-  import json
-  import types
-
-  arch = Arch.of(types.SimpleNamespace(**json.loads(open(config_json).read())))
-  return None if arch is None else dict(arch=arch, base_bytes_per_param=dtype_bytes,
-                                        activation_bytes=dtype_bytes, adapter_bytes=4)
-
-
-def _capacity(capacity_gib: float, backend: str) -> int | None:
-  return int(capacity_gib * GiB) if capacity_gib > 0 else (device_capacity() if backend != "cpu" else None)
-
-
-def auto_mesh(sizes: dict, *, devices: int, batch_size: int, seq_len: int, data: int, tensor: int,
-              r: int, targets, capacity_gib: float = 0.0, backend: str = "cpu",
-              scan_unroll: int = 1) -> tuple[tuple, str, str]:
-  """``mesh.fsdp=-1``: ``((data, fsdp, tensor), remat, sentence)`` of the leanest fit (see ``plan_defaults``)."""
-  if data != -1:  # the user fixed data: fsdp takes the rest
-    fsdp = devices // (data * tensor)
-    return (data, fsdp, tensor), "", ""
-  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend, scan_unroll)
-  plan, said = plan_defaults(sizes["arch"], devices=devices, capacity=_capacity(capacity_gib, backend),
-                             tensor=tensor, batch_size=batch_size, **kwargs)
-  return plan.mesh, plan.remat, said
-
-
-def _plan_kwargs(sizes: dict, seq_len: int, r: int, targets, backend: str, scan_unroll: int = 1,
-                 packed_segments: int = 0) -> dict:
-  act = sizes["activation_bytes"]
-  return dict(seq_len=seq_len, scan_unroll=scan_unroll, base_bytes_per_param=sizes["base_bytes_per_param"], activation_bytes=act,
-              adapter_bytes=sizes["adapter_bytes"], r=r,
-              targets=PROJECTIONS if isinstance(targets, str) else tuple(targets),
-              fused_attention=backend in ("gpu", "tpu") and act == 2, packed_segments=packed_segments)
-
-
-def cudnn_packed_slots(model, backend: str) -> int:
-  """Record slots per row cuDNN's packed layout will hold for ``model``'s packed rows (0: not used)."""
-  slots = getattr(model, "max_segments", None)
-  if backend != "gpu" or getattr(model, "attention", None) not in ("auto", "cudnn"):
-    return 0
-  return slots if cudnn_packed_layout(slots) == "ragged" else 0
-
-
-def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[int, int, int], remat: str,
-             r: int, targets, capacity_gib: float = 0.0, backend: str = "cpu",
-             scan_unroll: int = 1) -> MemoryPlan | None:
-  """The plan of a ``jlora.train`` job on ``mesh = (data, fsdp, tensor)``, checked before any compile.
-
-  ``scan_unroll`` is the model's layers per loop step (``model.scan_unroll``).
-
-  None for a model without a Llama-style config. Raises ``MeshError`` for a
-  tensor split the model cannot take and ``MemoryPlanError`` (with the fix)
-  when it does not fit the device.
-  """
-  sizes = model_sizes(model)
-  if sizes is None:
-    return None
-  arch = sizes["arch"]
-  data, fsdp, tensor = mesh
-  check_tensor_split(arch, tensor)
-  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend, scan_unroll, cudnn_packed_slots(model, backend))
-  plan = plan_memory(arch, mesh=mesh, remat=remat, rows_per_device=batch_size // (data * fsdp),
-                     capacity=_capacity(capacity_gib, backend), **kwargs)
-  check_fits(plan, suggestions(plan, arch, devices, batch_size, **kwargs))
-  return plan

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jlora.models import check_attention
 from jlora.nn import disable_adapters, set_lora_matmul
-from jlora.train import _data, _distributed, _memory, _sharding, _steps
+from jlora.train import _data, _distributed, _memory_fit, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
 from jlora.train._model import add_adapter, load_model, max_length, set_attention, tokenizer_for, vocab_size
@@ -269,15 +269,15 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
   model_dir = None
   path = Path(cfg.model.name).expanduser()
   if model is None and (path / "config.json").is_file():
-    sizes = _memory.checkpoint_sizes(str(path / "config.json"), _DTYPE_BYTES[cfg.model.dtype])
+    sizes = _memory_fit.checkpoint_sizes(str(path / "config.json"), _DTYPE_BYTES[cfg.model.dtype])
   else:
     if model is None:
       model, model_dir = load_model(cfg.model)
-    sizes = _memory.model_sizes(model)
+    sizes = _memory_fit.model_sizes(model)
   m, remat, said = cfg.mesh, "", ""
   shape = (m.data, 1, m.tensor)
   if sizes is not None:
-    shape, remat, said = _memory.auto_mesh(
+    shape, remat, said = _memory_fit.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
         tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
         capacity_gib=m.device_memory_gib, backend=jax.default_backend(), scan_unroll=cfg.model.scan_unroll)
@@ -286,7 +286,7 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
 
 def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
   """Print the per-device memory plan (and what ``mesh.fsdp=-1`` picked); refuse what won't fit."""
-  plan = _memory.plan_job(
+  plan = _memory_fit.plan_job(
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
       remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
       capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend(),
