@@ -537,8 +537,9 @@ SUITES = {
                           + [dict(framework="peft-compile", batch=n) for n in b],
     "headline3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **AUTO),
                              dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
-    "unroll3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, scan_unroll=28,
-                                timeout=UNROLL_TIMEOUT, **AUTO)],
+    # Llama-3.2-3B at 1, 2 and 4 layers per loop step, and fully unrolled (28).
+    "unroll3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, scan_unroll=u,
+                                timeout=UNROLL_TIMEOUT, **AUTO) for u in (1, 2, 4, 28)],
     "unroll": lambda b: [dict(framework="jlora", batch=n, scan_unroll=u, timeout=UNROLL_TIMEOUT, **AUTO) for n in b
                          for u in (1, 2, FULL_UNROLL)],
     # Adapter kinds, remat policies and adapter dtype beside plain LoRA, all on the headline's "auto" matmul.
