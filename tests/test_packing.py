@@ -5,6 +5,8 @@ sequence, so a packed row's loss is the sum of its records' losses computed
 one at a time.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,8 @@ import pytest
 
 from attention_doubles import (assert_matches_masked_attention, packed_batch, random_qkv, records, single_batches,
                                tiny_gpt2, tiny_llama, with_lora)
-from jlora.models._attention import (cudnn_packed_layout, dense_segment_attention, segment_offsets,
-                                     segment_overflow, segment_positions)
+from jlora.models._attention import (AttentionMask, attend, cudnn_packed_layout, dense_segment_attention,
+                                     segment_offsets, segment_overflow, segment_positions, target_backend)
 from jlora.train._data import pack, segment_bound
 from jlora.train._loss import shifted_targets
 from jlora.train._steps import batch_nll
@@ -71,6 +73,41 @@ def test_dense_segment_mask_attention_equals_masked_attention(window):
   assert_matches_masked_attention(
       lambda q, k, v: dense_segment_attention(q, k, v, segments, window, None, implementation="xla"),
       q, k, v, segments, window)
+
+
+@pytest.fixture
+def hopper_cudnn(monkeypatch):
+  """Let jax trace cuDNN attention on this CPU as if for an H100 with cuDNN 9.10."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+
+
+def cudnn_training_statistics(max_segments) -> set[str]:
+  """Shapes of the float32 softmax statistics cuDNN's forward hands its backward, from the CUDA lowering."""
+  q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+  segments = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+  def loss(q, k, v, segments):
+    mask = AttentionMask(segment_ids=segments, implementation="cudnn", max_segments=max_segments)
+    return attend(q, k, v, mask).astype(jnp.float32).sum()
+
+  with target_backend("gpu"):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, segments).lower(
+        lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "custom_call" in line and "cudnn" in line]
+  return {shape for line in calls for shape in re.findall(r"tensor<(\d+x\d+x\d+)xf32>", line)}
+
+
+def test_cudnn_packed_layout_is_sized_by_the_record_bound_not_the_row_length(hopper_cudnn):
+  assert cudnn_training_statistics(max_segments=4) == {"8x4x256"}  # [B * 4 records, heads, T]
+
+
+def test_cudnn_without_a_record_bound_keeps_unpacked_statistics(hopper_cudnn):
+  assert cudnn_training_statistics(max_segments=None) == {"2x4x256"}  # [B, heads, T]: the dense mask
 
 
 def test_segment_bound_counts_padding_as_a_run_and_rounds_up_to_a_power_of_two():
