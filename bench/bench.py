@@ -535,8 +535,10 @@ SUITES = {
                           + [dict(framework="jlora", batch=n, scan_unroll=FULL_UNROLL, timeout=UNROLL_TIMEOUT, **AUTO)
                              for n in b]
                           + [dict(framework="peft-compile", batch=n) for n in b],
-    "headline3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **AUTO),
-                             dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
+    # The same at the Llama-3.2-3B shape: auto rolled and fully unrolled, PEFT+compile.
+    "headline3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, scan_unroll=u,
+                                  timeout=UNROLL_TIMEOUT, **AUTO) for u in (1, 28)]
+                            + [dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
     # Llama-3.2-3B at 1, 2 and 4 layers per loop step, and fully unrolled (28).
     "unroll3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, scan_unroll=u,
                                 timeout=UNROLL_TIMEOUT, **AUTO) for u in (1, 2, 4, 28)],

@@ -100,9 +100,7 @@ def run(variant: str, args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from jlora.train import make_optimizer, make_train_step, split_model
-
-  from jlora.train import segment_bound
+  from jlora.train import make_optimizer, make_train_step, segment_bound, split_model
 
   attention, packed, chunk = VARIANTS[variant]
   m = model(attention, args.layers)
