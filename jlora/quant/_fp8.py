@@ -70,9 +70,14 @@ def to_fp8(x, fp8_dtype, fp8_max):
   return (x.astype(jnp.float32) / scale).astype(fp8_dtype), scale
 
 
+def _cat(parts, axis=-1):
+  """``parts`` concatenated along ``axis`` (a single part as is)."""
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
 def _codes(kernels):
-  codes = [q for q, _ in kernels]
-  return codes[0] if len(codes) == 1 else jnp.concatenate(codes, axis=-1)
+  """The e4m3 codes of every kernel side by side, ``[in, sum(out_i)]``."""
+  return _cat([q for q, _ in kernels])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -99,7 +104,7 @@ def _forward(x, kernels, dtype, backward):
 def _backward(dtype, backward, kernels, gs):
   """``dx = sum_i (dy_i * s_i) @ q_iᵀ`` as one GEMM; the frozen kernels get no gradient."""
   scaled = [g.astype(jnp.float32) * scale[0] for g, (_, scale) in zip(gs, kernels)]
-  g = scaled[0] if len(scaled) == 1 else jnp.concatenate(scaled, axis=-1)
+  g = _cat(scaled)
   codes = _codes(kernels)
   if backward == "upcast":
     dx = dot(g.astype(dtype), codes.astype(dtype), 1, dtype)
@@ -120,10 +125,6 @@ def _low_rank(h, b_parts, dtype):
     outs.append(dot(h[..., start:start + rank], b.astype(dtype), 0, dtype) if rank else None)
     start += rank
   return outs
-
-
-def _cat(parts, axis=-1):
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
