@@ -28,6 +28,7 @@ from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, writing
 from jlora.io._peft_config import CONFIG_NAME, to_peft_dict
 from jlora.io._peft_load import WEIGHTS_NAME, read_adapter
+from jlora.models import family_of
 from jlora.nn import LoraAdapter, LoraConfig, LoraLayer, lora_layers, peft_config
 from jlora.nn._dora import DoraAdapter
 from jlora.nn._modules_to_save import ModulesToSaveLayer
@@ -202,8 +203,7 @@ def _peft_config(config, modules: dict, fan_in_fan_out: bool) -> dict:
 
 
 def _fan_in_fan_out(model: nnx.Module, config) -> bool:
-  model_type = getattr(getattr(model, "config", None), "model_type", None)
-  return model_type == "gpt2" or bool(getattr(config, "fan_in_fan_out", False))
+  return getattr(family_of(model), "fan_in_fan_out", False) or bool(getattr(config, "fan_in_fan_out", False))
 
 
 def _check_target(out: Path) -> None:
