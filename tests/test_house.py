@@ -108,6 +108,72 @@ def test_wlora_upstreams_stay_frozen_under_jloras_masks():
   assert not np.array_equal(np.zeros(2), testing.module_at(model, "model.layers.0.self_attn.q_proj").adapters["w"].logits[...])
 
 
+# ---- adapter kinds: no code outside a kind's own module asks which class an adapter is --------
+
+def _adapter_class_names() -> dict[str, Path]:
+  """Name -> defining file of every registered kind's adapter class and its bases up to AdapterModule."""
+  import inspect
+
+  names = {}
+  for kind in jlora.nn.registered_kinds().values():
+    for klass in kind.adapter_type.__mro__:
+      if klass is jlora.nn.AdapterModule or not issubclass(klass, jlora.nn.AdapterModule):
+        continue
+      names[klass.__name__] = Path(inspect.getfile(klass)).resolve()
+  return names
+
+
+def _isinstance_targets(tree: ast.AST):
+  """``(line, class name)`` for every name checked by ``isinstance`` / ``issubclass`` in a module."""
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass") \
+        and len(node.args) == 2:
+      target = node.args[1]
+      for item in (target.elts if isinstance(target, ast.Tuple) else [target]):
+        name = item.attr if isinstance(item, ast.Attribute) else getattr(item, "id", None)
+        if name:
+          yield node.lineno, name
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jlora").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_adapter_class_isinstance_outside_its_kind(path):
+  classes = _adapter_class_names()
+  found = [f"{path.name}:{line} isinstance(..., {name})" for line, name in _isinstance_targets(ast.parse(path.read_text()))
+           if name in classes and classes[name] != path.resolve()]
+  assert found == [], (f"{found}: ask the adapter (folds_to_lora, output_hook, its kind's roles via "
+                       "jlora.nn.kind_of) instead of its class")
+
+
+def _nn_imports(path: Path) -> set[str]:
+  """Every ``jlora.nn._module`` a file of jlora/nn imports, anywhere in it (TYPE_CHECKING and functions too)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == "jlora.nn":
+        found |= {alias.name for alias in node.names if alias.name.startswith("_")}
+      elif node.module.startswith("jlora.nn._"):
+        found.add(node.module.split(".")[2])
+    elif isinstance(node, ast.Import):
+      found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("jlora.nn._")}
+  return found
+
+
+def test_jlora_nn_has_no_import_circles():
+  graph = {p.stem: _nn_imports(p) for p in (ROOT / "jlora" / "nn").glob("_*.py")}
+  circles = []
+
+  def visit(node, trail):
+    for nxt in sorted(graph.get(node, ())):
+      if nxt == trail[0]:
+        circles.append(" -> ".join(trail + [nxt]))
+      elif nxt not in trail and len(trail) < len(graph):
+        visit(nxt, trail + [nxt])
+
+  for start in sorted(graph):
+    visit(start, [start])
+  assert circles == []
+
+
 # ---- model families are registered, not picked by string ---------------------------------
 
 def _mentions_model_type(node: ast.AST) -> bool:

@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.models._family import sharding_rules
+from jlora.nn import role_of
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -75,7 +76,8 @@ def _logical_axes(module_path: str) -> tuple[str, str] | None:
   return None
 
 
-def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+def _dim_axes(name: str, role: str | None, axes: tuple[str, str] | None,
+              shape: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
   """Mesh axes wanted per dim of a variable (before the divisibility check)."""
   if len(shape) < 2:
     return {}
@@ -88,9 +90,9 @@ def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -
     if out_axis == "fsdp" and in_axis != "fsdp":  # row-parallel: FSDP joins the in side (see module doc)
       return {prev: (in_axis, "fsdp"), last: ("fsdp",)}
     return {prev: (in_axis,), last: (out_axis,)}
-  if name == "lora_A":  # [.., in, r]: split like the kernel's in side, and over fsdp too
+  if role == "A":  # an adapter's [.., in, r] (its kind's role): split like the kernel's in side, and fsdp
     return {prev: with_fsdp(in_axis)}
-  if name == "lora_B":  # [.., r, out]
+  if role == "B":  # [.., r, out]
     return {last: with_fsdp(out_axis)}
   return {}
 
@@ -108,7 +110,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
       break
   spec: list = [None] * len(shape)
   used: set[str] = set()
-  for dim, wanted in _dim_axes(name, _logical_axes(".".join(module)), shape).items():
+  for dim, wanted in _dim_axes(name, role_of(keys), _logical_axes(".".join(module)), shape).items():
     wanted = tuple(a for a in wanted if a not in used)  # a mesh axis splits one dim at most
     for n in range(len(wanted), 0, -1):  # the most axes that divide the dim
       axes = wanted[:n]
