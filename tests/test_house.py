@@ -172,3 +172,53 @@ def test_jlora_nn_has_no_import_circles():
   for start in sorted(graph):
     visit(start, [start])
   assert circles == []
+
+
+# ---- model families are registered, not picked by string ---------------------------------
+
+def _mentions_model_type(node: ast.AST) -> bool:
+  """``model_type``, ``x.model_type``, ``d.get("model_type")`` or ``getattr(x, "model_type")``."""
+  return any((isinstance(n, ast.Name) and n.id == "model_type") or (isinstance(n, ast.Attribute) and n.attr == "model_type")
+             or (isinstance(n, ast.Constant) and n.value == "model_type") for n in ast.walk(node))
+
+
+def _is_string_literal(node: ast.AST) -> bool:
+  if isinstance(node, ast.Constant):
+    return isinstance(node.value, str)
+  return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and bool(node.elts) and all(map(_is_string_literal, node.elts))
+
+
+def model_type_branches(tree: ast.AST) -> list[int]:
+  """Lines that compare a ``model_type`` with string literals (``==``, ``!=``, ``in``, ``.startswith``)."""
+  lines = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Compare):
+      sides = [node.left, *node.comparators]
+      if any(map(_mentions_model_type, sides)) and any(map(_is_string_literal, sides)):
+        lines.append(node.lineno)
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr in ("startswith", "endswith") and _mentions_model_type(node.func.value)):
+      lines.append(node.lineno)
+  return lines
+
+
+def registers_a_family(tree: ast.AST) -> bool:
+  return any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == "register_family"
+             for n in ast.walk(tree))
+
+
+def test_model_type_strings_are_compared_only_in_a_familys_own_module():
+  """A module that registers a family may branch on its own model types; every other module asks the registry."""
+  offenders = {}
+  for path in sorted((ROOT / "jlora").rglob("*.py")):
+    tree = ast.parse(path.read_text())
+    if not registers_a_family(tree) and model_type_branches(tree):
+      offenders[str(path.relative_to(ROOT))] = model_type_branches(tree)
+  assert offenders == {}, f"model_type compared with strings outside a family's module (lines): {offenders}"
+
+
+def test_the_model_type_guard_sees_the_ways_code_picks_a_family():
+  caught = ['if config.model_type == "gpt2": pass', 'ok = raw.get("model_type") in ("llama", "qwen2")',
+            'if model_type.startswith("qwen"): pass', 'x = getattr(c, "model_type", None) != "gpt2"']
+  assert all(model_type_branches(ast.parse(code)) for code in caught)
+  assert not model_type_branches(ast.parse("family = family_for(config.model_type)"))

@@ -31,6 +31,7 @@ from jlora.io._files import check_directory_path, writing
 from jlora.io._peft_config import CONFIG_NAME
 from jlora.io._peft_load import WEIGHTS_NAME, peft_format, read_adapter
 from jlora.nn import LoraConfig, LoraLayer, kind_for_config, kind_of, lora_layers, module_copies, peft_config
+from jlora.models import family_of
 
 
 def _np(x) -> np.ndarray:
@@ -184,8 +185,7 @@ def _to_plain_lora(model, config, tensors: dict, modules: dict, initial) -> tupl
 
 
 def _fan_in_fan_out(model: nnx.Module, config) -> bool:
-  model_type = getattr(getattr(model, "config", None), "model_type", None)
-  return model_type == "gpt2" or bool(getattr(config, "fan_in_fan_out", False))
+  return getattr(family_of(model), "fan_in_fan_out", False) or bool(getattr(config, "fan_in_fan_out", False))
 
 
 def _check_target(out: Path) -> None:

@@ -3,7 +3,9 @@
 Shared by loading (``jlora.io`` reads each shard straight onto its devices)
 and training (``jlora.train`` places params, adapter and optimizer state).
 
-- Model params follow logical-axis rules keyed by Hugging Face module names:
+- Model params follow logical-axis rules keyed by Hugging Face module names
+  (each registered family's ``sharding_rules``, then ``GENERIC_RULES`` for
+  models of your own):
   a projection into the hidden size's wide side (``q_proj``, ``up_proj`` …)
   is ``[embed, mlp]``, one back (``o_proj``, ``down_proj``) ``[mlp, embed]``;
   logical ``embed`` goes to mesh axis ``fsdp``, ``mlp`` / ``heads`` /
@@ -36,17 +38,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jlora.models._family import sharding_rules
 from jlora.nn import role_of
 
 AXES = ("data", "fsdp", "tensor")
 
-# (regex searched in the module part of a param's path, logical axes of the kernel's (in, out) dims)
-LOGICAL_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
-    (r"(^|\.)(q_proj|k_proj|v_proj|query|key|value|c_attn)$", ("embed", "heads")),
-    (r"(^|\.)(gate_proj|up_proj|fc1|c_fc|w1|w3)$", ("embed", "mlp")),
-    (r"(^|\.)(o_proj|out_proj|c_proj)$", ("heads", "embed")),
+# (regex searched in the module part of a param's path, logical axes of the kernel's (in, out) dims):
+# common module names of models that no registered family builds (a family brings its own rules)
+GENERIC_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
+    (r"(^|\.)(q_proj|k_proj|v_proj|query|key|value)$", ("embed", "heads")),
+    (r"(^|\.)(gate_proj|up_proj|fc1|w1|w3)$", ("embed", "mlp")),
+    (r"(^|\.)(o_proj|out_proj)$", ("heads", "embed")),
     (r"(^|\.)(down_proj|fc2|w2)$", ("mlp", "embed")),
-    (r"(^|\.)(embed_tokens|wte|tok_embeddings)$", ("vocab", "embed")),
+    (r"(^|\.)(embed_tokens|tok_embeddings)$", ("vocab", "embed")),
     (r"(^|\.)(lm_head)$", ("embed", "vocab")),
 )
 LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
@@ -60,8 +64,13 @@ def make_mesh(shape: tuple[int, int, int]) -> Mesh:
   return Mesh(devices, AXES)
 
 
+def logical_rules() -> tuple[tuple[str, tuple[str, str]], ...]:
+  """The rules ``param_spec`` applies: the registered families' first, then ``GENERIC_RULES``."""
+  return sharding_rules() + GENERIC_RULES
+
+
 def _logical_axes(module_path: str) -> tuple[str, str] | None:
-  for pattern, axes in LOGICAL_RULES:
+  for pattern, axes in logical_rules():
     if re.search(pattern, module_path):
       return axes
   return None
