@@ -1,5 +1,6 @@
 """Checkpoint I/O: Hugging Face safetensors directories."""
 
 from jlora.io._hf import from_pretrained, read_weights, save_pretrained
-from jlora.io._peft_load import hotswap_adapter, load_peft, read_adapter
+from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
+from jlora.io._peft_load import WEIGHTS_NAME, hotswap_adapter, load_peft, read_adapter
 from jlora.io._peft_save import save_peft

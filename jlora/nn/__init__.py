@@ -5,7 +5,7 @@ from jlora.nn._adapters import AdapterModule, LoraAdapter, MoSLoraAdapter, WLora
 from jlora.nn._builtin_layers import LoraConv, LoraEinsum, LoraEmbed, LoraLinear, LoraLinearGeneral
 from jlora.nn._config import AdapterConfig, LoraConfig, MoSLoraConfig, WLoraConfig, lora_scaling
 from jlora.nn._dora import DoraAdapter
-from jlora.nn._hotswap import hotswap_factors
+from jlora.nn._hotswap import SWAPPABLE_ROLES, hotswap_factors
 from jlora.nn._init import rewrites_base
 from jlora.nn._inject import (
     active_adapters,
