@@ -271,7 +271,7 @@ def run_jlora_attention(args) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jlora.models._attention import AttentionMask, attend
+  from jlora.models import AttentionMask, attend
 
   c = SHAPES[args.shape]["hf"]
   heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]

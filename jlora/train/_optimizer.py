@@ -19,8 +19,8 @@ import jax
 import optax
 from flax import nnx
 
-from jlora.nn import LoraEmbed, UpstreamLoraParam, active_adapters, lora_layers, split_adapter
-from jlora.nn._modules_to_save import ModulesToSaveLayer
+from jlora.nn import (LoraEmbed, ModulesToSaveLayer, UpstreamLoraParam, active_adapters, lora_layers,
+                      split_adapter)
 
 # Adapter params that LoRA+ trains at the higher (B) learning rate: PEFT's "lora_B" params and its
 # 1-d params (DoRA's magnitude vector).

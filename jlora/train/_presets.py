@@ -20,8 +20,8 @@ from flax import nnx
 
 from jlora.io import from_pretrained
 from jlora.models import CausalLM
-from jlora.models import ModelConfig as ArchConfig
-from jlora.train._config import ModelConfig
+from jlora.models import ModelConfig
+from jlora.train._config import ModelSection
 from jlora.train._model import register_preset
 
 BASE_DIR = Path(__file__).parent / "data" / "base"
@@ -30,11 +30,11 @@ TINY = dict(model_type="llama", vocab_size=258, hidden_size=64, intermediate_siz
             rope=(("rope_theta", 10000.0), ("rope_type", "default")))
 
 
-def _tiny(cfg: ModelConfig):
-  return CausalLM(ArchConfig(**TINY), dtype=getattr(jnp, cfg.dtype), rngs=nnx.Rngs(cfg.seed))
+def _tiny(cfg: ModelSection):
+  return CausalLM(ModelConfig(**TINY), dtype=getattr(jnp, cfg.dtype), rngs=nnx.Rngs(cfg.seed))
 
 
-def _byte_stories(cfg: ModelConfig):
+def _byte_stories(cfg: ModelSection):
   if not (BASE_DIR / "model.safetensors").is_file():
     raise ValueError(f"The shipped base model is missing from {BASE_DIR}; reinstall jlora, or recreate it "
                      "with `python scripts/train_base.py` from a jlora checkout.")

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jlora.models._sharding import (  # noqa: F401  (the rules live beside the models; re-exported)
+from jlora.models import (  # noqa: F401  (the rules live beside the models; re-exported)
     AXES, LOGICAL_RULES, LOGICAL_TO_MESH, make_mesh, param_spec, replicated, shard_state, state_shardings)
 from jlora.train._distributed import initialize_distributed  # noqa: F401  (re-exported)
 
