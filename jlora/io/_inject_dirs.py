@@ -30,7 +30,7 @@ def get_peft_model(model: nnx.Module, config: AdapterConfig, adapter_name: str =
   leaves the model as it was.
   """
   if not isinstance(config, WLoraConfig):
-    return _inject(model, config, adapter_name)
+    return _add_and_activate(model, config, adapter_name)
   existing = _nn.peft_config(model)
   if adapter_name in existing:
     raise ValueError(f"The model already has an adapter named {adapter_name!r}; pick another name or "
@@ -52,14 +52,14 @@ def get_peft_model(model: nnx.Module, config: AdapterConfig, adapter_name: str =
     for entry, name in to_load:
       load_peft(model, entry, adapter_name=name, activate=False)
       loaded.append(name)
-    return _inject(model, dataclasses.replace(config, upstream_loras=tuple(names)), adapter_name)
+    return _add_and_activate(model, dataclasses.replace(config, upstream_loras=tuple(names)), adapter_name)
   except BaseException:
     for name in reversed(loaded):
       _nn.delete_adapter(model, name)
     raise
 
 
-def _inject(model: nnx.Module, config: AdapterConfig, adapter_name: str) -> nnx.Module:
+def _add_and_activate(model: nnx.Module, config: AdapterConfig, adapter_name: str) -> nnx.Module:
   _nn.add_adapter(model, adapter_name, config)
   _nn.set_adapter(model, adapter_name)
   return model

@@ -72,7 +72,8 @@ DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
                 "lm_head")
 
 
-# The adapter kinds a job can train: ``adapter.kind`` -> the kind's own config class.
+# The adapter kinds a job can train: ``adapter.kind`` -> the kind's own config class. Every field of
+# that class is a key of the section, with that class's defaults and validation.
 ADAPTER_KINDS: dict[str, type] = {"lora": LoraConfig, "moslora": MoSLoraConfig, "wlora": WLoraConfig}
 
 # The job's own defaults for kinds with a rank ``r`` (LoRA, MoSLoRA; not WLoRA, which mixes its
