@@ -160,3 +160,14 @@ def test_adapter_section_builds_a_kind_over_the_jobs_defaults():
 
   adapter = adapter_section("moslora", r=8)
   assert type(adapter) is MoSLoraConfig and (adapter.r, adapter.lora_alpha) == (8, 16.0)
+
+
+@pytest.mark.parametrize("overrides", [{"adapter.init_lora_weights": "pissa_niter_4", "adapter.layers_to_transform": [1]},
+                                       {"adapter.kind": "moslora", "adapter.alpha_pattern": {"v_proj": 2}},
+                                       {"adapter.kind": "wlora", "adapter.upstream_loras": ["u"]}])
+def test_the_written_config_loads_back_as_the_same_job(tmp_path, overrides):
+  import yaml
+
+  cfg = TrainConfig().replace(**overrides)
+  (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+  assert load_config(tmp_path / "job.yaml") == cfg
