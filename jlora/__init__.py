@@ -17,6 +17,7 @@ The user API, by concern:
 
 from jlora import train
 from jlora.io import from_pretrained, get_peft_model, hotswap_adapter, load_peft, save_peft, save_pretrained
+from jlora.kinds import VeraConfig
 from jlora.models import generate
 from jlora.nn import (
     ADAPTER_STATE,
@@ -39,6 +40,7 @@ from jlora.nn import (
     merge_adapter,
     peft_config,
     per_sample_adapters,
+    register_adapter_kind,
     register_lora_layer,
     set_adapter,
     set_lora_matmul,

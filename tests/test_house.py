@@ -33,7 +33,7 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted((ROOT / "jlora").rglob("*.py"))}
-LAYERS = ("_deprecation", "nn", "models", "quant", "io", "train", "_cli")  # each may import only those before it
+LAYERS = ("_deprecation", "nn", "kinds", "models", "quant", "io", "train", "_cli")  # each may import only those before it
 
 
 def imported_names(tree: ast.AST, module: str = "", is_package: bool = False) -> list[str]:
@@ -169,24 +169,9 @@ def test_each_package_imports_only_the_packages_below_it(module):
                        "(nn knows nothing of models/io/train; models nothing of train)")
 
 
-# Import circles that exist today and are being taken apart; each entry is removed once its circle is gone,
-# and the list only shrinks: a new circle anywhere fails below.
-KNOWN_CIRCLES = [
-    {"jlora.nn._layer", "jlora.nn._dora", "jlora.nn._new_adapters", "jlora.nn._routing"},
-    {"jlora.models._attention", "jlora.models._splash", "jlora.models._remat", "jlora.models._tokamax"},
-    {"jlora.train._model", "jlora.train._presets"},
-]
-
-
 def test_no_import_circles():
-  new = [sorted(c) for c in circles(import_graph()) if not any(c <= known for known in KNOWN_CIRCLES)]
-  assert new == [], f"import circles (a module imports one that imports it back): {new}"
-
-
-def test_the_known_circles_list_only_holds_circles_that_still_exist():
-  found = circles(import_graph())
-  gone = [sorted(known) for known in KNOWN_CIRCLES if not any(c & known for c in found)]
-  assert gone == [], f"these circles are gone; remove them from KNOWN_CIRCLES: {gone}"
+  found = [sorted(c) for c in circles(import_graph())]
+  assert found == [], f"import circles (a module imports one that imports it back): {found}"
 
 
 def test_the_circle_finder_finds_a_circle_and_nothing_else():
@@ -200,15 +185,6 @@ def test_the_circle_finder_finds_a_circle_and_nothing_else():
 KNOWN_PRIVATE_IMPORTS = {
     ("jlora/_cli/_inspect.py", "jlora.io._peft_config"), ("jlora/_cli/_inspect.py", "jlora.io._peft_load"),
     ("jlora/_cli/_inspect.py", "jlora.io._safetensors"),
-    ("jlora/io/_hf.py", "jlora.models._config"), ("jlora/io/_hf.py", "jlora.nn._targets"),
-    ("jlora/io/_inject_dirs.py", "jlora.nn._config"),
-    ("jlora/io/_peft_load.py", "jlora.nn._dora"), ("jlora/io/_peft_load.py", "jlora.nn._init"),
-    ("jlora/io/_peft_load.py", "jlora.nn._modules_to_save"), ("jlora/io/_peft_load.py", "jlora.nn._targets"),
-    ("jlora/io/_peft_save.py", "jlora.nn._dora"), ("jlora/io/_peft_save.py", "jlora.nn._modules_to_save"),
-    ("jlora/quant/_load.py", "jlora.nn._targets"),
-    ("jlora/quant/_model.py", "jlora.nn._inject"), ("jlora/quant/_model.py", "jlora.nn._targets"),
-    ("jlora/train/_memory.py", "jlora.models._remat"), ("jlora/train/_memory_fit.py", "jlora.models._attention"),
-    ("jlora/train/_steps.py", "jlora.models._remat"),
 }
 
 
@@ -314,6 +290,92 @@ def test_unload_with_merge_is_merge_and_unload_on_a_plain_model():
     testing.randomize_adapters(model)
     models.append(model)
   np.testing.assert_array_equal(jlora.nn.unload(models[0], merge=True)(ids), jlora.merge_and_unload(models[1])(ids))
+
+
+# ---- adapter kinds: no code outside a kind's own module asks which class an adapter is --------
+
+def _adapter_class_names() -> dict[str, Path]:
+  """Name -> defining file of every registered kind's adapter class and its bases up to AdapterModule."""
+  import inspect
+
+  names = {}
+  for kind in jlora.nn.registered_kinds().values():
+    for klass in kind.adapter_type.__mro__:
+      if klass is jlora.nn.AdapterModule or not issubclass(klass, jlora.nn.AdapterModule):
+        continue
+      names[klass.__name__] = Path(inspect.getfile(klass)).resolve()
+  return names
+
+
+def _isinstance_targets(tree: ast.AST):
+  """``(line, class name)`` for every name checked by ``isinstance`` / ``issubclass`` in a module."""
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass") \
+        and len(node.args) == 2:
+      target = node.args[1]
+      for item in (target.elts if isinstance(target, ast.Tuple) else [target]):
+        name = item.attr if isinstance(item, ast.Attribute) else getattr(item, "id", None)
+        if name:
+          yield node.lineno, name
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jlora").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_adapter_class_isinstance_outside_its_kind(path):
+  classes = _adapter_class_names()
+  found = [f"{path.name}:{line} isinstance(..., {name})" for line, name in _isinstance_targets(ast.parse(path.read_text()))
+           if name in classes and classes[name] != path.resolve()]
+  assert found == [], (f"{found}: ask the adapter (folds_to_lora, output_hook, its kind's roles via "
+                       "jlora.nn.kind_of) instead of its class")
+
+
+# ---- model families are registered, not picked by string ---------------------------------
+
+def _mentions_model_type(node: ast.AST) -> bool:
+  """``model_type``, ``x.model_type``, ``d.get("model_type")`` or ``getattr(x, "model_type")``."""
+  return any((isinstance(n, ast.Name) and n.id == "model_type") or (isinstance(n, ast.Attribute) and n.attr == "model_type")
+             or (isinstance(n, ast.Constant) and n.value == "model_type") for n in ast.walk(node))
+
+
+def _is_string_literal(node: ast.AST) -> bool:
+  if isinstance(node, ast.Constant):
+    return isinstance(node.value, str)
+  return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and bool(node.elts) and all(map(_is_string_literal, node.elts))
+
+
+def model_type_branches(tree: ast.AST) -> list[int]:
+  """Lines that compare a ``model_type`` with string literals (``==``, ``!=``, ``in``, ``.startswith``)."""
+  lines = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Compare):
+      sides = [node.left, *node.comparators]
+      if any(map(_mentions_model_type, sides)) and any(map(_is_string_literal, sides)):
+        lines.append(node.lineno)
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr in ("startswith", "endswith") and _mentions_model_type(node.func.value)):
+      lines.append(node.lineno)
+  return lines
+
+
+def registers_a_family(tree: ast.AST) -> bool:
+  return any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == "register_family"
+             for n in ast.walk(tree))
+
+
+def test_model_type_strings_are_compared_only_in_a_familys_own_module():
+  """A module that registers a family may branch on its own model types; every other module asks the registry."""
+  offenders = {}
+  for path in sorted((ROOT / "jlora").rglob("*.py")):
+    tree = ast.parse(path.read_text())
+    if not registers_a_family(tree) and model_type_branches(tree):
+      offenders[str(path.relative_to(ROOT))] = model_type_branches(tree)
+  assert offenders == {}, f"model_type compared with strings outside a family's module (lines): {offenders}"
+
+
+def test_the_model_type_guard_sees_the_ways_code_picks_a_family():
+  caught = ['if config.model_type == "gpt2": pass', 'ok = raw.get("model_type") in ("llama", "qwen2")',
+            'if model_type.startswith("qwen"): pass', 'x = getattr(c, "model_type", None) != "gpt2"']
+  assert all(model_type_branches(ast.parse(code)) for code in caught)
+  assert not model_type_branches(ast.parse("family = family_for(config.model_type)"))
 
 
 # ---- public training pieces, NNX interop ----------------------------------------------------

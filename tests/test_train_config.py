@@ -52,7 +52,7 @@ def test_bool_is_not_an_int():
 
 def test_literal_field_rejects_other_values():
   with pytest.raises(ConfigError, match=r"adapter\.kind must be one of"):
-    load_config(None, ["adapter.kind=dora"])
+    load_config(None, ["adapter.kind=ia3"])
 
 
 def test_out_of_range_value_is_an_error():
@@ -150,7 +150,7 @@ def test_a_kind_config_built_in_code_is_the_section():
   adapter = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian")
   cfg = TrainConfig(adapter=adapter)
   assert cfg.adapter is adapter and cfg.replace().adapter == adapter
-  with pytest.raises(ConfigError, match="adapter must be a config of one of the kinds"):
+  with pytest.raises(ConfigError, match="adapter must be an adapter kind's config"):
     TrainConfig(adapter="lora")
 
 
@@ -171,3 +171,19 @@ def test_the_written_config_loads_back_as_the_same_job(tmp_path, overrides):
   cfg = TrainConfig().replace(**overrides)
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
   assert load_config(tmp_path / "job.yaml") == cfg
+
+
+def test_every_registered_kind_is_a_section_kind():
+  from jlora.kinds import VeraConfig
+  from jlora.train import adapter_kinds
+
+  assert {"lora", "dora", "moslora", "wlora", "vera"} <= set(adapter_kinds())
+  vera = load_config(None, ["adapter.kind=vera", "adapter.target_modules=[q_proj]"]).adapter
+  assert type(vera) is VeraConfig and vera.r == VeraConfig.r  # not a LoRA-family kind: its own defaults
+
+
+def test_dora_is_the_lora_config_that_selects_it():
+  assert load_config(None, ["adapter.kind=dora", "adapter.use_dora=true"]).to_dict()["adapter"]["kind"] == "dora"
+  assert load_config(None, ["adapter.use_dora=true"]).to_dict()["adapter"]["kind"] == "dora"
+  with pytest.raises(ConfigError, match=r"kind=dora, but this LoraConfig makes a lora adapter.*use_dora=true"):
+    load_config(None, ["adapter.kind=dora"])

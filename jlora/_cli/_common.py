@@ -56,7 +56,7 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
     tokenizer = ByteTokenizer()
   if tokenizer is not None:
     try:
-      check_tokenizer_fits(tokenizer, vocab, "--tokenizer DIR")
+      check_tokenizer_fits(tokenizer, model, "use the model's own tokenizer (--tokenizer DIR).")
     except ValueError as e:
       raise CliError(str(e)) from None
     return tokenizer

@@ -23,13 +23,13 @@ from jlora.train._config import (
     adapter_section,
     load_config,
 )
-from jlora.train._config_sections import ADAPTER_KINDS, JOB_LORA_DEFAULTS, adapter_kind
+from jlora.train._config_sections import JOB_LORA_DEFAULTS, adapter_kind, adapter_kinds
 from jlora.train._data import (EMBEDDED_CORPUS, BatchStream, DataError, Rows, encode_record, load_rows, pack,
                               read_records, segment_bound)
 from jlora.train._distributed import LaunchError, initialize_distributed
 from jlora.train._memory import Arch, MemoryPlan, plan_memory
 from jlora.train._memory_fit import MemoryPlanError, device_capacity, plan_defaults, plan_job
-from jlora.train._model import load_model, presets, register_preset
+from jlora.train._model import check_tokenizer_fits, load_model, presets, register_preset
 from jlora.train._optimizer import adapter_optimizer, trainable_mask
 from jlora.train._run_dir import OutputDirError
 from jlora.train._sharding import AXES as MESH_AXES
@@ -37,7 +37,7 @@ from jlora.train._sharding import (MeshError, batch_sharding, make_mesh, param_s
                                    state_shardings)
 from jlora.train._steps import make_eval_step, make_optimizer, make_train_step, masked_nll, split_model
 from jlora.train._report import continue_prompts
-from jlora.train._tokenizer import ByteTokenizer, check_tokenizer_fits, load_tokenizer
+from jlora.train._tokenizer import ByteTokenizer, load_tokenizer
 from jlora.train._train import NonFiniteLossError, TrainingInterrupted, TrainResult, train
 
 

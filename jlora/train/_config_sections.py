@@ -3,7 +3,8 @@
 Each is a frozen dataclass whose defaults make the embedded demo job; the
 YAML file and ``--set`` overrides name a field as ``section.key``. The
 adapter section is the adapter kind's own config (``jlora.LoraConfig`` and
-friends), chosen by ``adapter.kind``, so every field of that config is a key.
+friends, any registered kind), chosen by ``adapter.kind``, so every field of
+that config is a key.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping
 
-from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
+from jlora.nn import LoraConfig, kind_for_config, registered_kinds
 from jlora.train._config_parse import ConfigError, from_dict
 
 
@@ -72,20 +73,23 @@ DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
                 "lm_head")
 
 
-# The adapter kinds a job can train: ``adapter.kind`` -> the kind's own config class. Every field of
-# that class is a key of the section, with that class's defaults and validation.
-ADAPTER_KINDS: dict[str, type] = {"lora": LoraConfig, "moslora": MoSLoraConfig, "wlora": WLoraConfig}
+def adapter_kinds() -> dict[str, type]:
+  """``adapter.kind`` -> config class: every registered adapter kind (``jlora.register_adapter_kind``), by
+  its name in lower case (``lora``, ``dora``, ``moslora``, ``wlora``, ``vera``, ...). Every field of the
+  config class is a key of the section, with that class's defaults and validation."""
+  return {name.lower(): kind.config_type for name, kind in registered_kinds().items()}
 
-# The job's own defaults for kinds with a rank ``r`` (LoRA, MoSLoRA; not WLoRA, which mixes its
-# upstreams), where ``LoraConfig`` alone says r=8, lora_alpha=8 and no targets: the byte-level demo
-# base affords rank 16 on every projection plus the embedding and output head. A kind takes those
-# of these fields it has.
+
+# The job's own defaults for LoRA-family kinds (their config extends ``LoraConfig``: LoRA, DoRA,
+# MoSLoRA), where ``LoraConfig`` alone says r=8, lora_alpha=8 and no targets: the byte-level demo base
+# affords rank 16 on every projection plus the embedding and output head. Other kinds start from their
+# config's own defaults.
 JOB_LORA_DEFAULTS = dict(r=16, lora_alpha=16.0, target_modules=DEMO_TARGETS)
 
 
 def adapter_section(kind: str = "lora", **fields: Any):
-  """The job's adapter: kind ``kind``'s own config (``jlora.LoraConfig`` / ``MoSLoraConfig`` /
-  ``WLoraConfig``) with ``fields``, over the job's defaults for kinds with a rank (``JOB_LORA_DEFAULTS``).
+  """The job's adapter: kind ``kind``'s own config (``jlora.LoraConfig``, ``MoSLoraConfig``, ...) with
+  ``fields``, over the job's defaults for LoRA-family kinds (``JOB_LORA_DEFAULTS``).
 
   ``adapter_section()`` is the demo's adapter; ``adapter_section("moslora", r=8)`` a MoSLoRA of rank 8.
   In YAML and ``--set`` the section is ``adapter: {kind: ..., <the kind config's fields>}``.
@@ -94,12 +98,11 @@ def adapter_section(kind: str = "lora", **fields: Any):
 
 
 def adapter_kind(config) -> str:
-  """The ``adapter.kind`` name of a kind config (the reverse of ``ADAPTER_KINDS``)."""
-  for name, cls in ADAPTER_KINDS.items():
-    if type(config) is cls:
-      return name
-  raise ConfigError(f"adapter must be a config of one of the kinds {list(ADAPTER_KINDS)} "
-                    f"({', '.join(c.__name__ for c in ADAPTER_KINDS.values())}), got {type(config).__name__}.")
+  """The ``adapter.kind`` name of a kind config (the registered kind that builds it, in lower case)."""
+  try:
+    return kind_for_config(config).name.lower()
+  except TypeError as e:
+    raise ConfigError(f"adapter must be an adapter kind's config: {e}") from None
 
 
 def parse_adapter(values: Mapping[str, Any], prefix: str = "adapter."):
@@ -108,17 +111,26 @@ def parse_adapter(values: Mapping[str, Any], prefix: str = "adapter."):
     raise ConfigError(f"{prefix.rstrip('.')} must be a mapping, got {type(values).__name__}.")
   fields = dict(values)
   kind = fields.pop("kind", "lora")
-  if kind not in ADAPTER_KINDS:
-    raise ConfigError(f"{prefix}kind must be one of {list(ADAPTER_KINDS)}, got {kind!r}.")
-  cls = ADAPTER_KINDS[kind]
-  names = {f.name for f in dataclasses.fields(cls)}
-  defaults = {k: v for k, v in JOB_LORA_DEFAULTS.items() if k in names} if "r" in names else {}
+  kinds = adapter_kinds()
+  if kind not in kinds:
+    raise ConfigError(f"{prefix}kind must be one of {list(kinds)}, got {kind!r}.")
+  cls = kinds[kind]
+  defaults = JOB_LORA_DEFAULTS if issubclass(cls, LoraConfig) else {}
   try:
-    return from_dict({**defaults, **fields}, cls, prefix)
+    config = from_dict({**defaults, **fields}, cls, prefix)
   except ConfigError:
     raise
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{prefix.rstrip('.')} (kind {kind}): {e}") from None
+  built = adapter_kind(config)
+  if built != kind and registered_kinds()[_registered_name(kind)].selects is not None:
+    raise ConfigError(f"{prefix}kind={kind}, but this {cls.__name__} makes a {built} adapter; set the "
+                      f"{cls.__name__} field that selects {kind} (DoRA: {prefix}use_dora=true).")
+  return config
+
+
+def _registered_name(kind: str) -> str:
+  return next(name for name in registered_kinds() if name.lower() == kind)
 
 
 def adapter_to_dict(config) -> dict:

@@ -60,14 +60,3 @@ def load_tokenizer(spec: str, model_dir: str | None):
     raise ValueError(f"data.tokenizer={directory!r} is not a directory; use a local tokenizer dir or 'bytes'.")
   return HFTokenizer(directory)
 
-
-def check_tokenizer_fits(tokenizer, vocab_size: int | None, fix: str) -> None:
-  """ValueError unless every id ``tokenizer`` makes is a row of the model's ``vocab_size``-row embedding.
-
-  ``fix`` names how to pass the model's own tokenizer where the caller takes
-  it (``"data.tokenizer=''"``, ``"--tokenizer DIR"``). ``vocab_size=None``
-  (a model that does not say) passes.
-  """
-  if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab_size}; use the "
-                     f"model's own tokenizer ({fix}).")
