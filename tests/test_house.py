@@ -183,7 +183,6 @@ def test_the_circle_finder_finds_a_circle_and_nothing_else():
 
 # Private modules still imported across packages; each entry is removed once that import is public.
 KNOWN_PRIVATE_IMPORTS = {
-    ("jlora/_cli/_inspect.py", "jlora.io._peft_config"), ("jlora/_cli/_inspect.py", "jlora.io._peft_load"),
     ("jlora/_cli/_inspect.py", "jlora.io._safetensors"),
 }
 
