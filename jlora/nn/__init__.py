@@ -16,7 +16,7 @@ from jlora.nn._inject import (
     per_sample_adapters,
     set_adapter,
 )
-from jlora.nn._fused import MATMUL_MODES, lora_matmul
+from jlora.nn._fused import MATMUL_MODES, lora_matmul, low_rank_grads
 from jlora.nn._layer import LoraLayer
 from jlora.nn._matmul import lora_projections, set_lora_matmul
 from jlora.nn._modules_to_save import ModulesToSaveLayer

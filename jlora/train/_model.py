@@ -54,8 +54,8 @@ def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
   model, model_dir = _base_model(cfg, mesh)
   if hasattr(model, "remat"):
     model.remat = cfg.remat
-  if hasattr(model, "scan_unroll"):
-    model.scan_unroll = cfg.scan_unroll
+  if hasattr(model, "scan_unroll"):  # "auto": rolled until the job's memory plan picks (job_scan_unroll)
+    model.scan_unroll = 1 if cfg.scan_unroll == "auto" else cfg.scan_unroll
   set_attention(model, cfg.attention)
   return model, model_dir
 

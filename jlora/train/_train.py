@@ -26,6 +26,7 @@ from jlora.nn import disable_adapters, set_lora_matmul
 from jlora.train import _data, _distributed, _memory_fit, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
+from jlora.train._compile_cache import enable_compile_cache
 from jlora.train._model import add_adapter, load_model, max_length, set_attention, tokenizer_for, vocab_size
 from jlora.train._report import (
     Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
@@ -131,12 +132,14 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   if not isinstance(cfg, TrainConfig):
     raise TypeError(f"train() takes a jlora.TrainConfig, got {type(cfg).__name__}.")
   _sharding.initialize_distributed()
+  enable_compile_cache(cfg.compile_cache)  # before the first compile
   out = Path(cfg.output_dir)
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
   check_report(cfg.report)
   check_attention(cfg.model.attention, for_backend=True)  # before any weights are read
   model_dir, remat, picked = None, "", ""
+  given = model is not None  # a model built in code keeps its own scan_unroll
   if cfg.mesh.fsdp == -1:
     model, model_dir, mesh_shape, remat, picked = _auto_mesh(cfg, model)
   else:
@@ -169,6 +172,11 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
 
   add_adapter(model, cfg.adapter)
   set_lora_matmul(model, cfg.model.lora_matmul, shared_input=False)
+  if cfg.model.scan_unroll == "auto" and not given and hasattr(model, "scan_unroll"):
+    model.scan_unroll = _memory_fit.job_scan_unroll(
+        model, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
+        remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+        capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
   _plan_memory(cfg, model, mesh_shape, picked)
   _distributed.barrier("jlora:checked-output-dir")  # every process decided before process 0 writes
   if jax.process_index() == 0:
@@ -280,7 +288,8 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
     shape, remat, said = _memory_fit.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
         tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
-        capacity_gib=m.device_memory_gib, backend=jax.default_backend(), scan_unroll=cfg.model.scan_unroll)
+        capacity_gib=m.device_memory_gib, backend=jax.default_backend(),
+        scan_unroll=1 if cfg.model.scan_unroll == "auto" else cfg.model.scan_unroll)
   return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
 
 
@@ -290,7 +299,7 @@ def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
       remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
       capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend(),
-      scan_unroll=getattr(model, "scan_unroll", cfg.model.scan_unroll))
+      scan_unroll=getattr(model, "scan_unroll", 1))
   if plan is not None and jax.process_index() == 0:
     print(plan.describe() + (f"\n  {picked}" if picked else ""), flush=True)
 
