@@ -36,7 +36,7 @@ def test_jlora_cache_dir_overrides_the_user_cache(monkeypatch, tmp_path):
   assert compile_cache_dir("auto", "gpu", "H100").parent == tmp_path / "mine" / "compile"
 
 
-@pytest.mark.parametrize("off", ["off", ""])
+@pytest.mark.parametrize("off", ["none", "off", ""])
 def test_off_turns_the_cache_off_everywhere(off):
   assert compile_cache_dir(off, "gpu", "H100") is None
 
@@ -45,9 +45,10 @@ def test_a_directory_setting_caches_on_every_backend(tmp_path):
   assert compile_cache_dir(str(tmp_path), "cpu", "cpu").parent == tmp_path
 
 
-def test_the_job_config_defaults_to_auto_and_takes_a_path_or_off():
+def test_the_job_config_defaults_to_auto_and_takes_a_path_or_none():
   assert TrainConfig().compile_cache == "auto"
-  assert load_config(None, ["compile_cache=off"]).compile_cache == "off"
+  assert load_config(None, ["compile_cache=none"]).compile_cache == "none"
+  assert load_config(None, ["compile_cache=/tmp/cache"]).compile_cache == "/tmp/cache"
 
 
 PROGRAM = textwrap.dedent("""

@@ -248,10 +248,16 @@ def test_exact_stacks_the_adapter_into_the_frozen_matmul():
 
 def test_exact_is_the_default_of_layers_and_set_lora_matmul():
   model = adapted()
-  layer = model.model.layers.self_attn.q_proj if hasattr(model.model.layers, "self_attn") else None
   from jlora.nn import LoraLinear, lora_layers
   layers = [l for _, l in lora_layers(model) if isinstance(l, LoraLinear)]
   assert layers and all(l.matmul_mode == "exact" for l in layers)
   set_lora_matmul(model, "plain")
   set_lora_matmul(model)
   assert all(l.matmul_mode == "exact" for l in layers)
+
+
+@pytest.mark.parametrize("mode, mesh, want", [("exact", (1, 1, 1), "exact"), ("exact", (2, 4, 1), "exact"),
+                                              ("exact", (1, 1, 2), "plain"), ("auto", (1, 1, 2), "auto")])
+def test_a_job_stacks_except_under_tensor_parallelism(mode, mesh, want):
+  from jlora.train._train import _lora_matmul
+  assert _lora_matmul(mode, mesh) == want

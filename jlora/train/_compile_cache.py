@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 
 AUTO = "auto"
+OFF = ("none", "off", "")
 MIN_COMPILE_SECONDS = 0.5
 """Programs that compiled faster than this are not written (jax's default is 1 s; the train step's
 smaller companions, e.g. the optimizer's init, take about a second on a GPU)."""
@@ -54,11 +55,11 @@ def cache_subdir(backend: str, device_kind: str, jax_version: str, jaxlib_versio
 def compile_cache_dir(setting: str, backend: str | None = None, device_kind: str | None = None) -> Path | None:
   """Where a job's compile cache goes for ``setting`` (a job's ``compile_cache``), or None when off.
 
-  ``"auto"``: ``default_root()`` on a GPU or TPU, off on CPU; ``""`` or
-  ``"off"``: off; anything else: that directory (on every backend).
+  ``"auto"``: ``default_root()`` on a GPU or TPU, off on CPU; ``"none"``
+  (or ``""``, ``"off"``): off; anything else: that directory (on every backend).
   Backend and device kind default to jax's first device's.
   """
-  if setting in ("", "off"):
+  if setting in OFF:
     return None
   backend = backend or jax.default_backend()
   if setting == AUTO and backend not in CACHED_BACKENDS:

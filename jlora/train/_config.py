@@ -42,7 +42,7 @@ class TrainConfig:
     compile_cache: where compiled steps and GPU autotuning results are kept
       for the next start (``jlora.train.enable_compile_cache``): ``"auto"``
       (default) a per-device-kind directory under ``~/.cache/jlora/compile``
-      on a GPU or TPU, nothing on CPU; a directory path; ``"off"``.
+      on a GPU or TPU, nothing on CPU; a directory path; ``"none"`` (off).
   """
 
   model: ModelConfig = ModelConfig()

@@ -39,8 +39,10 @@ class ModelConfig:
     lora_matmul: how LoRA linears compute (``jlora.nn.set_lora_matmul``):
       ``"exact"`` (default) computes ``x@W + s·(x@A)@B`` as one matmul
       ``[x | x@A]·[W ; s·B]`` for calls with many tokens, with a low-rank
-      backward, one float32 accumulation and one rounding; ``"plain"`` the
-      same sum under plain autodiff (slower); ``"auto"`` merges
+      backward, one float32 accumulation and one rounding (under tensor
+      parallelism, whose row-parallel kernels are split along the stacked
+      axis, it runs as ``"plain"``); ``"plain"`` the same sum under plain
+      autodiff (slower); ``"auto"`` merges
       ``W + s·A·B`` on the fly, which rounds the update to the base dtype
       once: in bf16 a small adapter delta is lost from the forward pass (as
       in merged bf16 inference); ``"fused"`` always merges.

@@ -171,7 +171,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
-  set_lora_matmul(model, cfg.model.lora_matmul, shared_input=False)
+  set_lora_matmul(model, _lora_matmul(cfg.model.lora_matmul, mesh_shape), shared_input=False)
   if cfg.model.scan_unroll == "auto" and not given and hasattr(model, "scan_unroll"):
     model.scan_unroll = _memory_fit.job_scan_unroll(
         model, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
@@ -291,6 +291,12 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
         capacity_gib=m.device_memory_gib, backend=jax.default_backend(),
         scan_unroll=1 if cfg.model.scan_unroll == "auto" else cfg.model.scan_unroll)
   return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
+
+
+def _lora_matmul(mode: str, mesh_shape: tuple[int, int, int]) -> str:
+  """``mode``, except ``"exact"`` under tensor parallelism, which computes the same sum as ``"plain"``:
+  the stacked matmul pads and concatenates along the row-parallel kernels' split axis."""
+  return "plain" if mode == "exact" and mesh_shape[2] > 1 else mode
 
 
 def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
