@@ -525,8 +525,9 @@ UNROLL_TIMEOUT = 300  # an unrolled layer loop compiles every layer: minutes, no
 FUSED = dict(lora_matmul="auto", shared=1)
 AUTO = dict(lora_matmul="auto", shared=0)  # the fastest measured setting (NOTES.md entries 7-8)
 PLAIN = dict(lora_matmul="plain", shared=0)
-EXACT = dict(lora_matmul="exact", shared=0)  # jlora.train's defaults: exact matmul, scan_unroll="auto"
-DEFAULTS = dict(EXACT, scan_unroll="auto", timeout=UNROLL_TIMEOUT)
+EXACT = dict(lora_matmul="exact", shared=0)
+DEFAULTS = dict(PLAIN, scan_unroll="auto", timeout=UNROLL_TIMEOUT)  # jlora.train's defaults
+BEST = dict(AUTO, scan_unroll="auto", timeout=UNROLL_TIMEOUT)
 
 
 def _attention_suite(shape: str, batch: int, seq: int) -> list[dict]:
@@ -536,11 +537,11 @@ def _attention_suite(shape: str, batch: int, seq: int) -> list[dict]:
 
 
 SUITES = {
-    # jlora.train's defaults (exact matmul, scan_unroll="auto") beside the exact matmul rolled, the lossy
-    # "auto" matmul, plain autodiff and PEFT + torch.compile, TinyLlama shape.
-    "defaults": lambda b: [dict(framework="jlora", batch=n, **extra) for n in b
-                           for extra in (PLAIN, AUTO, EXACT, DEFAULTS)]
+    # jlora.train's defaults (plain matmul, scan_unroll="auto"), the fastest setting (auto matmul,
+    # scan_unroll="auto") and PEFT + torch.compile, TinyLlama shape; "matmuls" adds each matmul rolled.
+    "defaults": lambda b: [dict(framework="jlora", batch=n, **extra) for n in b for extra in (DEFAULTS, BEST)]
                           + [dict(framework="peft-compile", batch=n) for n in b],
+    "matmuls": lambda b: [dict(framework="jlora", batch=n, **extra) for n in b for extra in (PLAIN, AUTO, EXACT)],
     "defaults3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **DEFAULTS)]
                             + [dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
     # jlora's matmul levers beside PEFT (eager and torch.compile), TinyLlama shape.

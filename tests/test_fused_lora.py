@@ -173,7 +173,7 @@ def test_lora_projections_equals_separate_calls_for_plain_layers():
 
 
 def test_unknown_mode_is_rejected_with_the_choices():
-  with pytest.raises(ValueError, match="exact, auto, fused, plain"):
+  with pytest.raises(ValueError, match="auto, fused, plain, exact"):
     set_lora_matmul(adapted(), "merged")
 
 
@@ -196,21 +196,21 @@ def f32(u):
   return u.astype(jnp.float32)
 
 
-def test_exact_default_is_as_close_to_float32_as_plain_in_bf16():
+def test_exact_is_as_close_to_float32_as_plain_in_bf16():
   # Tolerance: the largest error plain makes against the float32 sum of the same bf16 inputs.
   x, w, a, b = bf16_case(tokens=512)
   want = f32(x) @ f32(w) + (f32(x) @ a) @ b
-  (got,) = lora_matmul(x, [w], [(a, b)])
+  (got,) = lora_matmul(x, [w], [(a, b)], mode="exact")
   assert got.dtype == jnp.bfloat16
   plain_error = float(jnp.max(jnp.abs(f32(bf16_plain(x, w, a, b)) - want)))
   assert float(jnp.max(jnp.abs(f32(got) - want))) <= plain_error
 
 
-def test_exact_default_gradients_are_as_close_to_float32_as_plain_in_bf16():
+def test_exact_gradients_are_as_close_to_float32_as_plain_in_bf16():
   x, w, a, b = bf16_case(tokens=512)
   cot = jax.random.normal(jax.random.key(2), (512, 128)).astype(jnp.bfloat16)
   loss = lambda fn: lambda x, a, b: jnp.sum(f32(fn(x, a, b)) * f32(cot))
-  exact = jax.grad(loss(lambda x, a, b: lora_matmul(x, [w], [(a, b)])[0]), argnums=(0, 1, 2))(x, a, b)
+  exact = jax.grad(loss(lambda x, a, b: lora_matmul(x, [w], [(a, b)], mode="exact")[0]), argnums=(0, 1, 2))(x, a, b)
   plain = jax.grad(loss(lambda x, a, b: bf16_plain(x, w, a, b)), argnums=(0, 1, 2))(x, a, b)
   ref = jax.grad(loss(lambda x, a, b: f32(x) @ f32(w) + (f32(x) @ a) @ b), argnums=(0, 1, 2))(f32(x), a, b)
   for got, by_plain, want in zip(exact, plain, ref):
@@ -227,33 +227,25 @@ def delta_seen(y, x, w, a, b):
   return float(jnp.vdot(f32(y) - f32(x) @ f32(w), delta) / jnp.vdot(delta, delta))
 
 
-def test_exact_default_keeps_an_adapter_delta_below_the_kernels_bf16_spacing():
-  # B small enough that W + A·B rounds back to W in bf16: merging loses the update, the default keeps it.
+def test_exact_keeps_an_adapter_delta_below_the_kernels_bf16_spacing():
+  # B small enough that W + A·B rounds back to W in bf16: merging loses the update, exact keeps it (plain's
+  # final bf16 add loses it too: see bench/NOTES.md, entry 24).
   x, w, a, b = bf16_case(b_scale=1e-4)
   assert float(jnp.max(jnp.abs(f32((a @ b).astype(jnp.bfloat16) + w) - f32(w)))) > 0  # not all lost...
   assert float(jnp.mean((f32(w) + a @ b).astype(jnp.bfloat16) == w)) > 0.9  # ...but most of it
-  assert abs(delta_seen(lora_matmul(x, [w], [(a, b)])[0], x, w, a, b) - 1) < 0.05
+  assert abs(delta_seen(lora_matmul(x, [w], [(a, b)], mode="exact")[0], x, w, a, b) - 1) < 0.05
   assert delta_seen(lora_matmul(x, [w], [(a, b)], mode="auto")[0], x, w, a, b) < 0.5
+  assert delta_seen(bf16_plain(x, w, a, b), x, w, a, b) < 0.5
 
 
 def test_exact_stacks_the_adapter_into_the_frozen_matmul():
   # Above the threshold one [T, in + R] x [in + R, out] dot forward, one [T, out + R] x [in, out + R] dot
   # for dx backward; R = the rank padded to 8 columns.
   x, w, a, b = bf16_case(tokens=64, d_in=32, d_out=16, rank=2)
-  fwd = jax.jit(lambda x, a, b: lora_matmul(x, [w], [(a, b)])).lower(x, a, b).as_text(dialect="hlo")
+  fwd = jax.jit(lambda x, a, b: lora_matmul(x, [w], [(a, b)], mode="exact")).lower(x, a, b).as_text(dialect="hlo")
   assert "bf16[64,40]" in fwd and "bf16[40,16]" in fwd
-  bwd = jax.jit(jax.grad(lambda x, a, b: jnp.sum(f32(lora_matmul(x, [w], [(a, b)])[0])))).lower(x, a, b)
+  bwd = jax.jit(jax.grad(lambda x, a, b: jnp.sum(f32(lora_matmul(x, [w], [(a, b)], mode="exact")[0])))).lower(x, a, b)
   assert "bf16[64,24]" in bwd.as_text(dialect="hlo") and "bf16[32,24]" in bwd.as_text(dialect="hlo")
-
-
-def test_exact_is_the_default_of_layers_and_set_lora_matmul():
-  model = adapted()
-  from jlora.nn import LoraLinear, lora_layers
-  layers = [l for _, l in lora_layers(model) if isinstance(l, LoraLinear)]
-  assert layers and all(l.matmul_mode == "exact" for l in layers)
-  set_lora_matmul(model, "plain")
-  set_lora_matmul(model)
-  assert all(l.matmul_mode == "exact" for l in layers)
 
 
 @pytest.mark.parametrize("mode, mesh, want", [("exact", (1, 1, 1), "exact"), ("exact", (2, 4, 1), "exact"),

@@ -15,7 +15,7 @@ from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
 from jlora.nn._dora import DoraAdapter
-from jlora.nn._fused import DEFAULT_MATMUL, lora_matmul
+from jlora.nn._fused import lora_matmul
 from jlora.nn._layer import LoraLayer
 from jlora.nn._registry import register_lora_layer
 from jlora.nn._routing import dropout_active
@@ -25,15 +25,15 @@ from jlora.nn._routing import dropout_active
 class LoraLinear(LoraLayer):
   """``nnx.Linear`` (kernel ``[in, out]``): A ``[in, r]``, B ``[r, out]``.
 
-  Its forward pass goes through ``lora_matmul`` (by default ``[x | x·A]·[W ; B]``
-  as one matmul above a token threshold, low-rank backward) unless ``matmul_mode`` is ``"plain"``
+  Its forward pass goes through ``lora_matmul`` (stacked or merged on the fly above a
+  token threshold, low-rank backward) unless ``matmul_mode`` is ``"plain"``
   or the call needs the generic path (dropout, per-sample routing, a custom
   ``dot_general``). ``set_lora_matmul`` sets the mode for a whole model.
   """
 
-  matmul_mode: str = DEFAULT_MATMUL
-  """``"exact"`` | ``"auto"`` | ``"fused"`` | ``"plain"`` (``jlora.nn.MATMUL_MODES``); ``set_lora_matmul``
-  sets it for a model. ``"exact"`` and ``"plain"`` compute the same sum; ``"auto"`` and ``"fused"``
+  matmul_mode: str = "plain"
+  """``"plain"`` | ``"exact"`` | ``"auto"`` | ``"fused"`` (``jlora.nn.MATMUL_MODES``); ``set_lora_matmul``
+  opts a model in. ``"exact"`` and ``"plain"`` compute the same sum; ``"auto"`` and ``"fused"``
   round ``W + A·B`` to the compute dtype once (an update below W's spacing is lost)."""
   shared_input: bool = True
   """Whether ``lora_projections`` may fuse this layer with siblings reading the same input."""

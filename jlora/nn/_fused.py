@@ -3,9 +3,9 @@
 Plain autodiff of ``x@W + s·(x@A)@B`` runs two narrow, memory-bound matmuls
 and an add in each direction, each writing and re-reading an activation-sized
 array. ``lora_matmul`` computes the same sum with fewer passes, in one of
-three ways (``MATMUL_MODES``):
+three ways (``MATMUL_MODES``; ``"plain"`` is plain autodiff, outside this function):
 
-- ``"exact"`` (the default), above ``merge_threshold`` tokens, **stacks the
+- ``"exact"``, above ``merge_threshold`` tokens, **stacks the
   adapter onto the frozen matmul's contraction**: ``y = [x | h] · [W ; B]``
   with ``h = x·A``. ``x`` is written once into an ``[T, in + R]`` buffer whose
   last ``R`` columns start at zero, so ``h = [x | 0]·[A ; 0]`` reads it as is;
@@ -18,10 +18,13 @@ three ways (``MATMUL_MODES``):
   written; the weights pay one ``[W ; B]`` (``[W | A]`` backward) copy per
   pass, 4 bytes per bf16 parameter. Below the threshold, the unmerged sum
   with the low-rank backward below (no weight copy: decoding, short prompts).
-- ``"auto"`` (lossy, fast) multiplies ``x`` by the kernel merged on the fly,
+  On an H100 under XLA it trains slower than ``"plain"`` (bench/NOTES.md,
+  entry 24): the padded buffers cost more passes than the sums they save.
+- ``"auto"`` (fast) multiplies ``x`` by the kernel merged on the fly,
   ``W' = W + A·B`` rounded to the compute dtype, above the threshold:
   in bf16 an update smaller than half of W's spacing (``2**-9·|W|``) is lost
-  from the forward pass and from ``dx``; ``"fused"`` always merges.
+  from the forward pass and from ``dx`` (as ``"plain"`` loses one below half
+  of y's spacing in its final bf16 add); ``"fused"`` always merges.
 - every mode's low-rank backward: ``dA = xᵀ·(dy·Bᵀ)`` and ``dB = (x·A)ᵀ·dy``
   (``low_rank_grads``); the frozen kernels get a gradient only when
   something differentiates them.
@@ -43,12 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-MATMUL_MODES = ("exact", "auto", "fused", "plain")
-"""``"exact"``: ``[x | x·A]·[W ; B]`` above ``merge_threshold`` tokens, as exact as ``"plain"``;
-``"auto"``: merge ``W + A·B`` on the fly above the threshold (rounds the update into W's dtype);
-``"fused"``: always merge on the fly; ``"plain"``: the unfused ``x@W + s·(x@A)@B`` under plain autodiff."""
-
-DEFAULT_MATMUL = "exact"
+MATMUL_MODES = ("auto", "fused", "plain", "exact")
+"""``"auto"``: merge ``W + A·B`` on the fly above ``merge_threshold`` tokens (rounds the update into
+W's dtype); ``"fused"``: always merge on the fly; ``"plain"``: the unfused ``x@W + s·(x@A)@B`` under
+plain autodiff; ``"exact"``: ``[x | x·A]·[W ; B]`` above the threshold (one rounding of the sum)."""
 
 STACK_ALIGN = 8
 """The stacked contraction's adapter columns are padded with zeros to a multiple of this (16-byte
@@ -82,7 +83,7 @@ def strategy(mode: str, tokens: int, d_in: int, d_out: int) -> str:
 
 
 def lora_matmul(x: jax.Array, kernels: Sequence[jax.Array], factors: Sequence[tuple[jax.Array, jax.Array]],
-                *, mode: str = DEFAULT_MATMUL, dtype=None, precision=None) -> tuple[jax.Array, ...]:
+                *, mode: str = "auto", dtype=None, precision=None) -> tuple[jax.Array, ...]:
   """``x @ W_p + (x @ A_p) @ B_p`` for each projection p.
 
   Args:
@@ -218,8 +219,10 @@ def _stack_backward(dtype, precision, xh, kernels, a_parts, b_parts, dys):
   dyh, dh = _with_columns(dy, rank, lambda buf: contract_last(buf, jnp.pad(b, ((0, 0), (0, rank)))))
   a = jnp.pad(_cat([a.astype(dtype) for a in a_parts]), ((0, 0), (0, rank - sum(ranks))))
   dx = contract_last(dyh, jnp.concatenate([_cat([w.astype(dtype) for w in kernels]), a], axis=1))
-  da = over_tokens(xh[:, :d_in], dh)
-  db = over_tokens(xh[:, d_in:], dy)  # [rank, out]: B̃'s blocks are the B's gradients
+  # Whole-buffer products, sliced after: a column slice of [x | h] or [dy | dh] as a GEMM operand would
+  # be copied first (T x in); the extra rows and columns are rank-sized.
+  da = over_tokens(xh, dh)[:d_in]
+  db = over_tokens(xh[:, d_in:], dyh)[:, :dy.shape[-1]]  # [rank, out]: B̃'s blocks are the B's gradients
   da_parts, db_parts, r0, o0 = [], [], 0, 0
   for a_p, b_p in zip(a_parts, b_parts):
     r, o = a_p.shape[-1], b_p.shape[-1]

@@ -16,16 +16,17 @@ import jax
 from flax import nnx
 
 from jlora.nn._builtin_layers import LoraLinear, linear_parts, zero_rank
-from jlora.nn._fused import DEFAULT_MATMUL, check_matmul_mode, lora_matmul
+from jlora.nn._fused import check_matmul_mode, lora_matmul
 from jlora.nn._inject import lora_layers
 from jlora.nn._layer import LoraLayer
 
 
-def set_lora_matmul(model: nnx.Module, mode: str = DEFAULT_MATMUL, *, shared_input: bool = True) -> None:
+def set_lora_matmul(model: nnx.Module, mode: str = "auto", *, shared_input: bool = True) -> None:
   """Choose how every ``LoraLinear`` of ``model`` computes (before jitting its forward pass).
 
-  The default, ``"exact"``, is the fast setting for training and long prompts
-  and computes what ``"plain"`` computes (``jlora.nn.lora_matmul``).
+  Layers start with ``"plain"``; ``"auto"`` is the fast setting for training
+  and long prompts, ``"exact"`` the fused form that rounds least
+  (``jlora.nn.lora_matmul``).
 
   Args:
     mode: ``"exact"`` (``[x | x·A]·[W ; B]`` as one matmul above a token
