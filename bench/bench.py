@@ -541,6 +541,7 @@ SUITES = {
     # scan_unroll="auto") and PEFT + torch.compile, TinyLlama shape; "matmuls" adds each matmul rolled.
     "defaults": lambda b: [dict(framework="jlora", batch=n, **extra) for n in b for extra in (DEFAULTS, BEST)]
                           + [dict(framework="peft-compile", batch=n) for n in b],
+    "default": lambda b: [dict(framework="jlora", batch=n, **DEFAULTS) for n in b],
     "matmuls": lambda b: [dict(framework="jlora", batch=n, **extra) for n in b for extra in (PLAIN, AUTO, EXACT)],
     "defaults3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **DEFAULTS)]
                             + [dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
