@@ -26,6 +26,7 @@ from jlora.nn import disable_adapters, set_lora_matmul
 from jlora.train import _data, _distributed, _memory_fit, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
+from jlora.train._compile_cache import enable_compile_cache
 from jlora.train._config_sections import planned_adapter
 from jlora.train._model import add_adapter, check_tokenizer_fits, load_model, max_length, set_attention, vocab_size
 from jlora.train._report import (
@@ -133,12 +134,14 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   if not isinstance(cfg, TrainConfig):
     raise TypeError(f"train() takes a jlora.TrainConfig, got {type(cfg).__name__}.")
   _sharding.initialize_distributed()
+  enable_compile_cache(cfg.compile_cache)  # before the first compile
   out = Path(cfg.output_dir)
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
   check_report(cfg.report)
   check_attention(cfg.model.attention, for_backend=True)  # before any weights are read
   model_dir, remat, picked = None, "", ""
+  given = model is not None  # a model built in code keeps its own scan_unroll
   if cfg.mesh.fsdp == -1:
     model, model_dir, mesh_shape, remat, picked = _auto_mesh(cfg, model)
   else:
@@ -168,7 +171,12 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
-  set_lora_matmul(model, cfg.model.lora_matmul, shared_input=False)
+  set_lora_matmul(model, _lora_matmul(cfg.model.lora_matmul, mesh_shape), shared_input=False)
+  if cfg.model.scan_unroll == "auto" and not given and isinstance(model, LanguageModel):
+    r, targets = planned_adapter(cfg.adapter)
+    model.scan_unroll = _memory_fit.job_scan_unroll(
+        model, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape, remat=model.remat, r=r,
+        targets=targets, capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
   _plan_memory(cfg, model, mesh_shape, picked)
   _distributed.barrier("jlora:checked-output-dir")  # every process decided before process 0 writes
   if jax.process_index() == 0:
@@ -280,9 +288,15 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
   if sizes is not None:
     shape, remat, said = _memory_fit.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
-        tensor=m.tensor, r=r, targets=targets,
-        capacity_gib=m.device_memory_gib, backend=jax.default_backend(), scan_unroll=cfg.model.scan_unroll)
+        tensor=m.tensor, r=r, targets=targets, capacity_gib=m.device_memory_gib, backend=jax.default_backend(),
+        scan_unroll=1 if cfg.model.scan_unroll == "auto" else cfg.model.scan_unroll)
   return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
+
+
+def _lora_matmul(mode: str, mesh_shape: tuple[int, int, int]) -> str:
+  """``mode``, except ``"exact"`` under tensor parallelism, which computes the same sum as ``"plain"``:
+  the stacked matmul pads and concatenates along the row-parallel kernels' split axis."""
+  return "plain" if mode == "exact" and mesh_shape[2] > 1 else mode
 
 
 def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
@@ -293,7 +307,7 @@ def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
       remat=model.remat if ours else cfg.model.remat, r=r, targets=targets,
       capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend(),
-      scan_unroll=model.scan_unroll if ours else cfg.model.scan_unroll)
+      scan_unroll=model.scan_unroll if ours else 1)
   if plan is not None and jax.process_index() == 0:
     print(plan.describe() + (f"\n  {picked}" if picked else ""), flush=True)
 
