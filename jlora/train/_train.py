@@ -111,8 +111,9 @@ class TrainResult:
 
 def _prepare_data(cfg: TrainConfig, tokenizer):
   path = cfg.data.path or str(_data.EMBEDDED_QA)
+  say = print if jax.process_index() == 0 else (lambda sentence: None)
   load = lambda p: _data.load_rows(p, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field,
-                                   cfg.data.packing)
+                                   cfg.data.packing, cfg.data.truncation, say)
   rows = load(path)
   if cfg.data.eval_path:
     return rows, load(cfg.data.eval_path)
