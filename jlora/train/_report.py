@@ -147,11 +147,11 @@ class Progress:
     self._tokens = 0
     self.eta: float | None = None  # seconds left; None until a step after the first has run
 
-  def update(self, loss: float, tokens: int, eval_loss: float | None = None) -> float:
-    """Advance one step; returns tokens/s since the first step ended (0.0 on the first step)."""
+  def update(self, loss: float, tokens: int, eval_loss: float | None = None) -> float | None:
+    """Advance one step; returns tokens/s since the first step ended (None on the first step: no rate yet)."""
     self._step += 1
     now = self._clock()
-    rate = 0.0
+    rate = None
     if self._t0 is None:
       self._t0 = now
     else:
