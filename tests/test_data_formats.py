@@ -182,3 +182,20 @@ def test_a_checkpoint_dir_without_tokenizer_files_names_the_cause_and_the_fix(tm
   with pytest.raises(ValueError, match=r"no tokenizer files.*data\.tokenizer=DIR") as e:
     load_tokenizer("", str(tmp_path))
   assert "sentencepiece" not in str(e.value)
+
+
+def test_prompts_to_continue_start_with_the_bos_training_records_had(plain_tok, monkeypatch):
+  import jax.numpy as jnp
+
+  import jlora.models
+  from jlora.train._report import continue_prompts
+
+  seen = []
+
+  def generate(model, ids, max_new_tokens, **kwargs):
+    seen.append(np.asarray(ids)[0].tolist())
+    return jnp.concatenate([ids, jnp.full((ids.shape[0], max_new_tokens), plain_tok.eos_id, ids.dtype)], axis=1)
+
+  monkeypatch.setattr(jlora.models, "generate", generate)
+  assert continue_prompts(None, plain_tok, ["Mia had"], 2) == [""]
+  assert seen == [plain_tok._tok("Mia had").input_ids]

@@ -278,7 +278,7 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, se
 
   out = []
   for prompt in prompts:
-    ids = tokenizer.encode(prompt)[-(seq_len - max_new_tokens):]
+    ids = (list(getattr(tokenizer, "bos_ids", [])) + tokenizer.encode(prompt))[-(seq_len - max_new_tokens):]
     new = []
     for _ in range(max_new_tokens):
       window = np.full((1, seq_len), tokenizer.pad_id, np.int32)
@@ -304,7 +304,8 @@ def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
   from jlora.models import generate
 
-  encoded = [tokenizer.encode(p) for p in prompts]
+  bos = list(getattr(tokenizer, "bos_ids", []))  # what training records start with
+  encoded = [bos + tokenizer.encode(p) for p in prompts]
   width = max(len(ids) for ids in encoded)
   ids = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(encoded), width), np.int32)
