@@ -44,3 +44,25 @@ def test_saved_adapter_directories_follow_the_umask(tmp_path):
   finally:
     os.umask(old)
   assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+
+
+def command_lines() -> list[str]:
+  """The ``jlora VERB ...`` lines of the README's command-line summary (an indented shell block)."""
+  section = README.read_text().split("## Command line", 1)[1].split("\n## ", 1)[0]
+  return [line.split("#")[0].strip() for line in section.splitlines() if line.startswith("    jlora ")]
+
+
+def test_every_command_the_readme_lists_exists_with_the_options_it_shows(capsys):
+  """The summary's shell block is checked, not run (it trains and merges real models): each verb has
+  ``--help``, and each ``--option`` the line shows is in that help."""
+  from jlora.cli import main
+
+  lines = command_lines()
+  assert [line.split()[1] for line in lines] == ["train", "merge", "generate", "inspect", "convert"]
+  for line in lines:
+    with pytest.raises(SystemExit) as e:
+      main([line.split()[1], "--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    for option in re.findall(r"--[a-z][a-z-]*", line):
+      assert option in shown, (line, option)
