@@ -199,3 +199,11 @@ def test_prompts_to_continue_start_with_the_bos_training_records_had(plain_tok, 
   monkeypatch.setattr(jlora.models, "generate", generate)
   assert continue_prompts(None, plain_tok, ["Mia had"], 2) == [""]
   assert seen == [plain_tok._tok("Mia had").input_ids]
+
+
+def test_a_conversation_the_chat_template_rejects_is_one_data_error(tmp_path):
+  no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+               "{% endif %}" + CHATML)
+  tok = HFTokenizer(bpe_tokenizer_dir(tmp_path, chat_template=no_system))
+  with pytest.raises(DataError, match=r"f\.jsonl:1: .*chat template rejects.*System role not supported"):
+    encode_record({"messages": CHAT}, "f.jsonl:1", tok)

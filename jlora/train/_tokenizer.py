@@ -78,7 +78,12 @@ class HFTokenizer:
     across a boundary cannot shift the mask. The template writes any BOS
     itself (what ``apply_chat_template`` does), so none is added.
     """
-    render = lambda ms, gen: self._tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+    def render(ms, gen):
+      try:
+        return self._tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+      except Exception as e:  # jinja's TemplateError, or raise_exception() in the template (e.g. no system role)
+        raise ValueError(f"the tokenizer's chat template rejects the conversation ({e})") from None
+
     text = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
