@@ -16,6 +16,7 @@ with ``from jlora.train import ...``.
 """
 
 from jlora._api import get_peft_model
+from jlora.kinds import VeraConfig
 from jlora.io import from_pretrained, hotswap_adapter, load_peft, save_peft, save_pretrained
 from jlora.models import generate
 from jlora.nn import (
@@ -39,6 +40,7 @@ from jlora.nn import (
     merge_adapter,
     peft_config,
     per_sample_adapters,
+    register_adapter_kind,
     register_lora_layer,
     set_adapter,
     set_lora_matmul,

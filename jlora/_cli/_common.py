@@ -39,6 +39,7 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
   258 byte ids (the shipped base and models merged from it), use the byte
   tokenizer.
   """
+  from jlora.train._model import check_tokenizer_fits
   from jlora.train._tokenizer import ByteTokenizer, load_tokenizer
 
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -53,9 +54,10 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
   if tokenizer is None and vocab == ByteTokenizer.vocab_size:
     tokenizer = ByteTokenizer()
   if tokenizer is not None:
-    if vocab is not None and tokenizer.vocab_size > vocab:
-      raise CliError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
-                     "model's own tokenizer (--tokenizer DIR).")
+    try:
+      check_tokenizer_fits(tokenizer, model, "use the model's own tokenizer (--tokenizer DIR).")
+    except ValueError as e:
+      raise CliError(str(e)) from None
     return tokenizer
   raise CliError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR "
                  "(a directory with the model's tokenizer), or --tokenizer bytes for a byte-level model.")

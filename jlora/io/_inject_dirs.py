@@ -14,8 +14,7 @@ from flax import nnx
 
 from jlora import nn as _nn
 from jlora.io._peft_load import load_peft
-from jlora.nn import WLoraConfig
-from jlora.nn._config import AdapterConfig
+from jlora.nn import AdapterConfig, WLoraConfig
 
 
 def get_peft_model(model: nnx.Module, config: AdapterConfig, adapter_name: str = "default") -> nnx.Module:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.models._cache import KVCache
+from jlora.models._language_model import LanguageModel
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -83,7 +84,7 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, temperature: flo
     raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
   if temperature < 0 or not 0.0 < top_p <= 1.0:
     raise ValueError(f"Need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
-  if not hasattr(model, "config") or not hasattr(model.config, "num_key_value_heads"):
+  if not isinstance(model, LanguageModel):
     raise ValueError(f"generate needs a jlora.models model (from jlora.from_pretrained), got {type(model).__name__}.")
   vocab = model.config.vocab_size
   if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:

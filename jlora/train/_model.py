@@ -9,39 +9,19 @@ jlora) or a local Hugging Face checkpoint directory, which
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
 from jlora.io import from_pretrained
-from jlora.models import check_attention
+from jlora.models import LanguageModel, check_attention
 from jlora.io._inject_dirs import get_peft_model
 from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.quant import quantize
 from jlora.train._config import AdapterConfig, ModelConfig
+from jlora.train._presets import preset, presets, register_preset  # noqa: F401  (re-exported)
 from jlora.train._tokenizer import load_tokenizer
-
-_PRESETS: dict[str, Callable[[ModelConfig], nnx.Module]] = {}
-
-
-def register_preset(name: str, factory: Callable[[ModelConfig], nnx.Module]) -> None:
-  """Make ``model.name = name`` build ``factory(model_config)`` (a model with random weights).
-
-  Registering a built-in name (``"tiny"``) replaces it.
-  """
-  _load_builtin_presets()
-  _PRESETS[name] = factory
-
-
-def presets() -> list[str]:
-  _load_builtin_presets()
-  return sorted(_PRESETS)
-
-
-def _load_builtin_presets() -> None:
-  from jlora.train import _presets  # noqa: F401  (registers "tiny" and friends)
 
 
 def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
@@ -52,9 +32,8 @@ def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
   whole model. Presets are built whole (they are small, random and local).
   """
   model, model_dir = _base_model(cfg, mesh)
-  if hasattr(model, "remat"):
+  if isinstance(model, LanguageModel):
     model.remat = cfg.remat
-  if hasattr(model, "scan_unroll"):
     model.scan_unroll = cfg.scan_unroll
   set_attention(model, cfg.attention)
   return model, model_dir
@@ -65,24 +44,24 @@ def set_attention(model: nnx.Module, attention: str) -> None:
 
   Raises ValueError (with the fix) for a kernel this backend cannot run, e.g.
   ``"splash"`` off TPU, so the job fails before anything compiles. Models
-  without an ``attention`` attribute (custom ones) keep their own attention.
+  that are not a ``jlora.models.LanguageModel`` (custom ones) keep their own attention.
   """
   check_attention(attention, for_backend=True)
-  if hasattr(model, "attention"):
+  if isinstance(model, LanguageModel):
     model.attention = attention
 
 
 def _base_model(cfg: ModelConfig, mesh: Mesh | None):
-  _load_builtin_presets()
-  if cfg.name in _PRESETS:
-    model = _PRESETS[cfg.name](cfg)
+  factory = preset(cfg.name)
+  if factory is not None:
+    model = factory(cfg)
     return (quantize(model, cfg.quantize) if cfg.quantize else model), None
   path = Path(cfg.name).expanduser()
   if path.is_dir() or path.is_file():  # a file gets from_pretrained's error: pass its directory
     return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), mesh=mesh,
                            quantize=cfg.quantize or None), str(path)
   raise ValueError(
-      f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
+      f"model.name={cfg.name!r} is neither a preset ({', '.join(presets())}) nor a local "
       "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")
 
 
@@ -106,6 +85,13 @@ def vocab_size(model: nnx.Module) -> int | None:
   config = getattr(model, "config", None)
   value = getattr(config, "vocab_size", None)
   return value if isinstance(value, int) else None
+
+
+def check_tokenizer_fits(tokenizer, model: nnx.Module, fix: str) -> None:
+  """ValueError (ending with ``fix``) when ``tokenizer`` has more ids than the model's vocabulary."""
+  vocab = vocab_size(model)
+  if vocab is not None and tokenizer.vocab_size > vocab:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; {fix}")
 
 
 def adapter_config(cfg: AdapterConfig):

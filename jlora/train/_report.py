@@ -260,8 +260,10 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, se
   import jax.numpy as jnp
   from flax import nnx
 
+  from jlora.models import LanguageModel
+
   model.eval()
-  if hasattr(getattr(model, "config", None), "num_key_value_heads"):
+  if isinstance(model, LanguageModel):
     try:
       return [p + c for p, c in zip(prompts, continue_prompts(model, tokenizer, prompts, max_new_tokens))]
     except (ValueError, TypeError) as e:  # keep the run's outputs; the loop below needs only the forward
