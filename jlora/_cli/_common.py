@@ -20,14 +20,13 @@ def describe(doc: str) -> str:
 
 def load_base(name: str, dtype: str = "float32"):
   """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
-  from jlora.train._config import ModelConfig
-  from jlora.train._model import load_model, presets
+  from jlora.train import ModelSection, load_model, presets
 
   if name not in presets() and not Path(name).expanduser().is_dir():
     raise CliError(f"{name!r} is neither a model preset ({', '.join(presets())}) nor a local checkpoint "
                    "directory; pass a directory holding config.json and model.safetensors.")
   try:
-    return load_model(ModelConfig(name=name, dtype=dtype, remat="none"))
+    return load_model(ModelSection(name=name, dtype=dtype, remat="none"))
   except ValueError as e:
     raise CliError(str(e)) from None
 
@@ -39,8 +38,7 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
   258 byte ids (the shipped base and models merged from it), use the byte
   tokenizer.
   """
-  from jlora.train._model import check_tokenizer_fits
-  from jlora.train._tokenizer import ByteTokenizer, load_tokenizer
+  from jlora.train import ByteTokenizer, check_tokenizer_fits, load_tokenizer
 
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   tokenizer = None

@@ -28,8 +28,7 @@ from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, writing
 from jlora.io._placement import ParamSource, check_mesh, place, sharding_for
 from jlora.models import Family, FamilyConfig, family_for, family_of
-from jlora.nn import LoraLayer
-from jlora.nn._targets import STACK_ATTR
+from jlora.nn import STACK_ATTR, LoraLayer
 from jlora.quant import LoadQuantizer, QuantizedWeight
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"

@@ -64,7 +64,7 @@ class DoraAdapter(LoraAdapter):
     dtype = y.dtype
     bias = getattr(layer.base_layer, "bias", None)
     dropped = self.dropout_key is not None and not self.deterministic
-    xd = self._dropout(x) if dropped else x
+    xd = self.apply_dropout(x) if dropped else x
     lora = self.delta(layer, xd, dtype, dropout=False)
     # Without dropout the base output is already there; with it, PEFT recomputes x_dropped·W.
     base = layer.base_layer(xd, *args, **kwargs) if dropped else y

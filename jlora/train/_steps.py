@@ -16,8 +16,7 @@ import optax
 from flax import nnx
 
 from jlora.models import LanguageModel, placed
-from jlora.nn import LoraParam
-from jlora.nn._variables import LoraRngKey
+from jlora.nn import LoraParam, LoraRngKey
 from jlora.train._loss import chunked_nll, masked_nll
 from jlora.train._optimizer import adapter_optimizer
 from jlora.train._sharding import placement

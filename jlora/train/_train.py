@@ -26,11 +26,12 @@ from jlora.nn import disable_adapters, set_lora_matmul
 from jlora.train import _data, _distributed, _memory_fit, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
-from jlora.train._model import (add_adapter, check_tokenizer_fits, load_model, max_length, set_attention,
-                                tokenizer_for, vocab_size)
+from jlora.train._config_sections import planned_adapter
+from jlora.train._model import add_adapter, check_tokenizer_fits, load_model, max_length, set_attention, vocab_size
 from jlora.train._report import (
     Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
 from jlora.train._run_dir import check_output_dir, claim_output_dir
+from jlora.train._tokenizer import load_tokenizer
 from jlora.train._export import export_adapter
 
 
@@ -150,7 +151,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     set_attention(model, cfg.model.attention)
   if remat and isinstance(model, LanguageModel):
     model.remat = remat
-  tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
+  tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is over the model's maximum of {limit} positions; "
@@ -282,10 +283,11 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
     sizes = _memory_fit.model_sizes(model)
   m, remat, said = cfg.mesh, "", ""
   shape = (m.data, 1, m.tensor)
+  r, targets = planned_adapter(cfg.adapter)
   if sizes is not None:
     shape, remat, said = _memory_fit.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
-        tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+        tensor=m.tensor, r=r, targets=targets,
         capacity_gib=m.device_memory_gib, backend=jax.default_backend(), scan_unroll=cfg.model.scan_unroll)
   return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
 
@@ -293,9 +295,10 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
 def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
   """Print the per-device memory plan (and what ``mesh.fsdp=-1`` picked); refuse what won't fit."""
   ours = isinstance(model, LanguageModel)
+  r, targets = planned_adapter(cfg.adapter)
   plan = _memory_fit.plan_job(
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
-      remat=model.remat if ours else cfg.model.remat, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+      remat=model.remat if ours else cfg.model.remat, r=r, targets=targets,
       capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend(),
       scan_unroll=model.scan_unroll if ours else cfg.model.scan_unroll)
   if plan is not None and jax.process_index() == 0:
