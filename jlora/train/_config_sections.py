@@ -172,9 +172,18 @@ class DataSection:
     eval_path: held-out data in the same forms; ``""`` holds out
       ``eval_fraction`` of the training sequences instead.
     format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /
-      ``completion``), ``"chat"`` (``messages``), or ``"auto"`` (per record).
+      ``completion``, or Alpaca's ``instruction`` / ``input`` / ``output``),
+      ``"chat"`` (``messages`` of ``role`` / ``content``, or ShareGPT's
+      ``conversations`` of ``from`` / ``value``; the tokenizer's chat template
+      when it has one), or ``"auto"`` (per record).
     seq_len: tokens per training sequence.
-    packing: pack several records into one sequence (else one per row, padded).
+    truncation: a record longer than ``seq_len``: ``"truncate"`` keeps its
+      prompt and cuts the answer's tail (or, when the prompt alone is too
+      long, the prompt's head), ``"drop"`` leaves it out, ``"split"`` cuts it
+      into pieces (later pieces train without their prompt). The job says
+      how many records were cut.
+    packing: pack several records into one sequence (else one per row,
+      padded); records stay whole unless ``truncation="split"``.
     tokenizer: ``""`` uses the model's (its checkpoint dir's tokenizer files
       for local models, bytes for presets); ``"bytes"`` forces the byte tokenizer.
     seed: shuffling seed (each epoch is a fresh deterministic permutation).
@@ -185,6 +194,7 @@ class DataSection:
   format: Literal["auto", "text", "instruction", "chat"] = "auto"
   text_field: str = "text"
   seq_len: int = 128
+  truncation: Literal["truncate", "drop", "split"] = "truncate"
   packing: bool = True
   eval_fraction: float = 0.1
   tokenizer: str = ""

@@ -114,8 +114,9 @@ class TrainResult:
 
 def _prepare_data(cfg: TrainConfig, tokenizer):
   path = cfg.data.path or str(_data.EMBEDDED_QA)
+  say = print if jax.process_index() == 0 else (lambda sentence: None)
   load = lambda p: _data.load_rows(p, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field,
-                                   cfg.data.packing)
+                                   cfg.data.packing, cfg.data.truncation, say)
   rows = load(path)
   if cfg.data.eval_path:
     return rows, load(cfg.data.eval_path)
@@ -190,7 +191,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
       end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip,
       grad_accum=o.grad_accum, loraplus_lr_ratio=o.loraplus_lr_ratio,
       loraplus_lr_embedding=o.loraplus_lr_embedding)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = _sharding.init_on_mesh(tx.init, params)  # committed to the mesh: the step compiles once
 
   ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
   start = ckpt.latest_step() if decision == "resume" else None
@@ -201,7 +202,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   primary = jax.process_index() == 0  # writes the reports
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
                     sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
-  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens, mesh=mesh)
+  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens, mesh=mesh, stats=True)
+  schedule = _steps.lr_schedule(o.learning_rate, cfg.steps, o.warmup_steps, o.end_lr_ratio)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
   eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens, mesh=mesh)
 
@@ -219,12 +221,12 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
       loss0 = evaluate()
       metrics.log({"step": 0, "eval_loss": loss0, "eval_ppl": math.exp(min(loss0, 50))})
     while step < cfg.steps:
-      micro_losses, tokens = [], 0
+      micro_losses, counts = [], []
       for _ in range(o.grad_accum):
         batch = put(next(stream))
-        params, opt_state, rng, loss, count = train_step(params, opt_state, rng, frozen, batch)
+        params, opt_state, rng, loss, stats = train_step(params, opt_state, rng, frozen, batch)
         micro_losses.append(loss)
-        tokens += int(count)
+        counts.append(stats)
       step += 1
       loss = float(np.mean([float(x) for x in micro_losses]))
       if not math.isfinite(loss):
@@ -235,12 +237,17 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
             f"{f'step {last}' if last is not None else 'none'} in {ckpt.directory} (kept). Lower "
             "optim.learning_rate or raise optim.warmup_steps, or check the data for bad records, "
             "and start again with a new output_dir (or overwrite=true).")
-      record = {"step": step, "loss": loss, "tokens": tokens}
+      tokens = sum(int(c["tokens"]) for c in counts)
+      record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),  # the rate this update used
+                "grad_norm": float(np.mean([float(c["grad_norm"]) for c in counts])),  # mean over micro-batches
+                "tokens": tokens, "trained_tokens": sum(int(c["trained_tokens"]) for c in counts)}
       eval_loss = None
       if held_out and (step % cfg.eval_every == 0 or step == cfg.steps):
         eval_loss = evaluate()
         record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-      record["tokens_per_s"] = progress.update(loss, tokens, eval_loss)
+      rate = progress.update(loss, tokens, eval_loss)  # None on a run's first (compiling) step
+      if rate is not None:
+        record["tokens_per_s"] = rate
       metrics.log(record)
       if primary and not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
         progress.write(f"step {step}: loss {loss:.4f}" + (f", held-out {eval_loss:.4f}" if eval_loss else ""))
