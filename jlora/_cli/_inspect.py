@@ -30,9 +30,9 @@ def add_parser(sub) -> None:
 
 def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
   """``name -> (shape, dtype)`` from a safetensors header (no tensor data is read)."""
-  from jlora.io import _safetensors
+  from jlora.io import SAFETENSORS_DTYPE_NAMES, read_safetensors
 
-  return {k: (tuple(v.shape), _safetensors.NAMES[v.dtype]) for k, v in _safetensors.read(path).items()}
+  return {k: (tuple(v.shape), SAFETENSORS_DTYPE_NAMES[v.dtype]) for k, v in read_safetensors(path).items()}
 
 
 def summarize(directory: str | Path) -> dict:
