@@ -181,10 +181,6 @@ def test_the_circle_finder_finds_a_circle_and_nothing_else():
 
 # ---- public names across packages ---------------------------------------------------------
 
-# Private modules still imported across packages; each entry is removed once that import is public.
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
-
-
 def source_files() -> list[tuple[str, str, ast.AST, str, bool]]:
   """``(file, package, syntax tree, module, is_package)`` for jlora's modules, bench's scripts and the notebooks."""
   files = [(str(p.relative_to(ROOT)), module_name(p) if p.name == "__init__.py" else module_name(p).rpartition(".")[0],
@@ -203,13 +199,8 @@ def private_cross_package_imports() -> set[tuple[str, str]]:
 
 def test_no_package_reaches_into_another_packages_private_modules():
   """jlora's packages, bench/ and the colab notebooks use what each package's ``__init__`` exports."""
-  new = sorted(private_cross_package_imports() - KNOWN_PRIVATE_IMPORTS)
-  assert new == [], f"private names imported across packages (export them from the owner's __init__): {new}"
-
-
-def test_the_known_private_imports_list_only_holds_imports_that_still_exist():
-  gone = sorted(KNOWN_PRIVATE_IMPORTS - private_cross_package_imports())
-  assert gone == [], f"these private imports are gone; remove them from KNOWN_PRIVATE_IMPORTS: {gone}"
+  found = sorted(private_cross_package_imports())
+  assert found == [], f"private names imported across packages (export them from the owner's __init__): {found}"
 
 
 def test_the_private_import_check_sees_imports_in_functions_and_spelled_out_chains():
