@@ -32,12 +32,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
   from jlora.io import load_peft
   from jlora.nn import set_adapter
-  from jlora.train import continue_prompts
+  from jlora.train import continue_prompts, enable_compile_cache
 
   if args.max_new_tokens < 1:
     raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
   if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
     raise CliError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}.")
+  enable_compile_cache()  # a second generation of the same shapes loads its programs (GPU/TPU)
   model, model_dir = load_base(args.model, args.dtype)
   tokenizer = tokenizer_for(model, model_dir, args.tokenizer)
   names = [f"adapter{i}" for i in range(len(args.adapter))]

@@ -29,10 +29,10 @@ def add_parser(sub) -> None:
 
 
 def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-  """``name -> (shape, dtype)`` from a safetensors header (no tensor data is read)."""
-  from jlora.io import SAFETENSORS_DTYPE_NAMES, read_safetensors
+  """``name -> (shape, dtype)`` of every tensor in a safetensors file (checked for corruption as loading does)."""
+  from jlora.io import describe_safetensors
 
-  return {k: (tuple(v.shape), SAFETENSORS_DTYPE_NAMES[v.dtype]) for k, v in read_safetensors(path).items()}
+  return describe_safetensors(path)
 
 
 def summarize(directory: str | Path) -> dict:

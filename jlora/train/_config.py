@@ -45,6 +45,10 @@ class TrainConfig:
     save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
     overwrite: start afresh in an ``output_dir`` that holds a different run.
     progress: show a progress bar.
+    compile_cache: where compiled steps and GPU autotuning results are kept
+      for the next start (``jlora.train.enable_compile_cache``): ``"auto"``
+      (default) a per-device-kind directory under ``~/.cache/jlora/compile``
+      on a GPU or TPU, nothing on CPU; a directory path; ``"none"`` (off).
   """
 
   model: ModelSection = ModelSection()
@@ -66,6 +70,7 @@ class TrainConfig:
   overwrite: bool = False
   progress: bool = True
   seed: int = 0
+  compile_cache: str = "auto"
 
   def __post_init__(self):
     _check_values(self)
@@ -112,7 +117,9 @@ def _check_values(cfg: TrainConfig) -> None:
   positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
               "log_every": cfg.log_every, "data.seq_len": cfg.data.seq_len,
               "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
-              "checkpoint.keep": cfg.checkpoint.keep, "model.scan_unroll": cfg.model.scan_unroll}
+              "checkpoint.keep": cfg.checkpoint.keep}
+  if cfg.model.scan_unroll != "auto":
+    positive["model.scan_unroll"] = cfg.model.scan_unroll
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}.")
