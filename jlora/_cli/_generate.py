@@ -10,6 +10,8 @@ Greedy by default; ``--temperature`` and ``--top-p`` sample.
 
 from __future__ import annotations
 
+import math
+
 from jlora._cli._common import DTYPES, CliError, describe, load_base, tokenizer_for
 
 
@@ -36,8 +38,10 @@ def run(args) -> int:
 
   if args.max_new_tokens < 1:
     raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
-  if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
-    raise CliError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}.")
+  if not 0.0 <= args.temperature < math.inf:
+    raise CliError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}.")
+  if not 0.0 < args.top_p <= 1.0:
+    raise CliError(f"need 0 < --top-p <= 1, got {args.top_p}.")
   model, model_dir = load_base(args.model, args.dtype)
   tokenizer = tokenizer_for(model, model_dir, args.tokenizer)
   names = [f"adapter{i}" for i in range(len(args.adapter))]

@@ -8,6 +8,7 @@ transformers' ``generate(do_sample=False)``.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -81,8 +82,10 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, temperature: flo
     raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}.")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-  if temperature < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"Need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
+  if not 0.0 <= temperature < math.inf:
+    raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"Need 0 < top_p <= 1, got {top_p}.")
   if not hasattr(model, "config") or not hasattr(model.config, "num_key_value_heads"):
     raise ValueError(f"generate needs a jlora.models model (from jlora.from_pretrained), got {type(model).__name__}.")
   vocab = model.config.vocab_size
