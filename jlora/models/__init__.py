@@ -11,6 +11,7 @@ from jlora.models._decoder import CausalLM, check_scan_unroll
 from jlora.models._generate import generate, sample_token
 from jlora.models._gpt2 import Gpt2LMHeadModel
 from jlora.models._remat import REMAT_POLICIES
+from jlora.models._token_ids import check_token_ids
 
 
 def model_class(config: ModelConfig):
@@ -23,5 +24,5 @@ def model_class(config: ModelConfig):
 
 
 __all__ = ["ATTENTION", "CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED",
-           "check_attention", "check_scan_unroll", "from_hf_config", "generate", "model_class", "sample_token",
+           "check_attention", "check_scan_unroll", "check_token_ids", "from_hf_config", "generate", "model_class", "sample_token",
            "target_backend"]

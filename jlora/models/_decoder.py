@@ -22,6 +22,7 @@ from jlora.models._cache import KVCache
 from jlora.models._config import ModelConfig
 from jlora.models._remat import check_remat, placement, rematerialized, saved
 from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
+from jlora.models._token_ids import check_token_ids
 from jlora.nn import lora_projections, mark_stacked
 
 
@@ -193,12 +194,14 @@ class LanguageModel(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
                segment_ids=None):
+    check_token_ids(input_ids, self.config.vocab_size)
     h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
     logits = self.head(h)
     return logits if cache is None else (logits, new_cache)
 
   def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
     """Final hidden states ``[B, T, hidden]`` (after the last norm), without the output head."""
+    check_token_ids(input_ids, self.config.vocab_size)
     return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
 
 

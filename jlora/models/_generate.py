@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.models._cache import KVCache
+from jlora.models._token_ids import check_token_ids
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -88,10 +89,7 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, temperature: flo
     raise ValueError(f"Need 0 < top_p <= 1, got {top_p}.")
   if not hasattr(model, "config") or not hasattr(model.config, "num_key_value_heads"):
     raise ValueError(f"generate needs a jlora.models model (from jlora.from_pretrained), got {type(model).__name__}.")
-  vocab = model.config.vocab_size
-  if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
-    raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {vocab}) (min {int(ids.min())}, "
-                     f"max {int(ids.max())}); encode the prompt with the model's own tokenizer.")
+  check_token_ids(ids, model.config.vocab_size)
   mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   if mask.shape != ids.shape:
     raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
