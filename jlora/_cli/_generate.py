@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from jlora._cli._common import DTYPES, CliError, describe, load_base, tokenizer_for
+from jlora._cli._common import DTYPES, CliError, abstract_base, check_adapters, describe, load_base, tokenizer_for
 
 
 def add_parser(sub) -> None:
@@ -42,8 +42,12 @@ def run(args) -> int:
     raise CliError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}.")
   if not 0.0 < args.top_p <= 1.0:
     raise CliError(f"need 0 < --top-p <= 1, got {args.top_p}.")
-  model, model_dir = load_base(args.model, args.dtype)
-  tokenizer = tokenizer_for(model, model_dir, args.tokenizer)
+  base, model_dir = abstract_base(args.model)  # every argument is checked before the weights are loaded
+  tokenizer = tokenizer_for(base, model_dir, args.tokenizer)
+  if any(not tokenizer.encode(p) for p in args.prompt):
+    raise CliError("--prompt is empty; pass some text to continue.")
+  check_adapters(args.adapter, base)
+  model, _ = load_base(args.model, args.dtype)
   names = [f"adapter{i}" for i in range(len(args.adapter))]
   for name, directory in zip(names, args.adapter):
     try:
@@ -53,8 +57,6 @@ def run(args) -> int:
   if names:
     set_adapter(model, names)
   model.eval()
-  if any(not tokenizer.encode(p) for p in args.prompt):
-    raise CliError("--prompt is empty; pass some text to continue.")
   texts = continue_prompts(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                            args.seed)
   for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
