@@ -271,7 +271,7 @@ def run_jlora_attention(args) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jlora.models._attention import AttentionMask, attend
+  from jlora.models import AttentionMask, attend
 
   c = SHAPES[args.shape]["hf"]
   heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
@@ -318,8 +318,9 @@ def _fwd_bwd(attend, mask, q, k, v, dout):
   return (out, *vjp(dout))
 
 
-def _jlora_train_step(model, mesh=None):
-  """The step ``jlora.train`` runs (masked causal-LM loss, AdamW on the adapter only), placed on ``mesh``."""
+def _jlora_train_step(model, mesh=None, loss_chunk_tokens: int = 0):
+  """The step ``jlora.train`` runs (masked causal-LM loss, AdamW on the adapter only), placed on ``mesh``:
+  ``(step, carry = [params, opt_state, rng], frozen)``."""
   from jlora.train import make_optimizer, make_train_step, shard_state, split_model
   parts = split_model(model)
   tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
@@ -328,7 +329,18 @@ def _jlora_train_step(model, mesh=None):
   params, rng, frozen = parts.params, parts.rng, parts.frozen
   if mesh is not None:
     params, rng, frozen = (shard_state(s, mesh) for s in (params, rng, frozen))
-  return make_train_step(parts.graphdef, tx, mesh=mesh), [params, tx.init(params), rng], frozen
+  return make_train_step(parts.graphdef, tx, loss_chunk_tokens, mesh=mesh), [params, tx.init(params), rng], frozen
+
+
+def _step_fn(train_step, carry: list, frozen, batch):
+  """``step() -> loss``: one optimizer step of ``train_step`` (jitted or compiled) on ``batch``, updating
+  ``carry = [params, opt_state, rng]`` in place."""
+
+  def step():
+    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, batch)
+    return loss
+
+  return step
 
 
 def _time_train(model, batch: int, seq: int, args, mesh=None, analyse: bool = False) -> dict:
@@ -341,11 +353,7 @@ def _time_train(model, batch: int, seq: int, args, mesh=None, analyse: bool = Fa
   ids = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq), 0, _vocab(args)))
   host = dict(tokens=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids))
   inputs = put_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
-
-  def step():
-    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, inputs)
-    return loss
-
+  step = _step_fn(train_step, carry, frozen, inputs)
   if not analyse:
     return _time_jax(step, args)
   memory = train_step.lower(carry[0], carry[1], carry[2], frozen, inputs).compile().memory_analysis()

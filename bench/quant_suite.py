@@ -121,8 +121,8 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
   jax_compat.patch_hijax()
   import jax
   import jax.numpy as jnp
+  import bench
   import jlora
-  from jlora.train import make_optimizer, make_train_step, split_model
 
   base, options = parse_row(row)
   if "head" in options and SHAPES[shape]["tie_word_embeddings"]:
@@ -138,23 +138,16 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
     jlora.quant.set_fp8_matmul(model, shared_input="separate" not in options,
                                backward="upcast" if "upcast" in options else "fp8",
                                fused_lora="unfused" not in options)
-  parts = split_model(model)
-  tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
-                             end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
-  train_step = make_train_step(parts.graphdef, tx)
-  carry = [parts.params, tx.init(parts.params), parts.rng]
+  train_step, carry, frozen = bench._jlora_train_step(model)
   ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, SHAPES[shape]["vocab_size"])
   inputs = dict(tokens=ids, attention_mask=jnp.ones_like(ids), loss_mask=jnp.ones_like(ids))
 
   start = time.perf_counter()
-  compiled = train_step.lower(carry[0], carry[1], carry[2], parts.frozen, inputs).compile()
+  compiled = train_step.lower(*carry, frozen, inputs).compile()
   compile_s = time.perf_counter() - start
   hlo = compiled.as_text()
 
-  def step():
-    carry[0], carry[1], carry[2], loss, _ = compiled(carry[0], carry[1], carry[2], parts.frozen, inputs)
-    return loss
-
+  step = bench._step_fn(compiled, carry, frozen, inputs)
   start = time.perf_counter()
   loss = float(step())
   first = time.perf_counter() - start

@@ -203,10 +203,9 @@ def test_wlora_over_dora_upstreams_is_refused():
 
 
 def test_train_config_builds_a_dora_adapter():
-  from jlora.train._config import ConfigError, load_config
-  from jlora.train._model import adapter_config
-  assert adapter_config(load_config(None, ["adapter.use_dora=true"]).adapter).use_dora
-  with pytest.raises(ConfigError, match="adapter.use_dora=true needs adapter.kind=lora"):
+  from jlora.train import ConfigError, load_config
+  assert load_config(None, ["adapter.use_dora=true"]).adapter.use_dora
+  with pytest.raises(ConfigError, match="adapter \\(kind moslora\\): MoSLoRA with use_dora=True is not supported"):
     load_config(None, ["adapter.use_dora=true", "adapter.kind=moslora"])
 
 

@@ -83,7 +83,10 @@ def test_record_slots_of_packed_rows_raise_the_plan_above_the_measured_gpu_peak(
     ("gpu", "auto", 8, 8), ("gpu", "cudnn", 16, 16), ("gpu", "auto", 32, 0), ("gpu", "auto", None, 0),
     ("gpu", "xla", 8, 0), ("tpu", "auto", 8, 0)])
 def test_only_cudnn_packed_layout_jobs_plan_record_slots(backend, attention, max_segments, slots):
-  model = types.SimpleNamespace(attention=attention, max_segments=max_segments)
+  from attention_doubles import tiny_llama
+
+  model = tiny_llama()
+  model.attention, model.max_segments = attention, max_segments
   assert cudnn_packed_slots(model, backend) == slots
 
 

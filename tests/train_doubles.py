@@ -97,7 +97,9 @@ def tiny_job(output_dir, **overrides):
 
   base = {"output_dir": str(output_dir), "steps": 12, "batch_size": 4, "eval_every": 6, "eval_batches": 2,
           "checkpoint.every": 4, "checkpoint.async_save": False, "data.seq_len": 32, "progress": False,
-          "samples": 0, "optim.learning_rate": 3e-2, "optim.warmup_steps": 2, "adapter.r": 4}
+          "samples": 0, "optim.learning_rate": 3e-2, "optim.warmup_steps": 2}
+  if overrides.get("adapter.kind", "lora") != "wlora":  # WLoRA has no rank of its own
+    base["adapter.r"] = 4
   base.update(overrides)
   return TrainConfig().replace(**base)
 

@@ -17,16 +17,21 @@ def describe(doc: str) -> str:
   return doc.split("\n\n")[1].replace("``", "")
 
 
-def load_base(name: str, dtype: str = "float32"):
-  """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
-  from jlora.train._config import ModelConfig
-  from jlora.train._model import load_model, presets
+def _check_base_name(name: str) -> None:
+  from jlora.train import presets
 
   if name not in presets() and not Path(name).expanduser().is_dir():
     raise CliError(f"{name!r} is neither a model preset ({', '.join(presets())}) nor a local checkpoint "
                    "directory; pass a directory holding config.json and model.safetensors.")
+
+
+def load_base(name: str, dtype: str = "float32"):
+  """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
+  from jlora.train import ModelSection, load_model
+
+  _check_base_name(name)
   try:
-    return load_model(ModelConfig(name=name, dtype=dtype, remat="none"))
+    return load_model(ModelSection(name=name, dtype=dtype, remat="none"))
   except ValueError as e:
     raise CliError(str(e)) from None
 
@@ -39,15 +44,12 @@ def abstract_base(name: str):
   from flax import nnx
 
   from jlora.io import abstract_model
-  from jlora.train._config import ModelConfig
-  from jlora.train._model import load_model, presets
+  from jlora.train import ModelSection, load_model, presets
 
-  if name not in presets() and not Path(name).expanduser().is_dir():
-    raise CliError(f"{name!r} is neither a model preset ({', '.join(presets())}) nor a local checkpoint "
-                   "directory; pass a directory holding config.json and model.safetensors.")
+  _check_base_name(name)
   try:
     if name in presets():
-      return nnx.eval_shape(lambda: load_model(ModelConfig(name=name, remat="none"))[0]), None
+      return nnx.eval_shape(lambda: load_model(ModelSection(name=name, remat="none"))[0]), None
     return abstract_model(name), name
   except ValueError as e:
     raise CliError(str(e)) from None
@@ -75,7 +77,7 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
   258 byte ids (the shipped base and models merged from it), use the byte
   tokenizer.
   """
-  from jlora.train._tokenizer import ByteTokenizer, load_tokenizer
+  from jlora.train import ByteTokenizer, check_tokenizer_fits, load_tokenizer
 
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   tokenizer = None
@@ -91,9 +93,10 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
   if tokenizer is None and vocab == ByteTokenizer.vocab_size:
     tokenizer = ByteTokenizer()
   if tokenizer is not None:
-    if vocab is not None and tokenizer.vocab_size > vocab:
-      raise CliError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
-                     "model's own tokenizer (--tokenizer DIR).")
+    try:
+      check_tokenizer_fits(tokenizer, model, "use the model's own tokenizer (--tokenizer DIR).")
+    except ValueError as e:
+      raise CliError(str(e)) from None
     return tokenizer
   raise CliError(f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR "
                  "(a directory with the model's tokenizer), or --tokenizer bytes for a byte-level model.")

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
   from jlora.io import load_peft
   from jlora.nn import set_adapter
-  from jlora.train._report import continue_prompts
+  from jlora.train import continue_prompts
 
   if args.max_new_tokens < 1:
     raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")

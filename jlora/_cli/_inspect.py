@@ -37,8 +37,7 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def summarize(directory: str | Path) -> dict:
   """The facts ``jlora inspect`` prints, as a dict."""
-  from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
-  from jlora.io._peft_load import WEIGHTS_NAME
+  from jlora.io import CONFIG_NAME, WEIGHTS_NAME, from_peft_dict, read_json
 
   path = Path(directory).expanduser()
   if not path.is_dir():

@@ -46,7 +46,7 @@ def run(args) -> int:
   from flax import nnx
 
   from jlora.io import load_peft, save_pretrained
-  from jlora.nn import merge_and_unload
+  from jlora.quant import merge_and_unload
 
   out = Path(args.out).expanduser()
   refuse_non_empty(out, "OUT_DIR")

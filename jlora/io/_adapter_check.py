@@ -18,8 +18,7 @@ from jlora.io._hf import _read_config
 from jlora.io._peft_config import CONFIG_NAME
 from jlora.io._peft_layout import PREFIX
 from jlora.io._peft_load import WEIGHTS_NAME, read_adapter
-from jlora.models import model_class
-from jlora.nn._targets import candidates
+from jlora.nn import candidates
 
 # PEFT's factor suffixes: (factor, layer kind) -> the suffix after the module name.
 _SUFFIXES = {".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),
@@ -28,8 +27,8 @@ _SUFFIXES = {".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"
 
 def abstract_model(model_dir: str | os.PathLike) -> nnx.Module:
   """The model ``config.json`` of ``model_dir`` describes, built abstractly: shapes and names, no weights."""
-  config = _read_config(Path(model_dir).expanduser())
-  return nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0)))
+  family, config = _read_config(Path(model_dir).expanduser())
+  return nnx.eval_shape(lambda: family.model_class(config, rngs=nnx.Rngs(0)))
 
 
 def check_adapter(adapter_dir: str | os.PathLike, base: nnx.Module | None = None):

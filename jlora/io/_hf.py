@@ -5,7 +5,10 @@ or shards listed in ``model.safetensors.index.json``). Parameter names map
 one to one: the model's attribute path, with each stacked layer's index
 inserted after its container (``model.layers.3...``), ``kernel``/``embedding``
 renamed ``weight``; ``nn.Linear`` weights ``[out, in]`` are transposed to
-Flax's ``[in, out]`` (GPT-2's ``Conv1D`` already is ``[in, out]``).
+Flax's ``[in, out]`` unless the family says its checkpoints store ``[in, out]``
+(GPT-2's ``Conv1D``). Everything family-specific (which ``model_type`` values
+load, the config mapping, renamed or ignored tensors) comes from the family
+registry of ``jlora.models``.
 """
 
 from __future__ import annotations
@@ -24,20 +27,16 @@ from jax.sharding import Mesh
 from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, writing
 from jlora.io._placement import ParamSource, check_mesh, place, sharding_for
-from jlora.models import ModelConfig, from_hf_config, model_class
-from jlora.models._config import SUPPORTED
-from jlora.nn import LoraLayer
-from jlora.nn._targets import STACK_ATTR
+from jlora.models import Family, FamilyConfig, family_for, family_of
+from jlora.nn import STACK_ATTR, LoraLayer
 from jlora.quant import LoadQuantizer, QuantizedWeight
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 _CONVERT = ("convert it to safetensors with transformers: AutoModelForCausalLM.from_pretrained(dir)"
             ".save_pretrained(dir, safe_serialization=True)")
-# HF buffers and tied copies that a checkpoint may hold and a jlora model does not need.
-_IGNORED = (r".*\.attn\.(masked_)?bias$", r".*rotary_emb\.inv_freq$")
 
 
-def _read_config(model_dir: Path) -> ModelConfig:
+def _read_config(model_dir: Path) -> tuple[Family, FamilyConfig]:
   if model_dir.is_file():
     raise ValueError(f"Checkpoint path {model_dir} is a file; pass the directory that holds config.json "
                      f"and the weights (probably {model_dir.parent}).")
@@ -52,13 +51,13 @@ def _read_config(model_dir: Path) -> ModelConfig:
     raw = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file.") from None
-  if not isinstance(raw, dict) or raw.get("model_type") not in SUPPORTED:
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
-    raise ValueError(f"{path} has model_type={kind!r}, which jlora does not implement; supported model "
-                     f"types: {', '.join(SUPPORTED)}.")
+  try:
+    family = family_for(raw.get("model_type") if isinstance(raw, dict) else None)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
   _check_heads(raw, path)
   from transformers import AutoConfig
-  return from_hf_config(AutoConfig.from_pretrained(str(model_dir)))
+  return family, family.from_hf(AutoConfig.from_pretrained(str(model_dir)))
 
 
 def _check_heads(raw: dict, path: Path) -> None:
@@ -109,10 +108,10 @@ def _stacked_prefixes(model: nnx.Module) -> dict[tuple, int]:
           if isinstance(node, nnx.Module) and hasattr(node, STACK_ATTR)}
 
 
-def _param_names(model: nnx.Module):
+def _param_names(model: nnx.Module, family: Family):
   """``(path, hf_names, transpose, stacked)`` per parameter; one HF name per stacked layer."""
   stacks = _stacked_prefixes(model)
-  transpose_kernels = model.config.model_type != "gpt2"
+  transpose_kernels = family.transpose_kernels
   for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     leaf = path[-1]
     parts = [str(p) for p in path[:-1]] + ["weight" if leaf in ("kernel", "embedding") else str(leaf)]
@@ -154,7 +153,8 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
     quantize_options: ``block_size``, ``double_quant``, ``targets`` for ``jlora.quantize``.
 
   Returns:
-    ``CausalLM`` (llama, mistral, qwen2, qwen3) or ``Gpt2LMHeadModel``:
+    The family's ``LanguageModel`` (``CausalLM`` for llama, mistral, qwen2,
+    qwen3; ``Gpt2LMHeadModel``; or a registered family's class):
     ``model(input_ids [B, T], attention_mask=None, positions=None) -> logits [B, T, V]``.
 
   Raises:
@@ -164,14 +164,14 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   """
   model_dir = Path(model_dir).expanduser()
   check_mesh(mesh)
-  config = _read_config(model_dir)
+  family, config = _read_config(model_dir)
   param_dtype = param_dtype or dtype
-  cls = model_class(config)
+  cls = family.model_class
   abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   quantizer = LoadQuantizer.for_options(abstract, quantize, quantize_options)
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
-  for source in param_sources(model_dir, abstract, config):
+  for source in param_sources(model_dir, abstract, family):
     sharding = None if mesh is None else sharding_for(source, mesh)
     value = place(source, param_dtype, sharding)
     if quantizer is None or not quantizer.take(source.path, value):
@@ -181,19 +181,18 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   return quantizer.finish(model) if quantizer is not None else model
 
 
-def param_sources(model_dir: Path, abstract: nnx.Module, config: ModelConfig) -> list[ParamSource]:
-  """Where each parameter of ``abstract`` is in the checkpoint, checked against the headers.
+def param_sources(model_dir: Path, abstract: nnx.Module, family: Family) -> list[ParamSource]:
+  """Where each parameter of ``abstract`` (a ``family`` model) is in the checkpoint, checked against the headers.
 
   Only the safetensors headers are read (the data stays memory-mapped), so a
   checkpoint that does not fit the config fails before any weight is loaded.
   """
-  tensors = read_weights(model_dir)
-  if config.model_type == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
-    tensors = {("lm_head.weight" if k == "lm_head.weight" else f"transformer.{k}"): v for k, v in tensors.items()}
+  config = abstract.config
+  tensors = family.read_checkpoint_names(read_weights(model_dir))
   used = set()
   flat = dict(nnx.to_flat_state(nnx.state(abstract)))
   missing, sources = [], []
-  for path, names, transpose, is_stacked in _param_names(abstract):
+  for path, names, transpose, is_stacked in _param_names(abstract, family):
     if any(n not in tensors for n in names):
       missing += [n for n in names if n not in tensors]
       continue
@@ -210,7 +209,7 @@ def param_sources(model_dir: Path, abstract: nnx.Module, config: ModelConfig) ->
   if missing:
     raise ValueError(f"{model_dir}: the checkpoint lacks {len(missing)} weight(s) that config.json needs, "
                      f"e.g. {', '.join(missing[:5])}; the weights are incomplete or belong to another model.")
-  unexpected = [k for k in tensors if k not in used and not _ignorable(k, config)]
+  unexpected = [k for k in tensors if k not in used and not _ignorable(k, config, family)]
   if unexpected:
     raise ValueError(f"{model_dir}: the checkpoint has {len(unexpected)} weight(s) this "
                      f"{config.model_type} model does not use, e.g. {', '.join(sorted(unexpected)[:5])}; "
@@ -218,10 +217,10 @@ def param_sources(model_dir: Path, abstract: nnx.Module, config: ModelConfig) ->
   return sources
 
 
-def _ignorable(name: str, config: ModelConfig) -> bool:
+def _ignorable(name: str, config: FamilyConfig, family: Family) -> bool:
   if name == "lm_head.weight" and config.tie_word_embeddings:
     return True
-  return any(re.fullmatch(p, name) for p in _IGNORED)
+  return family.ignores(name)
 
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -241,15 +240,16 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, overwrite: bo
     raise ValueError("save_pretrained writes full-precision HF weights but this model's Linear kernels are "
                      "quantized; call jlora.dequantize(model) (or jlora.merge_and_unload(model), which "
                      "dequantizes) first, or save just the adapter with jlora.save_peft.")
-  config = getattr(model, "config", None)
-  if not isinstance(config, ModelConfig):
-    raise ValueError("save_pretrained needs a jlora.models model (with a ModelConfig at .config), "
+  family = family_of(model)
+  if family is None:
+    raise ValueError("save_pretrained needs a model of a registered jlora.models family (a LanguageModel), "
                      f"got {type(model).__name__}.")
+  config = model.config
   out_dir = Path(out_dir).expanduser()
   _check_save_target(out_dir, overwrite)
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}
-  for path, names, transpose, is_stacked in _param_names(model):
+  for path, names, transpose, is_stacked in _param_names(model, family):
     value = np.asarray(jax.device_get(flat[path][...]))
     for i, name in enumerate(names):
       tensors[name] = _hf_layout(value[i] if is_stacked else value, transpose)

@@ -18,6 +18,9 @@ DoRA       ``lora_magnitude_vector``: ``[out]``   magnitude ``[out]``
 
 GPT-2's ``Conv1D`` (``fan_in_fan_out=True``) needs nothing special: PEFT's
 LoRA factors there are plain ``nn.Linear`` weights, laid out as above.
+
+Any kind's parameter converts by its role (``jlora.nn.ROLES``): ``A`` / ``B``
+/ ``mixer`` / ``magnitude`` as in the table, every other role as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ PREFIX = "base_model.model."
 MIXER = "lora_AB.weight"
 
 
-def kind_of(layer: LoraLayer) -> str:
+def layout_of(layer: LoraLayer) -> str:
   """``"linear"`` / ``"embed"`` / ``"conv"``; raises for layer types PEFT has no layout for."""
   if isinstance(layer, LoraEmbed):
     return "embed"
@@ -51,6 +54,41 @@ def factor_keys(kind: str, module_name: str) -> tuple[str, str]:
   if kind == "embed":
     return f"{PREFIX}{module_name}.lora_embedding_A", f"{PREFIX}{module_name}.lora_embedding_B"
   return f"{PREFIX}{module_name}.lora_A.weight", f"{PREFIX}{module_name}.lora_B.weight"
+
+
+def tensor_key(kind: str, role: str, name: str | None, module_name: str) -> str:
+  """The PEFT key of a parameter of ``role`` saved as ``name`` (None: the role's own LoRA name)."""
+  if name is None:
+    if role not in ("A", "B"):
+      raise ValueError(f"A {role!r} parameter needs an explicit PEFT tensor name in its kind's PeftFormat.")
+    return factor_keys(kind, module_name)[role == "B"]
+  return f"{PREFIX}{module_name}.{name}"
+
+
+def to_peft(kind: str, role: str, value: np.ndarray, rank: int, window_ndim: int = 0) -> np.ndarray:
+  """One stacked layer's jlora parameter of ``role`` (live ``rank``) in PEFT's layout."""
+  if role == "A":
+    return a_to_peft(kind, value[..., :rank])
+  if role == "B":
+    return b_to_peft(kind, value[:rank], window_ndim)
+  if role == "mixer":
+    return np.ascontiguousarray(value[:rank, :rank].T)
+  if role == "magnitude":
+    return magnitude_to_peft(kind, value, window_ndim)
+  return np.ascontiguousarray(value)
+
+
+def from_peft(kind: str, role: str, w: np.ndarray) -> np.ndarray:
+  """The inverse of ``to_peft`` (the live part; the caller pads it into the slot)."""
+  if role == "A":
+    return a_from_peft(kind, w)
+  if role == "B":
+    return b_from_peft(kind, w)
+  if role == "mixer":
+    return w.T  # lora_AB(h) = h @ W.T, i.e. M = W.T
+  if role == "magnitude":
+    return w.reshape(-1)
+  return w
 
 
 def mixer_key(module_name: str) -> str:

@@ -1,10 +1,11 @@
-"""``load_peft``: a PEFT LoRA adapter directory into a jlora model.
+"""``load_peft``: a PEFT adapter directory into a jlora model, read as its kind declares.
 
 The adapter is injected from the directory's config exactly as
 ``jlora.add_adapter`` would (same targeting, ranks, scalings, rank masks for
 stacked layers), then every factor is overwritten with the checkpoint's
-tensor. The modules the config selects must be exactly the modules the
-checkpoint holds; anything else is an error that names the keys.
+tensor (``PeftFormat.tensors``, converted by each parameter's role). The
+modules the config selects must be exactly the modules the checkpoint holds;
+anything else is an error that names the keys.
 
 Into a model sharded over a mesh (``from_pretrained(..., mesh=...)``) each
 factor goes straight to its devices, laid out like its layer's kernel:
@@ -27,12 +28,8 @@ from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
 from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
 from jlora.nn import (
-    LoraConfig, LoraLayer, add_adapter, delete_adapter, hotswap_factors, lora_layer_type, lora_layers,
-    set_adapter)
-from jlora.nn._dora import DoraAdapter
-from jlora.nn._init import rewrites_base
-from jlora.nn._modules_to_save import ModulesToSaveLayer
-from jlora.nn._targets import candidates
+    AdapterKind, LoraConfig, LoraLayer, PeftFormat, add_adapter, candidates, delete_adapter,
+    SWAPPABLE_ROLES, hotswap_factors, kind_for_config, kind_of, lora_layer_type, lora_layers, module_copies, peft_config, rewrites_base, set_adapter)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _CONVERT = (
@@ -101,9 +98,9 @@ def load_peft(model: nnx.Module, adapter_dir: str | os.PathLike, adapter_name: s
   try:
     _fill(model, adapter_name, tensors, path / WEIGHTS_NAME)
   except BaseException:
-    if rewrites_base(config.init_lora_weights):  # PiSSA / OLoRA: give the base its weights back
+    if rewrites_base(getattr(config, "init_lora_weights", None)):  # PiSSA / OLoRA: give the base its weights back
       for _, layer in lora_layers(model):
-        if adapter_name in layer.adapters and not isinstance(layer, ModulesToSaveLayer):
+        if adapter_name in layer.adapters:
           kernel = layer.kernel()
           kernel[...] = (kernel[...] + layer.delta_weight(adapter_name)).astype(kernel.dtype)
     delete_adapter(model, adapter_name)  # leave the model as it was
@@ -117,92 +114,42 @@ def load_peft(model: nnx.Module, adapter_dir: str | os.PathLike, adapter_name: s
   return model
 
 
-def _live_ranks(adapter, size: int) -> np.ndarray:
-  if adapter.rank_mask is None:
-    return np.full(size, adapter.rank, np.int64)
-  return np.asarray(adapter.rank_mask[...]).reshape(size, -1).sum(-1).astype(np.int64)
+def peft_format(kind: AdapterKind) -> PeftFormat:
+  """``kind``'s PEFT format; a clear error for a kind registered without one."""
+  if kind.peft is None:
+    raise ValueError(f"{kind.name} adapters have no PEFT checkpoint format (their kind was registered "
+                     "without peft=); keep them in jlora's own format (jlora.adapter_state).")
+  return kind.peft
 
 
 def _fill(model: nnx.Module, name: str, tensors: dict, file: Path) -> None:
-  """Overwrite adapter ``name``'s factors with the checkpoint's; consume the used tensors."""
+  """Overwrite adapter ``name``'s parameters with the checkpoint's; consume the used tensors."""
   tensors = dict(tensors)
-  missing, updates = [], []
+  missing, updates, shared = [], [], {}
+  for _, wrapper in module_copies(model):
+    if name in wrapper.adapters:
+      missing += _fill_copy(wrapper, name, tensors, file, updates)
   for _, layer in lora_layers(model):
     if name not in layer.adapters:
       continue
-    if isinstance(layer, ModulesToSaveLayer):
-      for key, (variable, convert) in layout.module_variables(
-          layer.adapters[name].module, layer.module_names[0]).items():
-        if key not in tensors:
-          missing.append(key)
-          continue
-        value = convert(tensors.pop(key))
-        if tuple(value.shape) != tuple(variable.shape):
-          raise ValueError(f"{file}: tensor {key!r} (a modules_to_save copy) does not fit "
-                           f"{layer.module_names[0]}: {tuple(value.shape)} vs {tuple(variable.shape)}.")
-        sharding = getattr(variable[...], "sharding", None)
-        updates.append((variable, value, sharding if isinstance(sharding, NamedSharding) else None))
-      continue
-    kind = layout.kind_of(layer)
     adapter = layer.adapters[name]
-    size = max(1, int(np.prod(layer.stack_shape)))
-    ranks = _live_ranks(adapter, size)
-    a = np.zeros((size,) + adapter.lora_A.shape[len(layer.stack_shape):], np.float32)
-    b = np.zeros((size,) + adapter.lora_B.shape[len(layer.stack_shape):], np.float32)
-    mixer = None if adapter.lora_mixer is None else np.zeros((size, adapter.rank, adapter.rank), np.float32)
-    magnitude = (np.array(adapter.lora_magnitude_vector[...], np.float32).reshape(size, -1)
-                 if isinstance(adapter, DoraAdapter) else None)
-    for i, module in enumerate(layer.module_names):
-      if ranks[i] == 0:
-        continue
-      key_a, key_b = layout.factor_keys(kind, module)
-      keys = [key_a, key_b] + ([layout.mixer_key(module)] if mixer is not None else [])
-      keys += [layout.magnitude_key(module)] if magnitude is not None else []
-      absent = [k for k in keys if k not in tensors]
-      if absent:
-        missing += absent
-        continue
-      r = int(ranks[i])
-      want_a, want_b = layout.peft_shapes(kind, a.shape[1:-1] + (r,), (r,) + b.shape[2:])
-      for key, want in ((key_a, want_a), (key_b, want_b)):
-        if tuple(tensors[key].shape) != tuple(want):
-          raise ValueError(
-              f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)} but the model needs "
-              f"{tuple(want)} (rank {r} from adapter_config.json's r/rank_pattern): the adapter was "
-              "trained on a model of other sizes, or its config does not match its weights."
-          )
-      a[i, ..., :r] = layout.a_from_peft(kind, tensors.pop(key_a))
-      b[i, :r] = layout.b_from_peft(kind, tensors.pop(key_b))
-      if mixer is not None:
-        w = tensors.pop(layout.mixer_key(module))
-        if w.shape != (r, r):
-          raise ValueError(f"{file}: tensor {layout.mixer_key(module)!r} has shape {w.shape}, the "
-                           f"MoSLoRA mixer of rank {r} needs {(r, r)}.")
-        mixer[i, :r, :r] = w.T  # lora_AB(h) = h @ W.T, i.e. M = W.T
-      if magnitude is not None:
-        m = tensors.pop(layout.magnitude_key(module)).reshape(-1)
-        if m.shape != magnitude.shape[1:]:
-          raise ValueError(f"{file}: tensor {layout.magnitude_key(module)!r} holds {m.size} magnitudes, "
-                           f"the layer has {magnitude.shape[1]} output features.")
-        magnitude[i] = m
-    stack = layer.stack_shape
-    kernel = type(layer).base_kernel(layer.base_layer)[...]
-    a, b = a.reshape(stack + a.shape[1:]), b.reshape(stack + b.shape[1:])
-    updates.append((adapter.lora_A, a, _factor_sharding(kernel, len(stack), a.ndim, "A")))
-    updates.append((adapter.lora_B, b, _factor_sharding(kernel, len(stack), b.ndim, "B")))
-    if mixer is not None:
-      mixer = mixer.reshape(stack + mixer.shape[1:])
-      updates.append((adapter.lora_mixer, mixer, _factor_sharding(kernel, len(stack), mixer.ndim, "mixer")))
-    if magnitude is not None:
-      magnitude = magnitude.reshape(stack + magnitude.shape[1:])
-      updates.append((adapter.lora_magnitude_vector, magnitude,
-                      _factor_sharding(kernel, len(stack), magnitude.ndim, "magnitude")))
+    kind = kind_of(adapter)
+    fmt = peft_format(kind)
+    missing += _fill_layer(layer, adapter, kind, fmt, tensors, file, updates)
+    if fmt.shared_from_peft is not None:
+      shared.setdefault(id(fmt), (fmt, []))[1].append((layer, adapter))
   if missing:
     raise ValueError(
         f"{file} lacks {len(missing)} tensor(s) that adapter_config.json implies, e.g. "
         f"{', '.join(missing[:4])}; the config's target_modules/layers_to_transform do not match the "
         "weights, or the file is incomplete."
     )
+  for fmt, pairs in shared.values():
+    try:
+      writes = fmt.shared_from_peft(pairs, tensors, peft_config(model)[name])
+    except ValueError as e:
+      raise ValueError(f"{file}: {e}") from None
+    updates += [(variable, value, None) for variable, value in writes]
   base_updates = _base_weights(model, tensors)
   if tensors:
     raise ValueError(
@@ -213,6 +160,90 @@ def _fill(model: nnx.Module, name: str, tensors: dict, file: Path) -> None:
   for variable, value, sharding in updates + base_updates:
     value = np.asarray(value, variable[...].dtype)
     variable[...] = jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+
+
+def _fill_copy(layer, name: str, tensors: dict, file: Path, updates: list) -> list:
+  """A ``modules_to_save`` copy's weights; returns the keys it lacks."""
+  missing = []
+  for key, (variable, convert) in layout.module_variables(
+      layer.adapters[name].module, layer.module_names[0]).items():
+    if key not in tensors:
+      missing.append(key)
+      continue
+    value = convert(tensors.pop(key))
+    if tuple(value.shape) != tuple(variable.shape):
+      raise ValueError(f"{file}: tensor {key!r} (a modules_to_save copy) does not fit "
+                       f"{layer.module_names[0]}: {tuple(value.shape)} vs {tuple(variable.shape)}.")
+    sharding = getattr(variable[...], "sharding", None)
+    updates.append((variable, value, sharding if isinstance(sharding, NamedSharding) else None))
+  return missing
+
+
+def _fill_layer(layer, adapter, kind: AdapterKind, fmt: PeftFormat, tensors: dict, file: Path,
+                updates: list) -> list:
+  """One layer's adapter parameters from ``tensors`` (each by its role); returns the keys it lacks.
+
+  A, B and mixers start from zeros (a stacked layer's slot beyond its live
+  rank stays zero), every other role from its current values.
+  """
+  lkind = layout.layout_of(layer)
+  window = len(layer.base_layer.kernel_size) if lkind == "conv" else 0
+  stack = layer.stack_shape
+  size = max(1, int(np.prod(stack)))
+  ranks = adapter.live_ranks()
+  slots = {}
+  for attr in fmt.tensors:
+    variable = getattr(adapter, attr)
+    role = kind.roles[attr]
+    start = (np.zeros(variable.shape, np.float32) if role in ("A", "B", "mixer")
+             else np.array(variable[...], np.float32))
+    slots[attr] = (variable, role, start.reshape((size,) + variable.shape[len(stack):]))
+  missing = []
+  for i, module in enumerate(layer.module_names):
+    if ranks[i] == 0:
+      continue
+    keys = {attr: layout.tensor_key(lkind, role, fmt.tensors[attr], module)
+            for attr, (_, role, _) in slots.items()}
+    absent = [k for k in keys.values() if k not in tensors]
+    if absent:
+      missing += absent
+      continue
+    r = int(ranks[i])
+    for attr, (variable, role, slot) in slots.items():
+      _check_shape(lkind, role, keys[attr], tensors[keys[attr]], slot[i], r, window, file)
+      value = layout.from_peft(lkind, role, tensors.pop(keys[attr]))
+      if role == "A":
+        slot[i, ..., :r] = value
+      elif role == "B":
+        slot[i, :r] = value
+      elif role == "mixer":
+        slot[i, :r, :r] = value
+      else:
+        slot[i] = value.reshape(slot[i].shape)
+  kernel = type(layer).base_kernel(layer.base_layer)[...]
+  for variable, role, slot in slots.values():
+    value = slot.reshape(stack + slot.shape[1:])
+    updates.append((variable, value, _factor_sharding(kernel, len(stack), value.ndim, role)))
+  return missing
+
+
+def _check_shape(lkind: str, role: str, key: str, w: np.ndarray, slot: np.ndarray, r: int, window: int,
+                 file: Path) -> None:
+  """Raise, naming the tensor, if a PEFT tensor of ``role`` does not fit its slot at live rank ``r``."""
+  want = layout.to_peft(lkind, role, np.empty(slot.shape, np.int8), r, window).shape
+  if role in ("A", "B") and tuple(w.shape) != tuple(want):
+    raise ValueError(
+        f"{file}: tensor {key!r} has shape {tuple(w.shape)} but the model needs "
+        f"{tuple(want)} (rank {r} from adapter_config.json's r/rank_pattern): the adapter was "
+        "trained on a model of other sizes, or its config does not match its weights.")
+  if role == "mixer" and tuple(w.shape) != tuple(want):
+    raise ValueError(f"{file}: tensor {key!r} has shape {w.shape}, the MoSLoRA mixer of rank {r} needs {want}.")
+  if role == "magnitude" and w.size != slot.size:
+    raise ValueError(f"{file}: tensor {key!r} holds {w.size} magnitudes, "
+                     f"the layer has {slot.size} output features.")
+  if role not in ("A", "B", "mixer", "magnitude") and w.size != slot.size:
+    raise ValueError(f"{file}: tensor {key!r} has shape {tuple(w.shape)}, the model needs "
+                     f"{tuple(slot.shape)}: the adapter was trained on a model of other sizes.")
 
 
 def _factor_sharding(kernel: jax.Array, stack_ndim: int, ndim: int, factor: str) -> NamedSharding | None:
@@ -229,7 +260,7 @@ def _factor_sharding(kernel: jax.Array, stack_ndim: int, ndim: int, factor: str)
     dims = spec[:-1] + (None,)
   elif factor == "B":
     dims = spec[:stack_ndim] + (None, spec[-1])
-  elif factor == "magnitude":  # DoRA: one per output feature
+  elif factor == "magnitude":  # DoRA's role: one per output feature
     dims = spec[:stack_ndim] + (spec[-1],)
   else:
     dims = spec[:stack_ndim] + (None, None)
@@ -286,14 +317,15 @@ def hotswap_adapter(model: nnx.Module, adapter_dir: str | os.PathLike,
   """
   path = Path(adapter_dir).expanduser()
   config, tensors = read_adapter(path)
-  if config.modules_to_save or getattr(config, "mixer_init", None) is not None:
-    raise ValueError(f"{path}: hot-swap replaces LoRA / DoRA factors only; this adapter also has "
-                     "modules_to_save copies or a MoSLoRA mixer. Load it with jlora.load_peft instead.")
+  roles = set(kind_for_config(config).roles.values())
+  if config.modules_to_save or not {"A", "B"} <= roles <= SWAPPABLE_ROLES:
+    raise ValueError(f"{path}: hot-swap replaces LoRA / DoRA factors only; this adapter is "
+                     f"{kind_for_config(config).name} or also has modules_to_save copies. Load it with "
+                     "jlora.load_peft instead.")
   kinds = {}
   for _, layer in lora_layers(model):
-    if adapter_name in layer.adapters and isinstance(layer, LoraLayer) and not isinstance(
-        layer, ModulesToSaveLayer):
-      kinds.update({module: layout.kind_of(layer) for module in layer.module_names})
+    if adapter_name in layer.adapters:
+      kinds.update({module: layout.layout_of(layer) for module in layer.module_names})
   factors, unknown = {}, []
   for key in sorted(tensors):
     module = next((key[len(layout.PREFIX):-len(s)] for s in (".lora_A.weight", ".lora_embedding_A")

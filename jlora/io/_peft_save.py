@@ -1,12 +1,15 @@
-"""``save_peft``: one jlora adapter as a PEFT LoRA adapter directory.
+"""``save_peft``: one jlora adapter as a PEFT adapter directory, in its kind's declared format.
 
-Every adapter kind exports as plain PEFT LoRA with the same outputs:
-MoSLoRA with its mixer folded into A (``A' = A·M``), WLoRA by PEFT's ``cat``
-construction (rank = sum of the upstream ranks, ``lora_alpha = r``), both
-exact. The config names each adapted module explicitly (``target_modules``
-lists full module names, ``rank_pattern`` / ``alpha_pattern`` give the
-modules whose rank or scaling differ from the default), so PEFT rebuilds
-exactly these modules whatever targeting rules produced them.
+A kind whose format ``saves_lora_factors`` exports as plain PEFT LoRA with
+the same outputs: MoSLoRA with its mixer folded into the factors, WLoRA by
+PEFT's ``cat`` construction (rank = sum of the upstream ranks, ``lora_alpha
+= r``), both exact, DoRA with its magnitudes. Other kinds write their own
+tensors (``PeftFormat.tensors``), each converted by its parameter's role.
+The config comes from the kind (``PeftFormat.config_to_peft``); LoRA's names
+each adapted module explicitly (``target_modules`` lists full module names,
+``rank_pattern`` / ``alpha_pattern`` give the modules whose rank or scaling
+differ from the default), so PEFT rebuilds exactly these modules whatever
+targeting rules produced them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,11 +28,10 @@ from flax import nnx
 from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, writing
-from jlora.io._peft_config import CONFIG_NAME, to_peft_dict
-from jlora.io._peft_load import WEIGHTS_NAME, read_adapter
-from jlora.nn import LoraAdapter, LoraConfig, LoraLayer, lora_layers, peft_config
-from jlora.nn._dora import DoraAdapter
-from jlora.nn._modules_to_save import ModulesToSaveLayer
+from jlora.io._peft_config import CONFIG_NAME
+from jlora.io._peft_load import WEIGHTS_NAME, peft_format, read_adapter
+from jlora.nn import LoraConfig, LoraLayer, kind_for_config, kind_of, lora_layers, module_copies, peft_config
+from jlora.models import family_of
 
 
 def _np(x) -> np.ndarray:
@@ -43,33 +44,16 @@ def _flat(x: np.ndarray, stack: tuple) -> np.ndarray:
 
 def layer_factors(layer: LoraLayer, adapter) -> list[tuple[str, np.ndarray, np.ndarray, float] | None]:
   """Per stacked layer: ``(module name, A [.., r_i], B [r_i, ..], scaling)``, None where the
-  adapter leaves that layer out. Exact plain-LoRA factors for LoRA, MoSLoRA and WLoRA."""
+  adapter leaves that layer out: its exact plain-LoRA factors (``export_factors``)."""
   stack = layer.stack_shape
   size = max(1, math.prod(stack))
-  if isinstance(adapter, LoraAdapter):
-    ranks = (np.full(size, adapter.rank) if adapter.rank_mask is None
-             else _flat(_np(adapter.rank_mask[...]), stack).sum(-1).astype(int))
-    live = ranks > 0
-    if adapter.lora_mixer is not None and adapter.rank_mask is not None:
-      # (A ⊙ mask)·M·B: keep A's live columns and fold the mixer into B's matching rows.
-      a = _flat(_np(adapter.lora_A[...]), stack)
-      mixer = _flat(_np(adapter.lora_mixer[...]), stack)
-      b = _flat(_np(adapter.lora_B[...]), stack)
-      b = np.stack([np.tensordot(mixer[i], b[i], axes=([1], [layer.b_rank_axis])) for i in range(size)])
-      scaling = _flat(_np(adapter.scaling[...]), stack)
-    else:
-      a, b, scaling = (_flat(_np(x), stack) for x in adapter.lora_factors(layer))
-      b = np.moveaxis(b, 1 + layer.b_rank_axis, 1)
-  else:  # WLoRA: cat of the upstreams; a stacked layer is live if any upstream adapts it
-    a, b, scaling = (_flat(_np(x), stack) for x in adapter.lora_factors(layer))
-    b = np.moveaxis(b, 1 + layer.b_rank_axis, 1)
-    ups = np.stack([_flat(_np(u.scaling[...]), stack) for u in adapter.upstreams], -1)
-    live = (ups != 0).any(-1)
-    ranks = np.full(size, a.shape[-1])
+  a, b, scaling = (_flat(_np(x), stack) for x in adapter.export_factors(layer))
+  b = np.moveaxis(b, 1 + layer.b_rank_axis, 1)
+  ranks = adapter.live_ranks()
   out = []
   for i, module in enumerate(layer.module_names):
     r = int(ranks[i])
-    out.append((module, a[i][..., :r], b[i][:r], float(scaling.reshape(size)[i])) if live[i] else None)
+    out.append((module, a[i][..., :r], b[i][:r], float(scaling.reshape(size)[i])) if r else None)
   return out
 
 
@@ -106,38 +90,56 @@ def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str =
   tensors, modules = _peft_tensors(model, adapter_name)
   if initial_adapter is not None:
     config, tensors, modules = _to_plain_lora(model, config, tensors, modules, initial_adapter)
-  peft = _peft_config(config, modules, _fan_in_fan_out(model, config))
+  fmt = peft_format(kind_for_config(config))
+  peft = fmt.config_to_peft(config, list(modules), modules, _fan_in_fan_out(model, config))
   _write_dir(out, tensors, peft)
   return out
 
 
 def _peft_tensors(model: nnx.Module, adapter_name: str) -> tuple[dict, dict]:
-  """``(PEFT key -> tensor, module -> (rank, scaling))`` of one adapter."""
-  tensors, modules = {}, {}
+  """``(PEFT key -> tensor, module -> (rank, scaling))`` of one adapter, as its kind declares."""
+  tensors, modules, shared = {}, {}, {}
+  for _, wrapper in module_copies(model):
+    if adapter_name in wrapper.adapters:
+      tensors.update(layout.module_tensors(wrapper.adapters[adapter_name].module, wrapper.module_names[0]))
   for _, layer in lora_layers(model):
     if adapter_name not in layer.adapters:
       continue
-    if isinstance(layer, ModulesToSaveLayer):
-      tensors.update(layout.module_tensors(layer.adapters[adapter_name].module, layer.module_names[0]))
-      continue
-    kind = layout.kind_of(layer)
-    window = len(layer.base_layer.kernel_size) if kind == "conv" else 0
-    for entry in layer_factors(layer, layer.adapters[adapter_name]):
-      if entry is None:
-        continue
-      module, a, b, scaling = entry
-      key_a, key_b = layout.factor_keys(kind, module)
-      tensors[key_a] = layout.a_to_peft(kind, a)
-      tensors[key_b] = layout.b_to_peft(kind, b, window)
-      modules[module] = (a.shape[-1], scaling)
     adapter = layer.adapters[adapter_name]
-    if isinstance(adapter, DoraAdapter):
-      magnitude = _flat(_np(adapter.lora_magnitude_vector[...]), layer.stack_shape)
-      for i, module in enumerate(layer.module_names):
-        if module in modules:
-          tensors[layout.magnitude_key(module)] = layout.magnitude_to_peft(kind, magnitude[i], window)
+    kind = kind_of(adapter)
+    fmt = peft_format(kind)
+    lkind = layout.layout_of(layer)
+    window = len(layer.base_layer.kernel_size) if lkind == "conv" else 0
+    live = {}
+    if fmt.saves_lora_factors:
+      own = {a: n for a, n in fmt.tensors.items() if kind.roles.get(a) not in ("A", "B", "mixer")}
+      for i, entry in enumerate(layer_factors(layer, adapter)):
+        if entry is None:
+          continue
+        module, a, b, scaling = entry
+        key_a, key_b = layout.factor_keys(lkind, module)
+        tensors[key_a] = layout.a_to_peft(lkind, a)
+        tensors[key_b] = layout.b_to_peft(lkind, b, window)
+        modules[module] = (a.shape[-1], scaling)
+        live[i] = module
+    else:
+      own = dict(fmt.tensors)
+      for i, (module, rank) in enumerate(zip(layer.module_names, adapter.live_ranks())):
+        if rank:
+          modules[module] = (int(rank), 1.0)
+          live[i] = module
+    for attr, name in own.items():
+      role = kind.roles[attr]
+      values = _flat(_np(getattr(adapter, attr)[...]), layer.stack_shape)
+      for i, module in live.items():
+        key = layout.tensor_key(lkind, role, name, module)
+        tensors[key] = layout.to_peft(lkind, role, values[i], modules[module][0], window)
+    if fmt.shared_to_peft is not None:
+      shared.setdefault(id(fmt), (fmt, []))[1].append((layer, adapter))
   if not modules:
     raise ValueError(f"Adapter {adapter_name!r} adapts no layer; nothing to save.")
+  for fmt, pairs in shared.values():
+    tensors.update(fmt.shared_to_peft(pairs, peft_config(model)[adapter_name]))
   return tensors, modules
 
 
@@ -182,28 +184,8 @@ def _to_plain_lora(model, config, tensors: dict, modules: dict, initial) -> tupl
   return plain, converted, modules
 
 
-def _peft_config(config, modules: dict, fan_in_fan_out: bool) -> dict:
-  if isinstance(config, LoraConfig):
-    default = config
-  else:  # WLoRA or a weighted combination: scaling folded in, alpha = r
-    rank = max(r for r, _ in modules.values())
-    default = LoraConfig(r=rank, lora_alpha=rank)
-  rank_pattern, alpha_pattern = {}, {}
-  for module, (rank, scaling) in sorted(modules.items()):
-    if rank == default.rank_for(module) and np.isclose(scaling, default.scaling_for(module), rtol=1e-6):
-      alpha = default.alpha_for(module)
-    else:
-      alpha = scaling * (math.sqrt(rank) if default.use_rslora else rank)
-    if rank != default.r:
-      rank_pattern[re.escape(module)] = rank
-    if alpha != default.lora_alpha:
-      alpha_pattern[re.escape(module)] = alpha
-  return to_peft_dict(default, list(modules), rank_pattern, alpha_pattern, fan_in_fan_out)
-
-
 def _fan_in_fan_out(model: nnx.Module, config) -> bool:
-  model_type = getattr(getattr(model, "config", None), "model_type", None)
-  return model_type == "gpt2" or bool(getattr(config, "fan_in_fan_out", False))
+  return getattr(family_of(model), "fan_in_fan_out", False) or bool(getattr(config, "fan_in_fan_out", False))
 
 
 def _check_target(out: Path) -> None:

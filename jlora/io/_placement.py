@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding
 
-from jlora.models._sharding import AXES, param_spec
+from jlora.models import AXES, param_spec
 
 
 @dataclasses.dataclass(frozen=True)

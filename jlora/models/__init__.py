@@ -1,28 +1,35 @@
-"""Model families (Llama-family decoder and GPT-2) with HF-compatible names.
+"""Model families (the Llama family and GPT-2) with HF-compatible names, and the family registry.
 
-Loading and saving checkpoints (``from_pretrained`` / ``save_pretrained``)
-lives in ``jlora.io``, which depends on this package, not the reverse.
+A family registers itself with ``register_family(Family(...))``: the
+``model_type`` values it reads, its config, its ``LanguageModel`` class,
+its checkpoint names, sharding rules and PEFT quirks. Loading and saving
+checkpoints (``from_pretrained`` / ``save_pretrained``) lives in
+``jlora.io``, which depends on this package and asks the registry, not the
+reverse.
 """
 
-from jlora.models._attention import ATTENTION, check_attention, target_backend
+from jlora.models._attention import (ATTENTION, AttentionMask, attend, check_attention, cudnn_packed_layout,
+                                     target_backend)
 from jlora.models._cache import KVCache
-from jlora.models._config import SUPPORTED, ModelConfig, from_hf_config
-from jlora.models._decoder import CausalLM, check_scan_unroll
+from jlora.models._config import FamilyConfig, LayerAttention, LlamaConfig, ModelConfig
+from jlora.models._decoder import LLAMA, CausalLM, scan_layers, stacked
+from jlora.models._family import (Family, families, family_for, family_of, from_hf_config, model_class,
+                                  register_family, sharding_rules, supported_model_types)
 from jlora.models._generate import generate, sample_token
-from jlora.models._gpt2 import Gpt2LMHeadModel
-from jlora.models._remat import REMAT_POLICIES
+from jlora.models._gpt2 import GPT2, Gpt2Config, Gpt2LMHeadModel
+from jlora.models._language_model import LanguageModel, check_scan_unroll
+from jlora.models._remat import REMAT_POLICIES, check_remat, placed
+from jlora.models._sharding import (AXES, LOGICAL_TO_MESH, logical_rules, make_mesh, param_spec, replicated,
+                                    shard_state, state_shardings)
 from jlora.models._token_ids import check_token_ids
 
+SUPPORTED = supported_model_types()
+"""The ``model_type`` values of the built-in families (``supported_model_types()`` also lists registered ones)."""
 
-def model_class(config: ModelConfig):
-  """The NNX model class for ``config.model_type``."""
-  if config.model_type == "gpt2":
-    return Gpt2LMHeadModel
-  if config.model_type in SUPPORTED:
-    return CausalLM
-  raise ValueError(f"model_type={config.model_type!r} is not supported; use one of {', '.join(SUPPORTED)}.")
-
-
-__all__ = ["ATTENTION", "CausalLM", "Gpt2LMHeadModel", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED",
-           "check_attention", "check_scan_unroll", "check_token_ids", "from_hf_config", "generate", "model_class", "sample_token",
-           "target_backend"]
+__all__ = ["ATTENTION", "AXES", "AttentionMask", "CausalLM", "Family", "FamilyConfig", "GPT2", "Gpt2Config",
+           "Gpt2LMHeadModel", "KVCache", "LLAMA", "LOGICAL_TO_MESH", "LanguageModel", "LayerAttention", "LlamaConfig",
+           "ModelConfig", "REMAT_POLICIES", "SUPPORTED", "attend", "check_attention", "check_remat",
+           "check_scan_unroll", "check_token_ids", "cudnn_packed_layout", "families", "family_for", "family_of", "from_hf_config",
+           "generate", "logical_rules", "make_mesh", "model_class", "param_spec", "placed", "register_family",
+           "replicated", "sample_token", "scan_layers", "shard_state", "sharding_rules", "stacked", "state_shardings",
+           "supported_model_types", "target_backend"]

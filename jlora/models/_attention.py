@@ -32,10 +32,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+
+from jlora.models import _tokamax
+from jlora.models._config import LayerAttention
+from jlora.models._segments import segment_positions, segment_starts  # noqa: F401  (segment_positions re-exported)
 
 ATTENTION = ("auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla")
 RAGGED_MAX_SEGMENTS = 16  # cuDNN's packed layout beyond this costs more memory than its skipping saves time
@@ -87,9 +93,7 @@ def check_attention(name: str, *, for_backend: bool = False) -> str:
     raise ValueError(f"attention='tokamax' runs Pallas Mosaic GPU kernels (Hopper or newer), but the backend here "
                      f"is {here!r}; use attention='auto', or 'tokamax_xla' for tokamax's XLA reference.")
   if name.startswith("tokamax"):
-    from jlora.models._tokamax import require
-
-    require(name)
+    _tokamax.require(name)
   return name
 
 
@@ -99,7 +103,8 @@ class AttentionMask:
 
   Attributes:
     dense: ``[B, 1, T, S]`` bool, for calls with a cache or a padding mask
-      (then everything else is already folded in), else None.
+      (then everything else is already folded in), else None. With per-layer
+      settings, ``[K, B, 1, T, S]``: one per entry of ``layer_windows``.
     segment_ids: ``[B, T]`` int of packed rows (queries see keys of their
       own segment only; padding is a segment of its own), or None.
     sliding_window: a query sees at most this many keys back (itself included).
@@ -109,6 +114,11 @@ class AttentionMask:
       packed layout (see ``cudnn_packed_layout``), which is sized by it. A
       row with more runs makes that path return NaN, never a silently wrong
       mask. The other kernels need no bound.
+    layer_windows: when layers differ, the small static table of their
+      distinct windows (``sliding_window`` is then unused), else ``()``.
+    layer_kinds: each layer's entry of ``layer_windows`` (static, one per layer).
+    layer: the entry of the layer being run (a traced int32 scalar that
+      ``scan_layers`` scans alongside the layer weights), else None.
   """
 
   dense: jax.Array | None = None
@@ -116,6 +126,14 @@ class AttentionMask:
   sliding_window: int | None = struct.field(pytree_node=False, default=None)
   implementation: str = struct.field(pytree_node=False, default="auto")
   max_segments: int | None = struct.field(pytree_node=False, default=None)
+  layer_windows: tuple[int | None, ...] = struct.field(pytree_node=False, default=())
+  layer_kinds: tuple[int, ...] = struct.field(pytree_node=False, default=())
+  layer: jax.Array | None = None
+
+  def entry(self, kind: int) -> "AttentionMask":
+    """The one-setting mask of entry ``kind`` of ``layer_windows``."""
+    return self.replace(dense=None if self.dense is None else self.dense[kind],
+                        sliding_window=self.layer_windows[kind], layer_windows=(), layer_kinds=(), layer=None)
 
 
 def attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: int,
@@ -148,41 +166,64 @@ def causal_mask(length: int, segment_ids: jax.Array | None, sliding_window: int 
   return visible[:, None]
 
 
-def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, sliding_window: int | None,
+def _layer_table(layers: Sequence[LayerAttention], window_limit: int | None
+                 ) -> tuple[tuple[int | None, ...], tuple[int, ...]]:
+  """``(distinct windows, each layer's index into them)``; windows of at least ``window_limit`` become None."""
+  windows = [layer.sliding_window for layer in layers]
+  if window_limit is not None:
+    windows = [None if w is not None and w >= window_limit else w for w in windows]
+  table = tuple(dict.fromkeys(windows))
+  return table, tuple(table.index(w) for w in windows)
+
+
+def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, layers: Sequence[LayerAttention],
                implementation: str, length: int, max_segments: int | None = None) -> AttentionMask:
   """The ``AttentionMask`` of one model call (see ``CausalLM.__call__`` for the arguments).
 
-  A window at least as long as the call is dropped (it hides nothing).
+  ``layers`` holds each layer's ``LayerAttention``. A window at least as long
+  as the call is dropped (it hides nothing). When every layer ends up with
+  the same setting the mask has it directly; otherwise it carries the static
+  table and ``scan_layers`` gives each layer its entry.
   """
   if segment_ids is not None and cache is not None:
     raise ValueError("segment_ids describe packed training rows and cannot be used with a KV cache; "
                      "generate one record per row instead.")
-  if sliding_window is not None and cache is None and sliding_window >= length:
-    sliding_window = None
+  table, kinds = _layer_table(layers, length if cache is None else None)
+  single = len(table) <= 1
+  per_layer = dict(sliding_window=table[0] if single and table else None,
+                   layer_windows=() if single else table, layer_kinds=() if single else kinds)
   if attention_mask_2d is None and cache is None:
-    return AttentionMask(segment_ids=segment_ids, sliding_window=sliding_window, implementation=implementation,
-                         max_segments=max_segments)
-  dense = attention_mask(key_valid, query_slots, key_valid.shape[1], sliding_window)
-  if segment_ids is not None:
-    dense &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-  return AttentionMask(dense=dense, implementation=implementation)
+    return AttentionMask(segment_ids=segment_ids, implementation=implementation, max_segments=max_segments,
+                         **per_layer)
 
+  def dense(window):
+    visible = attention_mask(key_valid, query_slots, key_valid.shape[1], window)
+    if segment_ids is not None:
+      visible &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return visible
 
-def segment_positions(segment_ids: jax.Array) -> jax.Array:
-  """``[B, T]`` int32 positions that restart at 0 where the segment id changes."""
-  t = jnp.arange(segment_ids.shape[1])
-  return (t - jax.lax.cummax(jnp.where(_segment_starts(segment_ids), t, 0), axis=1)).astype(jnp.int32)
-
-
-def _segment_starts(segment_ids: jax.Array) -> jax.Array:
-  """``[B, T]`` bool: True where a run of equal ids begins."""
-  return jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                         axis=1)
+  masks = dense(per_layer["sliding_window"]) if single else jnp.stack([dense(w) for w in table])
+  return AttentionMask(dense=masks, implementation=implementation, **per_layer)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
            scale: float | None = None) -> jax.Array:
-  """``q [B, T, H, D]``, ``k, v [B, S, K, D]`` → ``[B, T, H, D]`` (K divides H: GQA)."""
+  """``q [B, T, H, D]``, ``k, v [B, S, K, D]`` → ``[B, T, H, D]`` (K divides H: GQA).
+
+  With per-layer settings (``mask.layer_windows``) the layer's entry is
+  selected inside the traced program: each distinct setting is traced once.
+  """
+  if mask.layer_windows:
+    if mask.layer is None:
+      raise ValueError("This AttentionMask holds per-layer settings but no layer; run the layers with scan_layers, "
+                       "which gives each layer its entry.")
+    branches = [functools.partial(_attend_one, mask=mask.entry(i), scale=scale) for i in range(len(mask.layer_windows))]
+    return jax.lax.switch(mask.layer, branches, q, k, v)
+  return _attend_one(q, k, v, mask, scale)
+
+
+def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float | None) -> jax.Array:
+  """``attend`` under one setting (no per-layer table)."""
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   if mask.dense is not None:
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=scale)
@@ -193,9 +234,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
     return splash_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
                             interpret=impl == "splash_interpret")
   if impl in ("tokamax", "tokamax_xla"):
-    from jlora.models._tokamax import tokamax_attention
-
-    return tokamax_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
+    return _tokamax.tokamax_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
                              implementation="mosaic" if impl == "tokamax" else "xla")
   window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
   if impl == "cudnn":
@@ -244,7 +283,7 @@ def segment_offsets(segment_ids: jax.Array, max_segments: int | None = None) -> 
   """
   b, t = segment_ids.shape
   m = t if max_segments is None else min(max_segments, t)
-  starts = _segment_starts(segment_ids)
+  starts = segment_starts(segment_ids)
   ends = jnp.concatenate([starts[:, 1:], jnp.ones((b, 1), bool)], axis=1)
   first = jax.vmap(lambda s: jnp.nonzero(s, size=m, fill_value=-1)[0])(starts).astype(jnp.int32)
   last = jax.vmap(lambda s: jnp.nonzero(s, size=m, fill_value=-2)[0])(ends).astype(jnp.int32)
@@ -254,7 +293,7 @@ def segment_offsets(segment_ids: jax.Array, max_segments: int | None = None) -> 
 
 def segment_overflow(segment_ids: jax.Array, max_segments: int) -> jax.Array:
   """Scalar bool: some row of ``segment_ids [B, T]`` holds more than ``max_segments`` runs."""
-  return jnp.any(jnp.sum(_segment_starts(segment_ids), axis=1) > max_segments)
+  return jnp.any(jnp.sum(segment_starts(segment_ids), axis=1) > max_segments)
 
 
 def cudnn_packed_layout(max_segments: int | None) -> str:

@@ -1,4 +1,4 @@
-"""Llama-family decoder (llama incl. Llama-3 rope scaling, mistral, qwen2, qwen3).
+"""The Llama family (llama incl. Llama-3 rope scaling, mistral, qwen2, qwen3), and the scanned stack every family runs.
 
 Attribute names mirror HF's ``LlamaForCausalLM`` so PEFT target names and
 checkpoint keys carry over: ``model.embed_tokens``,
@@ -6,6 +6,8 @@ checkpoint keys carry over: ``model.embed_tokens``,
 ``model.norm``, ``lm_head``. The N layers are one module built with
 ``nnx.vmap`` (every parameter has a leading layer axis) and run with
 ``nnx.scan``, so compile time does not grow with depth.
+
+The family registers itself (``register_family``) at the end of this module.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.models import _cache
-from jlora.models._attention import RMSNorm, activation, attend, build_mask, check_attention, segment_positions
+from jlora.models._attention import AttentionMask, RMSNorm, activation, attend, build_mask, segment_positions
 from jlora.models._cache import KVCache
-from jlora.models._config import ModelConfig
-from jlora.models._remat import check_remat, placement, rematerialized, saved
+from jlora.models._config import LlamaConfig, hf_get, hf_json
+from jlora.models._family import Family, register_family
+from jlora.models._language_model import LanguageModel, check_scan_unroll
+from jlora.models._remat import placement, rematerialized, saved
 from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
-from jlora.models._token_ids import check_token_ids
 from jlora.nn import lora_projections, mark_stacked
 
 
@@ -42,42 +45,38 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.R
   return mark_stacked(build(rngs), num_layers)
 
 
-def check_scan_unroll(unroll: int) -> int:
-  """``unroll`` if it is a positive int (layers per step of the layer loop), else ValueError with the fix."""
-  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
-    raise ValueError(
-        f"scan_unroll={unroll!r} is not a positive number of layers per loop step; use 1 (a rolled loop, "
-        "the shortest compile), a small number such as 2, or the number of layers to unroll the loop fully.")
-  return unroll
-
-
-def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, *args, remat: str = "none",
-                unroll: int = 1):
-  """Run the stacked ``layers`` over ``h``; each layer is called ``layer(h, kv, *args)``.
+def scan_layers(layers: nnx.Module, h: jax.Array, cache: KVCache | None, mask: AttentionMask, *args,
+                remat: str = "none", unroll: int = 1):
+  """Run the stacked ``layers`` over ``h``; each layer is called ``layer(h, kv, mask, *args)``.
 
   ``kv`` is that layer's ``(k, v)`` slice of the cache (None without one);
+  ``mask`` is the call's ``AttentionMask``: when its layers differ
+  (``mask.layer_kinds``), each layer's index into its static table is
+  scanned alongside the layer's weights and set on the layer's mask, so one
+  traced body serves every layer.
   ``remat`` names what the backward pass keeps (``jlora.models.REMAT_POLICIES``).
   ``unroll`` layers run per step of the loop (``jax.lax.scan``'s ``unroll``; at
   least the number of layers: no loop at all). Unrolling lets XLA fuse and
   schedule across layer boundaries and write saved residuals without a
   dynamic-update-slice per step, at the price of a longer compile; results are
   the same up to floating-point rounding.
-  Under a mesh placement (``jlora.models._remat.placed``) ``h`` stays split
+  Under a mesh placement (``jlora.models.placed``) ``h`` stays split
   over the batch and each layer's weights are gathered inside the body.
   Returns ``(h, (k, v) stacked over layers or None)``.
   """
   kv = None if cache is None else (cache.k, cache.v)
+  kinds = jnp.asarray(mask.layer_kinds, jnp.int32) if mask.layer_kinds else None
   call = rematerialized(lambda layer, h, kv, *args: layer(h, kv, *args), remat)
   where = placement()
   pin = (lambda x: x) if where is None else where.activations
 
-  @nnx.scan(in_axes=(nnx.Carry, 0, 0) + (None,) * len(args), out_axes=(nnx.Carry, 0),
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None) + (None,) * len(args), out_axes=(nnx.Carry, 0),
             unroll=check_scan_unroll(unroll))
-  def run(h, layer, kv, *args):
-    h, kv = call(layer, pin(h), kv, *args)
+  def run(h, layer, kv, kind, mask, *args):
+    h, kv = call(layer, pin(h), kv, mask if kind is None else mask.replace(layer=kind), *args)
     return pin(h), kv
 
-  return run(h, layers, kv, *args)
+  return run(h, layers, kv, kinds, mask, *args)
 
 
 def self_attention(q, k, v, kv, mask, index, scale=None):
@@ -88,7 +87,7 @@ def self_attention(q, k, v, kv, mask, index, scale=None):
 
 
 class Attention(nnx.Module):
-  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
     heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     self.q_proj = linear(c.hidden_size, heads * d, c.attention_bias, dtypes, rngs)
     self.k_proj = linear(c.hidden_size, kv_heads * d, c.attention_bias, dtypes, rngs)
@@ -113,7 +112,7 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
     self.gate_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtypes, rngs)
     self.up_proj = linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtypes, rngs)
     self.down_proj = linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtypes, rngs)
@@ -125,7 +124,7 @@ class Mlp(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
     self.self_attn = Attention(c, dtypes, rngs)
     self.mlp = Mlp(c, dtypes, rngs)
     self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
@@ -138,7 +137,7 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderModel(nnx.Module):
-  def __init__(self, c: ModelConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
     self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, rngs=rngs,
                                   embedding_init=nnx.initializers.normal(0.02), **dtypes)
     self.layers = stacked(lambda r: DecoderLayer(c, dtypes, r), c.num_hidden_layers, rngs)
@@ -150,11 +149,12 @@ def base_embed(embed: nnx.Module) -> nnx.Embed:
   return getattr(embed, "base_layer", embed)
 
 
-def prepare(model: nnx.Module, input_ids, attention_mask, positions, cache, segment_ids):
+def prepare(model: LanguageModel, input_ids, attention_mask, positions, cache, segment_ids):
   """Positions, the ``AttentionMask`` and the ``(new valid, index)`` cache fields of one call.
 
   Positions default to ``0..T-1`` continuing from the cache, or, with
-  ``segment_ids``, restart at 0 with every segment.
+  ``segment_ids``, restart at 0 with every segment. The mask carries each
+  layer's attention settings (``model.config.layer_attention()``).
   """
   b, t = input_ids.shape
   if positions is None:
@@ -166,9 +166,8 @@ def prepare(model: nnx.Module, input_ids, attention_mask, positions, cache, segm
   mask_2d = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
   key_valid, query_slots, new_valid = _cache.step_inputs(cache, mask_2d, t)
   index = jnp.zeros((), jnp.int32) if cache is None else cache.index
-  mask = build_mask(attention_mask, cache, key_valid, query_slots, segment_ids,
-                    getattr(model.config, "sliding_window", None), model.attention, t,
-                    getattr(model, "max_segments", None))
+  mask = build_mask(attention_mask, cache, key_valid, query_slots, segment_ids, model.config.layer_attention(),
+                    model.attention, t, model.max_segments)
   return positions, mask, new_valid, index
 
 
@@ -176,33 +175,6 @@ def with_cache(cache: KVCache | None, kv, new_valid, length: int):
   if cache is None:
     return None
   return KVCache(kv[0], kv[1], new_valid, cache.index + length)
-
-
-class LanguageModel(nnx.Module):
-  """The call every causal LM family shares; a family supplies ``_hidden`` and ``head``.
-
-  ``model(ids, ...)`` is ``head(hidden(ids, ...))``, and with ``cache=`` it
-  returns ``(logits, new_cache)``. ``_hidden(input_ids, attention_mask,
-  positions, cache, segment_ids)`` returns ``(h [B, T, hidden], new_cache)``.
-
-  ``max_segments`` (an attribute; ``jlora.train`` sets it from its packed
-  rows) is the most records a packed row holds, None when unknown; it picks
-  how cuDNN runs packed rows (``jlora.models._attention.cudnn_packed_layout``).
-  """
-
-  max_segments: int | None = None
-
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-               segment_ids=None):
-    check_token_ids(input_ids, self.config.vocab_size)
-    h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
-    logits = self.head(h)
-    return logits if cache is None else (logits, new_cache)
-
-  def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-    """Final hidden states ``[B, T, hidden]`` (after the last norm), without the output head."""
-    check_token_ids(input_ids, self.config.vocab_size)
-    return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
 
 
 class CausalLM(LanguageModel):
@@ -230,16 +202,12 @@ class CausalLM(LanguageModel):
   chunk by chunk.
   """
 
-  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto",
                scan_unroll: int = 1):
     rngs = rngs or nnx.Rngs(0)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-    self.config = config
-    self.dtype = dtype
-    self.remat = check_remat(remat)
-    self.scan_unroll = check_scan_unroll(scan_unroll)
-    self.attention = check_attention(attention)
+    self._settings(config, dtype, remat, attention, scan_unroll)
     self.model = DecoderModel(config, dtypes, rngs)
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
@@ -258,3 +226,45 @@ class CausalLM(LanguageModel):
     h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index, remat=self.remat,
                         unroll=self.scan_unroll)
     return self.model.norm(h), with_cache(cache, kv, new_valid, input_ids.shape[1])
+
+
+def llama_config_from_hf(hf) -> LlamaConfig:
+  """The ``LlamaConfig`` of a transformers llama / mistral / qwen2 / qwen3 config.
+
+  Raises ValueError for options the family does not implement (Qwen's
+  sliding window, rope types other than ``default`` and ``llama3``).
+  """
+  model_type = hf.model_type
+  if model_type.startswith("qwen") and getattr(hf, "use_sliding_window", False):
+    raise ValueError(f"{model_type} with use_sliding_window=True is not supported; set it to false in config.json.")
+  heads = hf.num_attention_heads
+  rope = dict(getattr(hf, "rope_parameters", None) or {})
+  rope.setdefault("rope_type", "default")
+  rope.setdefault("rope_theta", hf_get(hf, "rope_theta", default=10000.0))
+  if rope["rope_type"] not in ("default", "llama3"):
+    raise ValueError(
+        f"rope_type={rope['rope_type']!r} is not supported; jlora implements 'default' and 'llama3'.")
+  bias = bool(getattr(hf, "attention_bias", False)) or model_type == "qwen2"
+  return LlamaConfig(
+      model_type=model_type, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+      intermediate_size=hf.intermediate_size, num_hidden_layers=hf.num_hidden_layers,
+      num_attention_heads=heads, num_key_value_heads=hf_get(hf, "num_key_value_heads", default=heads),
+      head_dim=hf_get(hf, "head_dim", default=hf.hidden_size // heads),
+      max_position_embeddings=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
+      hidden_act=hf.hidden_act, tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=False)),
+      attention_bias=bias, o_proj_bias=bool(getattr(hf, "attention_bias", False)),
+      mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=model_type == "qwen3",
+      sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" else None,
+      rope=tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list)))),
+      hf_json=hf_json(hf))
+
+
+LLAMA = register_family(Family(
+    name="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), from_hf=llama_config_from_hf,
+    model_class=CausalLM, ignored_tensors=(r".*rotary_emb\.inv_freq$",),
+    sharding_rules=((r"(^|\.)(q_proj|k_proj|v_proj)$", ("embed", "heads")),
+                    (r"(^|\.)(gate_proj|up_proj)$", ("embed", "mlp")),
+                    (r"(^|\.)(o_proj)$", ("heads", "embed")),
+                    (r"(^|\.)(down_proj)$", ("mlp", "embed")),
+                    (r"(^|\.)(embed_tokens)$", ("vocab", "embed")),
+                    (r"(^|\.)(lm_head)$", ("embed", "vocab")))))

@@ -35,14 +35,24 @@ import jax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jlora.models._tokamax import is_tokamax_attention
-
 REMAT_POLICIES = ("none", "matmuls", "full")
 
 
 SAVED = "saved_for_backward"
 GATHERED = "gathered_layer_weights"
 LOW_RANK_MAX = 256
+_FUSED_RESIDUALS: list[Callable[[dict], bool]] = []
+
+
+def keep_fused_residuals(predicate: Callable[[dict], bool]) -> None:
+  """Make the ``"matmuls"`` policy keep a fused kernel's outputs and residuals.
+
+  ``predicate(params)`` gets the parameters of each ``remat_opt`` equation (a
+  custom_vjp with remat optimisation, as kernel libraries write their
+  attention) and says whether it is that kernel's. Kernel modules register
+  themselves, so the policy depends on no optional kernel library.
+  """
+  _FUSED_RESIDUALS.append(predicate)
 
 
 def saved(x: jax.Array) -> jax.Array:
@@ -53,13 +63,13 @@ def saved(x: jax.Array) -> jax.Array:
 def _low_rank_or_attention(prim, *args, **params) -> bool:
   """Fused-attention outputs and narrow matmuls (an adapter's ``x @ A``: at most ``LOW_RANK_MAX`` wide).
 
-  tokamax's attention is a custom_vjp with remat optimisation: one
-  ``remat_opt`` equation whose outputs are the attention output and the
-  residuals its backward kernel reads. Keeping it saves recomputing the
-  forward kernel in the backward pass.
+  A fused kernel registered with ``keep_fused_residuals`` (tokamax's
+  attention) is one ``remat_opt`` equation whose outputs are the attention
+  output and the residuals its backward kernel reads. Keeping it saves
+  recomputing the forward kernel in the backward pass.
   """
   if prim.name == "remat_opt":
-    return is_tokamax_attention(params)
+    return any(kept(params) for kept in _FUSED_RESIDUALS)
   if prim is jax.lax.dot_general_p:
     (_, rhs_contract), (lhs_batch, rhs_batch) = params["dimension_numbers"]
     rhs = args[1]

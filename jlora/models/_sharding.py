@@ -3,7 +3,9 @@
 Shared by loading (``jlora.io`` reads each shard straight onto its devices)
 and training (``jlora.train`` places params, adapter and optimizer state).
 
-- Model params follow logical-axis rules keyed by Hugging Face module names:
+- Model params follow logical-axis rules keyed by Hugging Face module names
+  (each registered family's ``sharding_rules``, then ``GENERIC_RULES`` for
+  models of your own):
   a projection into the hidden size's wide side (``q_proj``, ``up_proj`` …)
   is ``[embed, mlp]``, one back (``o_proj``, ``down_proj``) ``[mlp, embed]``;
   logical ``embed`` goes to mesh axis ``fsdp``, ``mlp`` / ``heads`` /
@@ -36,15 +38,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jlora.models._family import sharding_rules
+from jlora.nn import role_of
+
 AXES = ("data", "fsdp", "tensor")
 
-# (regex searched in the module part of a param's path, logical axes of the kernel's (in, out) dims)
-LOGICAL_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
-    (r"(^|\.)(q_proj|k_proj|v_proj|query|key|value|c_attn)$", ("embed", "heads")),
-    (r"(^|\.)(gate_proj|up_proj|fc1|c_fc|w1|w3)$", ("embed", "mlp")),
-    (r"(^|\.)(o_proj|out_proj|c_proj)$", ("heads", "embed")),
+# (regex searched in the module part of a param's path, logical axes of the kernel's (in, out) dims):
+# common module names of models that no registered family builds (a family brings its own rules)
+GENERIC_RULES: tuple[tuple[str, tuple[str, str]], ...] = (
+    (r"(^|\.)(q_proj|k_proj|v_proj|query|key|value)$", ("embed", "heads")),
+    (r"(^|\.)(gate_proj|up_proj|fc1|w1|w3)$", ("embed", "mlp")),
+    (r"(^|\.)(o_proj|out_proj)$", ("heads", "embed")),
     (r"(^|\.)(down_proj|fc2|w2)$", ("mlp", "embed")),
-    (r"(^|\.)(embed_tokens|wte|tok_embeddings)$", ("vocab", "embed")),
+    (r"(^|\.)(embed_tokens|tok_embeddings)$", ("vocab", "embed")),
     (r"(^|\.)(lm_head)$", ("embed", "vocab")),
 )
 LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
@@ -58,14 +64,20 @@ def make_mesh(shape: tuple[int, int, int]) -> Mesh:
   return Mesh(devices, AXES)
 
 
+def logical_rules() -> tuple[tuple[str, tuple[str, str]], ...]:
+  """The rules ``param_spec`` applies: the registered families' first, then ``GENERIC_RULES``."""
+  return sharding_rules() + GENERIC_RULES
+
+
 def _logical_axes(module_path: str) -> tuple[str, str] | None:
-  for pattern, axes in LOGICAL_RULES:
+  for pattern, axes in logical_rules():
     if re.search(pattern, module_path):
       return axes
   return None
 
 
-def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+def _dim_axes(name: str, role: str | None, axes: tuple[str, str] | None,
+              shape: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
   """Mesh axes wanted per dim of a variable (before the divisibility check)."""
   if len(shape) < 2:
     return {}
@@ -78,9 +90,9 @@ def _dim_axes(name: str, axes: tuple[str, str] | None, shape: tuple[int, ...]) -
     if out_axis == "fsdp" and in_axis != "fsdp":  # row-parallel: FSDP joins the in side (see module doc)
       return {prev: (in_axis, "fsdp"), last: ("fsdp",)}
     return {prev: (in_axis,), last: (out_axis,)}
-  if name == "lora_A":  # [.., in, r]: split like the kernel's in side, and over fsdp too
+  if role == "A":  # an adapter's [.., in, r] (its kind's role): split like the kernel's in side, and fsdp
     return {prev: with_fsdp(in_axis)}
-  if name == "lora_B":  # [.., r, out]
+  if role == "B":  # [.., r, out]
     return {last: with_fsdp(out_axis)}
   return {}
 
@@ -98,7 +110,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
       break
   spec: list = [None] * len(shape)
   used: set[str] = set()
-  for dim, wanted in _dim_axes(name, _logical_axes(".".join(module)), shape).items():
+  for dim, wanted in _dim_axes(name, role_of(keys), _logical_axes(".".join(module)), shape).items():
     wanted = tuple(a for a in wanted if a not in used)  # a mesh axis splits one dim at most
     for n in range(len(wanted), 0, -1):  # the most axes that divide the dim
       axes = wanted[:n]

@@ -37,7 +37,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora.models._attention import segment_positions
+from jlora.models._remat import keep_fused_residuals
+from jlora.models._segments import segment_positions
 
 INSTALL = "pip install 'jlora[tokamax]'"
 
@@ -158,3 +159,6 @@ def _equations(jaxpr):
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
           yield from _equations(sub)
+
+
+keep_fused_residuals(is_tokamax_attention)

@@ -1,4 +1,4 @@
-"""Adapter state for one wrapped layer: a LoRA (or MoSLoRA) adapter, and WLoRA.
+"""Adapter modules: the contract every kind's adapter keeps, LoRA / MoSLoRA, and WLoRA.
 
 An adapter owns only arrays; the layer-type specific math (how x meets A, how
 A and B form a kernel-shaped delta) comes from the ``LoraLayer`` it lives in,
@@ -9,10 +9,11 @@ scanned model slices them per layer), so shapes below read
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jlora.nn._variables import LoraBuffer, LoraParam, LoraRngKey
@@ -22,7 +23,13 @@ class LayerOps(Protocol):
   """The layer-type math an adapter needs (implemented by ``LoraLayer``)."""
 
   b_rank_axis: int
+  module_names: tuple[str, ...]
 
+  @property
+  def stack_shape(self) -> tuple[int, ...]: ...
+  def kernel(self) -> nnx.Variable: ...
+  def unmerged_kernel(self) -> jax.Array: ...
+  def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]: ...
   def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array: ...
   def project_out(self, h: jax.Array, b: jax.Array) -> jax.Array: ...
   def factors_to_weight(self, a: jax.Array, b: jax.Array) -> jax.Array: ...
@@ -35,12 +42,127 @@ def over_stack(fn, stack_ndim: int):
   return fn
 
 
-def _broadcast_stack(values: jax.Array, target_ndim: int) -> jax.Array:
+def broadcast_stack(values: jax.Array, target_ndim: int) -> jax.Array:
   """Reshape ``[*stack]`` values so they broadcast against a ``[*stack, ...]`` array."""
   return values.reshape(values.shape + (1,) * (target_ndim - values.ndim))
 
 
-class LoraAdapter(nnx.Module):
+def pad_axis(array: jax.Array, axis: int, size: int) -> jax.Array:
+  """``array`` zero-padded at the end of ``axis`` (negative axes count from the end) to ``size``."""
+  axis = axis % array.ndim
+  pad = [(0, 0)] * array.ndim
+  pad[axis] = (0, size - array.shape[axis])
+  return jnp.pad(array, pad)
+
+
+def scaled_concat(factors, b_axis: int) -> tuple[jax.Array, jax.Array]:
+  """``(A, B)`` of several plain LoRAs ``(A_k, B_k, weight_k [*stack])`` as one: ``A = [w_k A_k]``
+  along the (last) rank axis, ``B = [B_k]`` along ``b_axis``; exactly ``Σ w_k A_k·B_k``."""
+  a_parts = [a * broadcast_stack(jnp.asarray(w), a.ndim) for a, _, w in factors]
+  b_parts = [b for _, b, _ in factors]
+  a = a_parts[0] if len(a_parts) == 1 else jnp.concatenate(a_parts, axis=-1)
+  b = b_parts[0] if len(b_parts) == 1 else jnp.concatenate(b_parts, axis=b_axis)
+  return a, b
+
+
+class AdapterModule(nnx.Module):
+  """What a ``LoraLayer`` asks of any adapter it holds (every kind's adapter class subclasses this).
+
+  ``ops`` / ``layer`` below is the ``LoraLayer`` the adapter lives in: the
+  layer-type math (``project_in``, ``project_out``, ``factors_to_weight``),
+  its kernel and stack shape. Only ``delta`` is required; the rest have
+  defaults that suit an additive update with plain-LoRA factors.
+  """
+
+  folds_to_lora: ClassVar[bool] = True
+  """Whether ``lora_factors`` gives the adapter's whole update (export, weighted combination,
+  per-sample routing and the fused matmul build on that)."""
+  output_hook: ClassVar[bool] = False
+  """Whether the adapter acts on the layer's output so far (``output_delta``, as DoRA) instead of
+  adding ``delta`` of the input."""
+  merge_needs_state: ClassVar[bool] = False
+  """Whether unmerging needs what the in-place merge kept (DoRA's norm), so the pure
+  ``unmerge`` cannot undo it."""
+  deterministic: bool = False
+
+  @property
+  def rank(self) -> int:
+    raise TypeError(f"{type(self).__name__} must define rank")
+
+  def delta(self, ops: LayerOps, x: jax.Array, dtype, *, dropout: bool = True) -> jax.Array:
+    """The adapter's additive output for input ``x`` (unstacked call)."""
+    raise TypeError(f"{type(self).__name__} must define delta()")
+
+  def lora_factors(self, ops: LayerOps) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Plain-LoRA factors ``(A [*stack, .., R], B [*stack, ..], scaling [*stack])`` with this update."""
+    raise TypeError(f"{type(self).__name__} has no plain-LoRA factors (folds_to_lora is False).")
+
+  def export_factors(self, ops: LayerOps) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``lora_factors`` laid out so that stacked layer i's update lives in the first
+    ``live_ranks()[i]`` ranks (what a per-module checkpoint keeps)."""
+    return self.lora_factors(ops)
+
+  def live_ranks(self) -> np.ndarray:
+    """Rank of each stacked layer's update, flat ``[prod(stack)]``; 0 where the adapter leaves it out."""
+    raise TypeError(f"{type(self).__name__} must define live_ranks()")
+
+  def output_delta(self, layer: LayerOps, x: jax.Array, y: jax.Array, *args, **kwargs) -> jax.Array:
+    """With ``output_hook``: what the adapter adds to the output ``y`` so far, for input ``x``."""
+    raise TypeError(f"{type(self).__name__} has no output hook.")
+
+  def delta_weight(self, ops: LayerOps) -> jax.Array:
+    """The update in the base kernel's layout, ``[*stack, *kernel]``."""
+    return factors_weight(ops, *self.lora_factors(ops))
+
+  def merge(self, layer: LayerOps, kernel: jax.Array) -> jax.Array:
+    """The kernel with this adapter folded in (``layer``'s other merged adapters already are)."""
+    return kernel + self.delta_weight(layer)
+
+  def unmerge(self, layer: LayerOps, kernel: jax.Array) -> jax.Array:
+    """The inverse of ``merge``."""
+    return kernel - self.delta_weight(layer)
+
+  def init_dropout(self, rate: float, key: jax.Array | None, stack: tuple[int, ...]) -> None:
+    """Input dropout at ``rate`` for an adapter over ``stack`` layers: one PRNG key and call counter
+    per stacked layer (``LoraRngKey``); none at rate 0."""
+    self.dropout_rate = float(rate)
+    self.deterministic = False
+    if rate > 0.0:
+      keys = jax.random.split(key, stack) if stack else key
+      self.dropout_key = LoraRngKey(jax.random.key_data(keys))
+      self.dropout_count = LoraRngKey(jnp.zeros(stack, jnp.uint32))
+    else:
+      self.dropout_key = self.dropout_count = None
+
+  def dropout_active(self) -> bool:
+    """Whether the adapter applies dropout to its input in this call."""
+    return getattr(self, "dropout_key", None) is not None and not self.deterministic
+
+  def apply_dropout(self, x: jax.Array) -> jax.Array:
+    """``x`` with ``init_dropout``'s dropout applied (unstacked call); ``x`` itself when inactive."""
+    if not self.dropout_active():
+      return x
+    key = jax.random.fold_in(jax.random.wrap_key_data(self.dropout_key[...]), self.dropout_count[...])
+    self.dropout_count[...] = self.dropout_count[...] + 1
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
+
+  _dropout = apply_dropout  # the name subclasses used before
+
+  def check(self, layer: LayerOps, name: str) -> None:
+    """Raise if the adapter does not fit ``layer`` (called when it is added)."""
+
+
+def factors_weight(ops: LayerOps, a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
+  """``s·A·B`` in the kernel's layout for stacked factors (``scaling [*stack]``)."""
+
+  def one(a, b, s):
+    return ops.factors_to_weight(a, b) * s
+
+  return over_stack(one, scaling.ndim)(a, b, scaling)
+
+
+class LoraAdapter(AdapterModule):
   """One LoRA adapter of one layer: ``delta(x) = x·A·[M]·B · scaling``.
 
   Attributes:
@@ -70,32 +192,33 @@ class LoraAdapter(nnx.Module):
     self.lora_mixer = param_type(mixer) if mixer is not None else None
     self.scaling = LoraBuffer(jnp.asarray(scaling, jnp.float32))
     self.rank_mask = LoraBuffer(rank_mask) if rank_mask is not None else None
-    self.dropout_rate = float(dropout)
-    self.deterministic = False
-    if dropout > 0.0:
-      stack = self.scaling.shape
-      keys = jax.random.split(dropout_key, stack) if stack else dropout_key
-      self.dropout_key = LoraRngKey(jax.random.key_data(keys))
-      self.dropout_count = LoraRngKey(jnp.zeros(stack, jnp.uint32))
-    else:
-      self.dropout_key = self.dropout_count = None
+    self.init_dropout(dropout, dropout_key, self.scaling.shape)
 
   @property
   def rank(self) -> int:
     return self.lora_A.shape[-1]
 
-  def _dropout(self, x: jax.Array) -> jax.Array:
-    if self.dropout_key is None or self.deterministic:
-      return x
-    key = jax.random.fold_in(jax.random.wrap_key_data(self.dropout_key[...]), self.dropout_count[...])
-    self.dropout_count[...] = self.dropout_count[...] + 1
-    keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
-    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
+  def live_ranks(self) -> np.ndarray:
+    size = max(1, int(np.prod(self.scaling.shape)))
+    if self.rank_mask is None:
+      return np.full(size, self.rank, np.int64)
+    return np.asarray(self.rank_mask[...]).reshape(size, -1).sum(-1).astype(np.int64)
+
+  def check(self, layer: LayerOps, name: str) -> None:
+    rank = self.lora_A.shape[-1]
+    a_shape, b_shape = layer.factor_shapes(rank)
+    want = (tuple(layer.stack_shape) + a_shape, tuple(layer.stack_shape) + b_shape)
+    if (tuple(self.lora_A.shape), tuple(self.lora_B.shape)) != want:
+      raise ValueError(
+          f"Adapter {name!r} at {layer.module_names[0]}: factor shapes A{tuple(self.lora_A.shape)}, "
+          f"B{tuple(self.lora_B.shape)} do not fit this layer, which needs A{want[0]}, B{want[1]} "
+          f"for rank {rank}."
+      )
 
   def delta(self, ops: LayerOps, x: jax.Array, dtype, *, dropout: bool = True) -> jax.Array:
     """The adapter's additive output for input ``x`` (unstacked call)."""
     if dropout:
-      x = self._dropout(x)
+      x = self.apply_dropout(x)
     h = ops.project_in(x, self.lora_A[...].astype(dtype))
     if self.rank_mask is not None:
       h = h * self.rank_mask[...].astype(dtype)
@@ -124,8 +247,23 @@ class LoraAdapter(nnx.Module):
     a = over_stack(fold, stack_ndim)(self.lora_A[...], mask, mixer)
     return a, self.lora_B[...], self.scaling[...]
 
+  def export_factors(self, ops: LayerOps) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """With a mixer and a rank mask, ``(A ⊙ mask)·(M·B)``: A keeps its live columns, the mixer goes
+    into B's rows (folding it into A would spread every layer's update over the full rank)."""
+    if self.lora_mixer is None or self.rank_mask is None:
+      return self.lora_factors(ops)
+    mask = self.rank_mask[...]
+    mix_b = lambda m, b: jnp.moveaxis(jnp.tensordot(m, b, axes=([1], [ops.b_rank_axis])), 0, ops.b_rank_axis)
+    a = self.lora_A[...] * mask.reshape(mask.shape[:-1] + (1,) * (self.lora_A.ndim - mask.ndim) + mask.shape[-1:])
+    b = over_stack(mix_b, self.scaling.ndim)(self.lora_mixer[...], self.lora_B[...])
+    return a, b, self.scaling[...]
 
-class WLoraAdapter(nnx.Module):
+
+class MoSLoraAdapter(LoraAdapter):
+  """A LoRA adapter with MoSLoRA's ``[*stack, r, r]`` mixer (``lora_mixer``) between A and B."""
+
+
+class WLoraAdapter(AdapterModule):
   """WLoRA: ``delta(x) = Σ_k softmax(logits)_k · upstream_k.delta(x)``.
 
   Attributes:
@@ -141,6 +279,15 @@ class WLoraAdapter(nnx.Module):
   @property
   def rank(self) -> int:
     return sum(u.rank for u in self.upstreams)
+
+  def live_ranks(self) -> np.ndarray:
+    """The full (concatenated) rank wherever an upstream adapts the layer."""
+    size = max(1, int(np.prod(self.logits.shape[:-1])))
+    scales = np.stack([np.asarray(u.scaling[...]).reshape(size) for u in self.upstreams], -1)
+    return np.where((scales != 0).any(-1), self.rank, 0).astype(np.int64)
+
+  def dropout_active(self) -> bool:
+    return any(u.dropout_active() for u in self.upstreams)
 
   def weights(self) -> jax.Array:
     """The softmax-normalised combination weights ``[*stack, K]``."""
@@ -161,25 +308,18 @@ class WLoraAdapter(nnx.Module):
     upstream B's concatenated to match, scaling 1.
     """
     weights = self.weights()
-    a_parts, b_parts = [], []
-    stack_ndim = weights.ndim - 1
+    parts = []
     for k, upstream in enumerate(self.upstreams):
       a, b, scaling = upstream.lora_factors(ops)
-      a_parts.append(a * _broadcast_stack(weights[..., k] * scaling, a.ndim))
-      b_parts.append(b)
-    a = jnp.concatenate(a_parts, axis=-1)
-    b = jnp.concatenate(b_parts, axis=stack_ndim + ops.b_rank_axis)
+      parts.append((a, b, weights[..., k] * scaling))
+    a, b = scaled_concat(parts, weights.ndim - 1 + ops.b_rank_axis)
     return a, b, jnp.ones(weights.shape[:-1], jnp.float32)
 
 
-Adapter = LoraAdapter | WLoraAdapter
+Adapter = AdapterModule
+"""Any kind's adapter (kept for code that named the old union)."""
 
 
-def delta_weight(adapter: Adapter, ops: LayerOps) -> jax.Array:
+def delta_weight(adapter: AdapterModule, ops: LayerOps) -> jax.Array:
   """The adapter's update in the base kernel's layout, ``[*stack, *kernel]``."""
-  a, b, scaling = adapter.lora_factors(ops)
-
-  def one(a, b, s):
-    return ops.factors_to_weight(a, b) * s
-
-  return over_stack(one, scaling.ndim)(a, b, scaling)
+  return adapter.delta_weight(ops)

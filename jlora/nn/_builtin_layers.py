@@ -14,11 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
-from jlora.nn._dora import DoraAdapter
+from jlora.nn._adapters import scaled_concat
 from jlora.nn._fused import lora_matmul
 from jlora.nn._layer import LoraLayer
 from jlora.nn._registry import register_lora_layer
-from jlora.nn._routing import dropout_active
 
 
 @register_lora_layer(nnx.Linear)
@@ -57,27 +56,20 @@ class LoraLinear(LoraLayer):
     """The active adapters as one plain LoRA ``(A' [in, R], B [R, out])``, scaling folded into A'.
 
     R is the sum of their ranks (0 without an active adapter); None when the
-    call needs the generic path (per-sample routing, dropout, DoRA).
+    call needs the generic path (per-sample routing, dropout, an adapter that does not fold to
+    plain LoRA or acts on the output, as DoRA).
     """
     if self.routing is not None:
       return None
     adapters = [] if self.disabled else [
         self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
-    if any(dropout_active(a) for a in adapters):
+    if any(a.dropout_active() or a.output_hook or not a.folds_to_lora for a in adapters):
       return None
-    if any(isinstance(a, DoraAdapter) for a in adapters):
-      return None  # DoRA rescales the base output too: its own branch of LoraLayer.__call__
-    a_parts, b_parts = [], []
-    for adapter in adapters:
-      a, b, scaling = adapter.lora_factors(self)
-      a_parts.append(a * scaling.astype(a.dtype))
-      b_parts.append(b)
-    if not a_parts:
+    if not adapters:
       n_in, n_out = self.base_layer.in_features, self.base_layer.out_features
       return jnp.zeros((n_in, 0), jnp.float32), jnp.zeros((0, n_out), jnp.float32)
-    a = a_parts[0] if len(a_parts) == 1 else jnp.concatenate(a_parts, axis=-1)
-    b = b_parts[0] if len(b_parts) == 1 else jnp.concatenate(b_parts, axis=0)
-    return a, b
+    factors = [adapter.lora_factors(self) for adapter in adapters]
+    return scaled_concat([(a, b, s.astype(a.dtype)) for a, b, s in factors], 0)
 
   def __call__(self, x, *args, **kwargs):
     parts = None if args or kwargs else self.fused_parts(x)

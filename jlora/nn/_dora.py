@@ -13,16 +13,11 @@ kernel applied to the dropped-out input, as PEFT does).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
-from jlora.nn._adapters import LayerOps, LoraAdapter, delta_weight
+from jlora.nn._adapters import LayerOps, LoraAdapter
 from jlora.nn._variables import LoraBuffer, LoraParam
-
-if TYPE_CHECKING:
-  from jlora.nn._layer import LoraLayer
 
 
 def column_norm(weight: jax.Array, stack_ndim: int = 0) -> jax.Array:
@@ -47,6 +42,10 @@ class DoraAdapter(LoraAdapter):
       needs it, as PEFT caches it).
   """
 
+  folds_to_lora = False  # the magnitudes rescale the base weight too
+  output_hook = True  # as PEFT, on the output so far (other adapters' deltas in it)
+  merge_needs_state = True  # unmerging divides by the norm of the merge
+
   def __init__(self, lora_A, lora_B, scaling, magnitude: jax.Array, **kwargs):
     super().__init__(lora_A, lora_B, scaling, **kwargs)
     param_type = kwargs.get("param_type", LoraParam)
@@ -60,12 +59,12 @@ class DoraAdapter(LoraAdapter):
     norm = jax.lax.stop_gradient(column_norm(kernel.astype(jnp.float32) + delta))
     return self.lora_magnitude_vector[...] / norm
 
-  def dora_delta(self, layer, x: jax.Array, y: jax.Array, *args, **kwargs) -> jax.Array:
+  def output_delta(self, layer, x: jax.Array, y: jax.Array, *args, **kwargs) -> jax.Array:
     """What DoRA adds to the base output ``y`` of ``layer`` for input ``x`` (one layer)."""
     dtype = y.dtype
     bias = getattr(layer.base_layer, "bias", None)
     dropped = self.dropout_key is not None and not self.deterministic
-    xd = self._dropout(x) if dropped else x
+    xd = self.apply_dropout(x) if dropped else x
     lora = self.delta(layer, xd, dtype, dropout=False)
     # Without dropout the base output is already there; with it, PEFT recomputes x_dropped·W.
     base = layer.base_layer(xd, *args, **kwargs) if dropped else y
@@ -74,8 +73,20 @@ class DoraAdapter(LoraAdapter):
     scale = self.output_scale(layer, layer.kernel()[...]).astype(dtype)
     return (scale - 1) * base + scale * lora
 
+  dora_delta = output_delta
 
-def new_dora_adapter(layer: LoraLayer, a: jax.Array, b: jax.Array, scaling: jax.Array, *,
+  def merge(self, layer: LayerOps, kernel: jax.Array) -> jax.Array:
+    """``W ← m/‖W₀ + ΔW‖ ⊙ (W + ΔW)``, the norm over the kernel without any merged adapter
+    (``W₀``), as PEFT; the norm is kept for unmerging."""
+    delta = self.delta_weight(layer)
+    self.merge_norm[...] = column_norm(layer.unmerged_kernel() + delta, len(layer.stack_shape))
+    return merged_scale(self, layer) * (kernel + delta)
+
+  def unmerge(self, layer: LayerOps, kernel: jax.Array) -> jax.Array:
+    return kernel / merged_scale(self, layer) - self.delta_weight(layer)
+
+
+def new_dora_adapter(layer: LayerOps, a: jax.Array, b: jax.Array, scaling: jax.Array, *,
                      rewrites_base: bool, **kwargs) -> DoraAdapter:
   """A ``DoraAdapter`` for ``layer`` whose magnitudes leave its output unchanged at init.
 
@@ -86,13 +97,13 @@ def new_dora_adapter(layer: LoraLayer, a: jax.Array, b: jax.Array, scaling: jax.
   """
   stack = layer.stack_shape
   adapter = DoraAdapter(a, b, scaling, jnp.zeros(stack + layer.kernel().shape[-1:]), **kwargs)
-  delta = 0.0 if rewrites_base else delta_weight(adapter, layer)
+  delta = 0.0 if rewrites_base else adapter.delta_weight(layer)
   weight = jnp.asarray(layer.kernel()[...], jnp.float32) + delta
   adapter.lora_magnitude_vector[...] = column_norm(weight, len(stack))
   return adapter
 
 
-def merged_scale(adapter: DoraAdapter, layer: LoraLayer) -> jax.Array:
+def merged_scale(adapter: DoraAdapter, layer: LayerOps) -> jax.Array:
   """``m / ‖W₀ + ΔW‖`` of the last merge, shaped to broadcast against ``layer``'s ``[*stack, *kernel]``."""
   stack_ndim = len(layer.stack_shape)
   factor = adapter.lora_magnitude_vector[...] / adapter.merge_norm[...]

@@ -15,11 +15,11 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.nn._adapters import LoraAdapter
-from jlora.nn._dora import DoraAdapter
+from jlora.nn._kinds import kind_of
 from jlora.nn._inject import _require, lora_layers
-from jlora.nn._modules_to_save import ModulesToSaveLayer
 
+SWAPPABLE_ROLES = {"A", "B", "magnitude"}
+"""Parameter roles a hot-swap can write (with the adapter's ``scaling`` and ``rank_mask`` buffers)."""
 Factors = Mapping[str, tuple]
 """module name -> ``(A [.., r], B [r, ..], scaling)`` or ``(A, B, scaling, magnitude [out])``."""
 
@@ -38,16 +38,17 @@ def hotswap_factors(model, adapter_name: str, factors: Factors) -> None:
   factors = dict(factors)
   writes = []
   for _, layer in lora_layers(model):
-    if adapter_name not in layer.adapters or isinstance(layer, ModulesToSaveLayer):
+    if adapter_name not in layer.adapters:
       continue
     adapter = layer.adapters[adapter_name]
     if adapter_name in layer.merged_adapters:
       raise ValueError(f"Cannot hot-swap adapter {adapter_name!r}: it is merged into the base weights; "
                        "unmerge_adapter() first (as PEFT requires).")
-    if not isinstance(adapter, LoraAdapter) or adapter.lora_mixer is not None:
+    roles = {role: attr for attr, role in kind_of(adapter).roles.items()}
+    if not {"A", "B"} <= set(roles) <= SWAPPABLE_ROLES:
       raise ValueError(f"Hot-swap replaces LoRA / DoRA adapters; {adapter_name!r} at "
-                       f"{layer.module_names[0]} is a {type(adapter).__name__} with other parameters.")
-    writes.append(_plan(layer, adapter, factors))
+                       f"{layer.module_names[0]} is a {kind_of(adapter).name} adapter with other parameters.")
+    writes.append(_plan(layer, adapter, roles, factors))
   if factors:
     raise ValueError(
         f"The new adapter adapts modules that adapter {adapter_name!r} does not, e.g. "
@@ -58,17 +59,22 @@ def hotswap_factors(model, adapter_name: str, factors: Factors) -> None:
       variable[...] = jnp.asarray(value, variable[...].dtype)
 
 
-def _plan(layer, adapter: LoraAdapter, factors: dict) -> list:
-  """``(variable, new value)`` pairs for one layer; consumes its modules from ``factors``."""
+def _plan(layer, adapter, roles: dict[str, str], factors: dict) -> list:
+  """``(variable, new value)`` pairs for one layer; consumes its modules from ``factors``.
+
+  ``roles`` maps each role of the adapter's kind to its attribute (``A``, ``B``, maybe ``magnitude``).
+  """
   stack = layer.stack_shape
   size = max(1, int(np.prod(stack)))
   slot = adapter.rank
-  a = np.zeros((size,) + adapter.lora_A.shape[len(stack):], np.float32)
-  b = np.zeros((size,) + adapter.lora_B.shape[len(stack):], np.float32)
+  var_a, var_b = getattr(adapter, roles["A"]), getattr(adapter, roles["B"])
+  a = np.zeros((size,) + var_a.shape[len(stack):], np.float32)
+  b = np.zeros((size,) + var_b.shape[len(stack):], np.float32)
   scaling = np.zeros(size, np.float32)
   mask = np.zeros((size, slot), np.float32)
-  dora = isinstance(adapter, DoraAdapter)
-  magnitude = np.array(adapter.lora_magnitude_vector[...], np.float32).reshape(size, -1) if dora else None
+  dora = "magnitude" in roles
+  var_m = getattr(adapter, roles["magnitude"]) if dora else None
+  magnitude = np.array(var_m[...], np.float32).reshape(size, -1) if dora else None
   b_axis = 1 + layer.b_rank_axis
   for i, module in enumerate(layer.module_names):
     if module not in factors:
@@ -97,10 +103,10 @@ def _plan(layer, adapter: LoraAdapter, factors: dict) -> list:
     mask[i, :rank] = 1.0
     if dora:
       magnitude[i] = np.asarray(entry[3], np.float32).reshape(-1)
-  plan = [(adapter.lora_A, a.reshape(stack + a.shape[1:])), (adapter.lora_B, b.reshape(stack + b.shape[1:])),
+  plan = [(var_a, a.reshape(stack + a.shape[1:])), (var_b, b.reshape(stack + b.shape[1:])),
           (adapter.scaling, scaling.reshape(stack))]
   if adapter.rank_mask is not None:
     plan.append((adapter.rank_mask, mask.reshape(stack + (slot,))))
   if dora:
-    plan.append((adapter.lora_magnitude_vector, magnitude.reshape(stack + magnitude.shape[1:])))
+    plan.append((var_m, magnitude.reshape(stack + magnitude.shape[1:])))
   return plan

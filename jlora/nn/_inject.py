@@ -15,17 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jlora.nn._config import AdapterConfig, LoraConfig, MoSLoraConfig, WLoraConfig
+from jlora.nn._config import AdapterConfig
+from jlora.nn._kinds import AdapterKind, kind_for_config, kind_of
 from jlora.nn._layer import LoraLayer
-from jlora.nn._adapters import LoraAdapter
-from jlora.nn._dora import DoraAdapter
-from jlora.nn._init import rewrites_base
-from jlora.nn._modules_to_save import ModuleCopy, ModulesToSaveLayer
-from jlora.nn._new_adapters import frozen_copy, new_wlora_adapter
+from jlora.nn._modules_to_save import ModuleCopy, ModulesToSaveWrapper
 from jlora.nn._registry import lora_layer_type, registered_types
-from jlora.nn._targets import (
-    Candidate, candidates, describe, is_selected, name_matches, output_head_name)
-from jlora.nn._variables import LoraBuffer, UpstreamLoraParam
+from jlora.nn._targets import Candidate, candidates, describe, is_selected, output_head_name
+from jlora.nn._variables import LoraBuffer
 
 CONFIG_ATTR = "jlora_peft_config"
 BASE_ROUTE = "__base__"
@@ -51,6 +47,18 @@ def lora_layers(model: nnx.Module) -> Iterator[tuple[tuple, LoraLayer]]:
       yield path, node
 
 
+def module_copies(model: nnx.Module) -> Iterator[tuple[tuple, ModulesToSaveWrapper]]:
+  """``(path, wrapper)`` for every ``modules_to_save`` wrapper in the model."""
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, ModulesToSaveWrapper):
+      yield path, node
+
+
+def _holders(model: nnx.Module) -> list:
+  """``(path, module)`` of everything that holds adapters: LoRA layers and module-copy wrappers."""
+  return list(lora_layers(model)) + list(module_copies(model))
+
+
 def get_peft_model(model: nnx.Module, config: AdapterConfig, adapter_name: str = "default") -> nnx.Module:
   """Inject adapter ``adapter_name`` into ``model`` (in place) and activate it.
 
@@ -64,7 +72,11 @@ def get_peft_model(model: nnx.Module, config: AdapterConfig, adapter_name: str =
 
 
 def add_adapter(model: nnx.Module, adapter_name: str, config: AdapterConfig) -> None:
-  """Add adapter ``adapter_name`` to ``model`` without activating it."""
+  """Add adapter ``adapter_name`` to ``model`` without activating it.
+
+  ``config`` is any registered kind's config (``LoraConfig``, ``MoSLoraConfig``,
+  ``WLoraConfig``, ... see ``register_adapter_kind``).
+  """
   configs = peft_config(model)
   if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ROUTE:
     raise ValueError(f"Invalid adapter name {adapter_name!r}.")
@@ -73,13 +85,9 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: AdapterConfig) -> 
         f"The model already has an adapter named {adapter_name!r}; pick another name or "
         "delete_adapter() it first."
     )
-  if not isinstance(config, (LoraConfig, WLoraConfig)):
-    raise TypeError(f"Expected a LoraConfig, MoSLoraConfig or WLoraConfig, got {type(config).__name__}.")
+  kind = kind_for_config(config)
   try:
-    if isinstance(config, WLoraConfig):
-      _add_wlora(model, adapter_name, config, configs)
-    else:
-      _add_lora(model, adapter_name, config)
+    _install(model, adapter_name, config, kind)
   except BaseException:
     _discard(model, adapter_name)
     raise
@@ -89,28 +97,50 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: AdapterConfig) -> 
 
 def _discard(model: nnx.Module, adapter_name: str) -> None:
   """Undo a failed ``add_adapter``: drop ``adapter_name`` and unwrap the layers it alone wrapped."""
-  for path, layer in list(lora_layers(model)):
+  for path, layer in _holders(model):
     if adapter_name in layer.adapters:
       layer.remove(adapter_name)
     if not layer.adapters:
-      _replace(model, path, layer.base_layer)
+      replace_module(model, path, layer.base_layer)
 
 
 def _wrapper_for(cand: Candidate) -> LoraLayer:
   """The LoRA layer at ``cand.path``, or a new one around the base module (not yet in the model)."""
   if isinstance(cand.module, LoraLayer):
     return cand.module
+  if isinstance(cand.module, ModulesToSaveWrapper):
+    raise ValueError(
+        f"{cand.names[0]} is in modules_to_save of adapter(s) {list(cand.module.adapters)}, so it is "
+        "trained in full and cannot also take this adapter; leave it out of target_modules.")
   return lora_layer_type(cand.module)(cand.module, cand.names)
 
 
-def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
+def _install(model: nnx.Module, adapter_name: str, config, kind: AdapterKind) -> None:
+  """Build every adapter of ``config`` first (so an error leaves the model as it was), then add them."""
+  if kind.inject is not None:
+    for layer, adapter in kind.inject(model, adapter_name, config):
+      layer.add(adapter_name, adapter)
+    return
+  cands = list(candidates(model))
+  built = _build_targeted(model, config, kind, cands)
+  copies = _modules_to_save(model, config, cands, [cand for cand, _, _ in built])
+  for cand, layer, adapter in built + copies:
+    if layer is not cand.module:
+      replace_module(model, cand.path, layer)
+    layer.add(adapter_name, adapter)
+  if kind.after_add is not None:
+    for _, layer, adapter in built:
+      kind.after_add(layer, adapter_name, adapter, config)
+
+
+def _build_targeted(model: nnx.Module, config, kind: AdapterKind, cands: list[Candidate]) -> list:
+  """``(candidate, layer, adapter)`` for every module ``config`` targets, built by ``kind.build``."""
   if config.target_modules is None:
     raise ValueError(
-        "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', "
+        f"{type(config).__name__}.target_modules is required: a list of module names (e.g. ['q_proj', "
         "'v_proj']), a regex, or 'all-linear'."
     )
   head = output_head_name(model)
-  cands = list(candidates(model))
   if not cands:
     kinds = ", ".join(sorted(t.__name__ for t in registered_types()))
     raise ValueError(
@@ -128,44 +158,32 @@ def _add_lora(model: nnx.Module, adapter_name: str, config: LoraConfig) -> None:
         f"(layers_to_transform={config.layers_to_transform}). Modules that can take LoRA:\n  "
         + describe(cands)
     )
-  mixer_init = config.mixer_init if isinstance(config, MoSLoraConfig) else None
   root_key = jax.random.key(config.seed)
-  built = []  # build every wrapper and adapter first, so an error leaves the model as it was
-  for index, (cand, selected) in enumerate(plans):
+  planned = [(cand, _wrapper_for(cand), selected) for cand, selected in plans]
+  targets = tuple(layer for _, layer, _ in planned)
+  built = []
+  for index, (cand, layer, selected) in enumerate(planned):
     ranks = [config.rank_for(n) if s else 0 for n, s in zip(cand.names, selected)]
     scalings = [config.scaling_for(n) if s else 0.0 for n, s in zip(cand.names, selected)]
-    layer = _wrapper_for(cand)
-    adapter = layer.new_lora_adapter(
-        jax.random.fold_in(root_key, index), ranks, scalings,
-        init_lora_weights=config.init_lora_weights, mixer_init=mixer_init, use_dora=config.use_dora,
-        dropout=config.lora_dropout)
-    built.append((cand, layer, adapter))
-  built += _modules_to_save(model, config, cands, [cand for cand, _ in plans])
-  for cand, layer, adapter in built:
-    if layer is not cand.module:
-      _replace(model, cand.path, layer)
-    layer.add(adapter_name, adapter)
-    if rewrites_base(config.init_lora_weights) and isinstance(adapter, LoraAdapter):
-      # PiSSA / OLoRA: the base keeps the residual W - s·A·B, so the output starts unchanged.
-      kernel = layer.kernel()
-      kernel[...] = (kernel[...] - layer.delta_weight(adapter_name)).astype(kernel.dtype)
+    key = jax.random.fold_in(root_key, index)
+    built.append((cand, layer, kind.build(layer, key, ranks, scalings, config, targets=targets)))
+  return built
 
 
-def _modules_to_save(model, config: LoraConfig, cands: list[Candidate], lora_targets) -> list:
-  """``(candidate, ModulesToSaveLayer, ModuleCopy)`` for each module in ``config.modules_to_save``."""
-  if not config.modules_to_save:
+def _modules_to_save(model, config, cands: list[Candidate], lora_targets) -> list:
+  """``(candidate, ModulesToSaveWrapper, ModuleCopy)`` for each module in ``config.modules_to_save``."""
+  if not getattr(config, "modules_to_save", None):
     return []
   wanted = lambda name: any(name == m or name.endswith("." + m) for m in config.modules_to_save)
   built = []
   for cand in cands:
     if not any(wanted(n) for n in cand.names):
       continue
-    if any(cand is t for t in lora_targets) or (
-        isinstance(cand.module, LoraLayer) and not isinstance(cand.module, ModulesToSaveLayer)):
+    if any(cand is t for t in lora_targets) or isinstance(cand.module, LoraLayer):
       raise ValueError(
           f"{cand.names[0]} is both a LoRA target and in modules_to_save; a module is either "
           "adapted or fully trained, so remove it from one of target_modules / modules_to_save.")
-    layer = cand.module if isinstance(cand.module, ModulesToSaveLayer) else ModulesToSaveLayer(
+    layer = cand.module if isinstance(cand.module, ModulesToSaveWrapper) else ModulesToSaveWrapper(
         cand.module, cand.names)
     built.append((cand, layer, ModuleCopy(layer.base_layer)))
   if not built:
@@ -175,62 +193,20 @@ def _modules_to_save(model, config: LoraConfig, cands: list[Candidate], lora_tar
   return built
 
 
-def _add_wlora(model, adapter_name: str, config: WLoraConfig, configs) -> None:
-  missing = [u for u in config.upstream_loras if u not in configs]
-  if missing:
-    raise ValueError(
-        f"WLoRA upstream adapters {missing} are not in the model (it has {list(configs)}). "
-        "Load them first (jlora.load_peft) or pass PEFT directories to jlora.get_peft_model."
-    )
-  plans = []  # validate every layer before touching any, so an error leaves the model as it was
-  for _, layer in lora_layers(model):
-    present = [u for u in config.upstream_loras if u in layer.adapters]
-    if not present:
-      continue
-    if len(present) != len(config.upstream_loras):
-      absent = sorted(set(config.upstream_loras) - set(present))
-      raise ValueError(
-          f"WLoRA upstreams must adapt the same modules, but {layer.module_names[0]} has "
-          f"{present} and not {absent}."
-      )
-    keep = [config.target_modules is None or name_matches(config.target_modules, n)
-            for n in layer.module_names]
-    if not any(keep):
-      continue
-    upstreams = []
-    for name in config.upstream_loras:
-      adapter = layer.adapters[name]
-      if not isinstance(adapter, LoraAdapter) or isinstance(adapter, DoraAdapter):
-        raise ValueError(f"WLoRA upstream {name!r} must be a LoRA/MoSLoRA adapter, not WLoRA or DoRA.")
-      upstreams.append(adapter)
-    plans.append((layer, upstreams, keep))
-  if not plans:
-    raise ValueError(
-        f"WLoRA adapter {adapter_name!r} selects no layer: target_modules="
-        f"{config.target_modules!r} matches none of the upstreams' layers."
-    )
-  for layer, upstreams, keep in plans:
-    frozen = [frozen_copy(adapter, UpstreamLoraParam) for adapter in upstreams]
-    if not all(keep):  # stacked layers the targets leave out get no update
-      mask = jnp.asarray(keep, jnp.float32).reshape(layer.stack_shape)
-      for upstream in frozen:
-        upstream.scaling[...] = upstream.scaling[...] * mask
-    layer.add(adapter_name, new_wlora_adapter(layer, frozen))
-
-
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
   """Remove an adapter everywhere; layers left without adapters are unwrapped."""
   configs = _require(model, [adapter_name])
-  for path, layer in list(lora_layers(model)):
+  for path, layer in _holders(model):
     if adapter_name in layer.adapters:
       layer.remove(adapter_name)
     if not layer.adapters:
-      _replace(model, path, layer.base_layer)
+      replace_module(model, path, layer.base_layer)
   del configs[adapter_name]
   _set_configs(model, configs)
 
 
-def _replace(model, path: tuple, new) -> None:
+def replace_module(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  """Put ``new`` at ``path`` (attribute names and list indices from ``nnx.iter_graph``) in ``model``."""
   parent = model
   for key in path[:-1]:
     parent = parent[key] if isinstance(key, int) else getattr(parent, key)
@@ -254,13 +230,13 @@ def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
   if not names:
     raise ValueError("set_adapter needs at least one adapter name.")
   _require(model, names)
-  for _, layer in lora_layers(model):
+  for _, layer in _holders(model):
     layer.active_adapters = tuple(n for n in names if n in layer.adapters)
 
 
 def active_adapters(model: nnx.Module) -> tuple[str, ...]:
   """Names active in at least one layer, in configuration order."""
-  live = {n for _, layer in lora_layers(model) for n in layer.active_adapters}
+  live = {n for _, layer in _holders(model) for n in layer.active_adapters}
   return tuple(n for n in peft_config(model) if n in live)
 
 
@@ -271,10 +247,11 @@ def disable_adapters(model: nnx.Module):
   Merged adapters are unmerged first (and stay unmerged, as in PEFT): the
   base output needs the base kernels back.
   """
-  layers = [layer for _, layer in lora_layers(model)]
+  layers = [layer for _, layer in _holders(model)]
   previous = [layer.disabled for layer in layers]
-  for layer in layers:
+  for _, layer in lora_layers(model):
     layer.unmerge()
+  for layer in layers:
     layer.disabled = True
   try:
     yield model
@@ -295,11 +272,18 @@ def per_sample_adapters(model: nnx.Module, adapter_names: Sequence[str]):
   names = list(adapter_names)
   routes = tuple(dict.fromkeys(n for n in names if n != BASE_ROUTE))
   _require(model, routes)
+  copies = [wrapper.module_names[0] for _, wrapper in module_copies(model) if wrapper.adapters]
+  if copies:
+    raise ValueError(f"per_sample_adapters cannot route modules_to_save copies (the model has them at "
+                     f"{copies}); run one adapter per batch instead.")
   layers = [layer for _, layer in lora_layers(model)]
   for layer in layers:
-    if any(isinstance(layer.adapters.get(n), DoraAdapter) for n in routes):
-      raise ValueError("per_sample_adapters cannot route DoRA adapters (PEFT: \"Cannot pass "
-                       "`adapter_names` when DoRA is enabled\"); run one adapter per batch instead.")
+    hooked = sorted({kind_of(layer.adapters[n]).name for n in routes
+                     if n in layer.adapters and layer.adapters[n].output_hook})
+    if hooked:
+      raise ValueError(f"per_sample_adapters cannot route {' or '.join(hooked)} adapters, which act on the "
+                       "layer's whole output (PEFT: \"Cannot pass `adapter_names` when DoRA is enabled\"); "
+                       "run one adapter per batch instead.")
     if layer.merged_adapters:
       raise ValueError(
           f"per_sample_adapters cannot run with merged adapters {list(layer.merged_adapters)}; "

@@ -4,8 +4,9 @@ A LoRA layer type is a small subclass that says how x meets the factors
 (``project_in`` / ``project_out``) and how the factors form a kernel-shaped
 update (``factors_to_weight``). Everything else (several adapters, activation,
 per-sample routing, merging, scanned/stacked weights) is written once, for
-every layer type: here, with fresh adapters built in ``_new_adapters``, the
-per-sample routing delta in ``_routing`` and DoRA's math in ``_dora``.
+every layer type: here, with the per-sample routing delta in ``_routing``;
+what an adapter adds, folds to or merges is its kind's own math
+(``AdapterModule``), never a question of its class here.
 Register a subclass for a base layer type with ``register_lora_layer``.
 """
 
@@ -18,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora.nn import _new_adapters
-from jlora.nn._adapters import Adapter, LoraAdapter, delta_weight
-from jlora.nn._dora import DoraAdapter, column_norm, merged_scale
+from jlora.nn._adapters import AdapterModule
+from jlora.nn._new_adapters import new_lora_adapter
 from jlora.nn._routing import routed_delta
 from jlora.nn._variables import LoraBuffer
 
@@ -34,7 +34,7 @@ class LoraLayer(nnx.Module):
 
   Attributes:
     base_layer: the wrapped, frozen module (its params stay ``nnx.Param``).
-    adapters: adapter name -> ``LoraAdapter`` / ``WLoraAdapter``.
+    adapters: adapter name -> an ``AdapterModule`` of a registered kind.
     module_names: PEFT-style dotted name of each stacked layer (one name when
       the base layer is not stacked), used for patterns and checkpoint keys.
     active_adapters: names whose deltas are added in the forward pass.
@@ -130,31 +130,20 @@ class LoraLayer(nnx.Module):
   def stack_shape(self) -> tuple[int, ...]:
     return self.stack_shape_of(self.base_layer)
 
-  new_lora_adapter = _new_adapters.new_lora_adapter
-  """A freshly initialised adapter for this layer (``layer`` is ``self``)."""
+  def new_lora_adapter(self, key, ranks, scalings, **kwargs) -> AdapterModule:
+    """Deprecated: a fresh LoRA / MoSLoRA / DoRA adapter for this layer (kinds build adapters now,
+    see ``jlora.register_adapter_kind``); ``kwargs`` as ``init_lora_weights``, ``mixer_init``, ...."""
+    return new_lora_adapter(self, key, ranks, scalings, **kwargs)
 
   def supports_dropout(self) -> bool:
     """Dropout applies to real-valued inputs; embeddings take ids."""
     return not self.embedding_init
 
-  def check_factors(self, name: str, a: jax.Array, b: jax.Array) -> None:
-    """Raise if (A, B) do not fit this layer (stack dims included)."""
-    rank = a.shape[-1]
-    a_shape, b_shape = self.factor_shapes(rank)
-    want = (self.stack_shape + a_shape, self.stack_shape + b_shape)
-    if (tuple(a.shape), tuple(b.shape)) != want:
-      raise ValueError(
-          f"Adapter {name!r} at {self.module_names[0]}: factor shapes A{tuple(a.shape)}, "
-          f"B{tuple(b.shape)} do not fit this layer, which needs A{want[0]}, B{want[1]} "
-          f"for rank {rank}."
-      )
-
-  def add(self, name: str, adapter: Adapter) -> None:
+  def add(self, name: str, adapter: AdapterModule) -> None:
     """Attach an adapter under ``name`` (inactive until activated)."""
     if name in self.adapters:
       raise ValueError(f"{self.module_names[0]} already has an adapter named {name!r}.")
-    if isinstance(adapter, LoraAdapter):
-      self.check_factors(name, adapter.lora_A[...], adapter.lora_B[...])
+    adapter.check(self, name)
     self.adapters[name] = adapter
 
   def remove(self, name: str) -> None:
@@ -188,35 +177,23 @@ class LoraLayer(nnx.Module):
     for name in self.active_adapters:
       if name in self.adapters and name not in self.merged_adapters:
         adapter = self.adapters[name]
-        if isinstance(adapter, DoraAdapter):  # as PEFT, on the output so far (other adapters in it)
-          y = y + adapter.dora_delta(self, x, y, *args, **kwargs).astype(y.dtype)
+        if adapter.output_hook:  # as PEFT's DoRA, on the output so far (other adapters in it)
+          y = y + adapter.output_delta(self, x, y, *args, **kwargs).astype(y.dtype)
         else:
           y = y + adapter.delta(self, x, y.dtype).astype(y.dtype)
     return y
 
   def delta_weight(self, name: str) -> jax.Array:
     """Adapter ``name``'s update in the kernel's layout, ``[*stack, *kernel]``."""
-    return delta_weight(self.adapters[name], self)
+    return self.adapters[name].delta_weight(self)
 
   def merge(self, names: Sequence[str]) -> None:
-    """Fold the named adapters into the base kernel (in place).
-
-    DoRA: ``W ← m/‖W₀ + ΔW‖ ⊙ (W + ΔW)``, the norm over the kernel without
-    any merged adapter (``W₀``), as PEFT; the norm is kept for unmerging.
-    """
+    """Fold the named adapters into the base kernel (in place), each by its kind's ``merge``."""
     kernel = self.kernel()
     for name in names:
       if name in self.merged_adapters or name not in self.adapters:
         continue
-      adapter = self.adapters[name]
-      delta = self.delta_weight(name)
-      if isinstance(adapter, DoraAdapter):
-        norm = column_norm(self._unmerged_kernel() + delta, len(self.stack_shape))
-        adapter.merge_norm[...] = norm
-        merged = merged_scale(adapter, self) * (kernel[...] + delta)
-      else:
-        merged = kernel[...] + delta
-      kernel[...] = merged.astype(kernel.dtype)
+      kernel[...] = self.adapters[name].merge(self, kernel[...]).astype(kernel.dtype)
       self.merged_adapters = self.merged_adapters + (name,)
 
   def unmerge(self, names: Sequence[str] | None = None) -> None:
@@ -229,12 +206,9 @@ class LoraLayer(nnx.Module):
       self.merged_adapters = tuple(n for n in self.merged_adapters if n != name)
 
   def _undo(self, name: str, kernel: jax.Array) -> jax.Array:
-    adapter = self.adapters[name]
-    if isinstance(adapter, DoraAdapter):
-      return kernel / merged_scale(adapter, self) - self.delta_weight(name)
-    return kernel - self.delta_weight(name)
+    return self.adapters[name].unmerge(self, kernel)
 
-  def _unmerged_kernel(self) -> jax.Array:
+  def unmerged_kernel(self) -> jax.Array:
     """The kernel with every merged adapter taken out (not written back), float32."""
     kernel = jnp.asarray(self.kernel()[...], jnp.float32)
     for name in reversed(self.merged_adapters):

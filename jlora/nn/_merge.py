@@ -11,9 +11,9 @@ from typing import Sequence
 
 from flax import nnx
 
-from jlora.nn._dora import DoraAdapter
-from jlora.nn._modules_to_save import ModulesToSaveLayer
-from jlora.nn._inject import _replace, _require, _set_configs, active_adapters, lora_layers
+from jlora.nn._kinds import kind_of
+from jlora.nn._inject import (
+    _require, _set_configs, active_adapters, lora_layers, module_copies, replace_module)
 
 
 def merge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> None:
@@ -46,18 +46,30 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
   names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
   merge_adapter(model, names)
   for path, layer in list(lora_layers(model)):
+    replace_module(model, path, layer.base_layer)
+  for path, wrapper in list(module_copies(model)):
     # modules_to_save: the (last) merged adapter's copy takes the module's place, as in PEFT.
-    kept = layer.unloaded(names) if isinstance(layer, ModulesToSaveLayer) else layer.base_layer
-    _replace(model, path, kept)
+    replace_module(model, path, wrapper.unloaded(names))
   _set_configs(model, {})
   return model
 
 
-def unload(model: nnx.Module) -> nnx.Module:
-  """Remove every LoRA layer without merging: the base model comes back."""
+def unload(model: nnx.Module, *, merge: bool = False, adapter_names: Sequence[str] | None = None) -> nnx.Module:
+  """Remove every LoRA layer: the base model comes back (returns the same model object).
+
+  ``merge=True`` first merges ``adapter_names`` (default: the active adapters),
+  so the plain model's outputs equal the adapted model's; that is
+  ``jlora.merge_and_unload``, which also takes quantized models.
+  """
+  if merge:
+    return merge_and_unload(model, adapter_names)
+  if adapter_names is not None:
+    raise ValueError("unload(adapter_names=...) only applies with merge=True; unload() removes every adapter.")
   for path, layer in list(lora_layers(model)):
     layer.unmerge()
-    _replace(model, path, layer.base_layer)
+    replace_module(model, path, layer.base_layer)
+  for path, wrapper in list(module_copies(model)):
+    replace_module(model, path, wrapper.base_layer)
   _set_configs(model, {})
   return model
 
@@ -81,8 +93,8 @@ def merge(graphdef: nnx.GraphDef, base_state: nnx.State, *adapter_states: nnx.St
   """
   def fold(model):
     names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
-    for _, layer in lora_layers(model):
-      if isinstance(layer, ModulesToSaveLayer) and any(n in layer.adapters for n in names):
+    for _, layer in module_copies(model):
+      if any(n in layer.adapters for n in names):
         raise ValueError(
             f"The pure merge cannot fold the modules_to_save copy of {layer.module_names[0]} into "
             "the base state; use merge_and_unload, which puts the copy in the module's place.")
@@ -98,11 +110,13 @@ def unmerge(graphdef: nnx.GraphDef, base_state: nnx.State, *adapter_states: nnx.
   def subtract(model):
     names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
     for _, layer in lora_layers(model):
-      if any(isinstance(layer.adapters.get(n), DoraAdapter) for n in names):
+      stateful = [layer.adapters[n] for n in names
+                  if n in layer.adapters and getattr(layer.adapters[n], "merge_needs_state", False)]
+      if stateful:
         raise ValueError(
-            "The pure unmerge cannot take a DoRA adapter out: undoing its merge needs the weight "
-            "norm of the merge, which the pure merge does not return. Keep the unmerged base "
-            "state, or use merge_adapter / unmerge_adapter in place.")
+            f"The pure unmerge cannot take a {kind_of(stateful[0]).name} adapter out: undoing its merge "
+            "needs what the merge kept (DoRA: the weight norm), which the pure merge does not return. "
+            "Keep the unmerged base state, or use merge_adapter / unmerge_adapter in place.")
       layer.merged_adapters = tuple(n for n in names if n in layer.adapters)
       layer.unmerge()
 

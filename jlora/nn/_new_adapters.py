@@ -1,4 +1,4 @@
-"""Fresh adapters for one ``LoraLayer``: LoRA / MoSLoRA / DoRA factors at init, and WLoRA.
+"""Fresh adapters for one ``LoraLayer``: LoRA / MoSLoRA / DoRA factors at init.
 
 The init math lives in ``_init``; this module shapes it for a layer: one
 factor pair per stacked layer, per-layer ranks (``rank_pattern``,
@@ -9,7 +9,7 @@ the modes that read the base kernel (PiSSA, OLoRA, DoRA's magnitudes).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +17,14 @@ import numpy as np
 from flax import nnx
 
 from jlora.nn import _init
-from jlora.nn._adapters import LoraAdapter, WLoraAdapter
+from jlora.nn._adapters import LayerOps
+from jlora.nn._adapters import LoraAdapter, MoSLoraAdapter
 from jlora.nn._dora import new_dora_adapter
 from jlora.nn._variables import LoraParam
 
-if TYPE_CHECKING:
-  from jlora.nn._layer import LoraLayer
-
 
 def new_lora_adapter(
-    layer: LoraLayer,
+    layer: LayerOps,
     key: jax.Array,
     ranks: Sequence[int],
     scalings: Sequence[float],
@@ -38,7 +36,7 @@ def new_lora_adapter(
     param_type: type[LoraParam] = LoraParam,
     dtype=jnp.float32,
 ) -> LoraAdapter:
-  """A freshly initialised adapter for ``layer`` (``LoraLayer.new_lora_adapter``).
+  """A freshly initialised LoRA / MoSLoRA / DoRA adapter for ``layer``.
 
   Args:
     key: PRNG key for the factors, mixer and dropout.
@@ -84,7 +82,8 @@ def new_lora_adapter(
   kwargs = dict(rank_mask=rank_mask, mixer=mixer, dropout=dropout if layer.supports_dropout() else 0.0,
                 dropout_key=key_dropout, param_type=param_type)
   if not use_dora:
-    return LoraAdapter(a, b, jnp.asarray(scaling), **kwargs)
+    cls = LoraAdapter if mixer is None else MoSLoraAdapter
+    return cls(a, b, jnp.asarray(scaling), **kwargs)
   require_dense_kernel(layer, "use_dora=True")
   if not layer.supports_dora:
     raise ValueError(
@@ -94,7 +93,7 @@ def new_lora_adapter(
                           rewrites_base=_init.rewrites_base(init_lora_weights), **kwargs)
 
 
-def _matrix_init(layer: LoraLayer, key, mode: str, rank: int, scaling: np.ndarray, a_shape, b_shape, dtype):
+def _matrix_init(layer: LayerOps, key, mode: str, rank: int, scaling: np.ndarray, a_shape, b_shape, dtype):
   """PiSSA / OLoRA / orthogonal factors ``(A, B)`` for every stacked layer, from the kernel.
 
   Each layer's kernel is seen as PEFT's weight ``W [out, in]``; stacked
@@ -134,7 +133,7 @@ def _matrix_init(layer: LoraLayer, key, mode: str, rank: int, scaling: np.ndarra
   return (a.reshape(stack + a_shape).astype(dtype), b.reshape(stack + b_shape).astype(dtype))
 
 
-def require_dense_kernel(layer: LoraLayer, option: str) -> None:
+def require_dense_kernel(layer: LayerOps, option: str) -> None:
   """Raise unless ``layer``'s base kernel is a plain float parameter (PiSSA, OLoRA and DoRA read it)."""
   if not isinstance(layer.kernel(), nnx.Param):
     raise ValueError(
@@ -142,19 +141,3 @@ def require_dense_kernel(layer: LoraLayer, option: str) -> None:
         f"({type(layer.kernel()).__name__}); PEFT asks for a float32/16/bf16 weight too. Call "
         "jlora.dequantize(model) before adding the adapter (and quantize the result again "
         "afterwards if you like).")
-
-
-def new_wlora_adapter(layer: LoraLayer, upstreams: list[LoraAdapter]) -> WLoraAdapter:
-  """A WLoRA adapter over ``upstreams`` with equal initial weights."""
-  logits = jnp.zeros(layer.stack_shape + (len(upstreams),), jnp.float32)
-  return WLoraAdapter(upstreams, logits)
-
-
-def frozen_copy(adapter: LoraAdapter, param_type: type[LoraParam]) -> LoraAdapter:
-  """A copy of ``adapter`` whose factors have variable type ``param_type``."""
-  copy = LoraAdapter(
-      adapter.lora_A[...], adapter.lora_B[...], adapter.scaling[...],
-      rank_mask=adapter.rank_mask[...] if adapter.rank_mask is not None else None,
-      mixer=adapter.lora_mixer[...] if adapter.lora_mixer is not None else None,
-      param_type=param_type)
-  return copy

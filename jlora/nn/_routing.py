@@ -8,18 +8,13 @@ sum over active adapters in ``LoraLayer.with_adapters``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
-from jlora.nn._adapters import Adapter, LoraAdapter
-
-if TYPE_CHECKING:
-  from jlora.nn._layer import LoraLayer
+from jlora.nn._adapters import LayerOps, pad_axis
 
 
-def routed_delta(layer: LoraLayer, x: jax.Array, dtype) -> jax.Array:
+def routed_delta(layer: LayerOps, x: jax.Array, dtype) -> jax.Array:
   """What ``layer``'s routed adapters add to its output for input ``x`` (one adapter per batch row).
 
   Every routed adapter's factors are folded to plain LoRA (``lora_factors``),
@@ -38,22 +33,23 @@ def routed_delta(layer: LoraLayer, x: jax.Array, dtype) -> jax.Array:
   if not present:
     return jnp.zeros((), dtype)
   adapters = [layer.adapters[layer.routing_names[j]] for j in present]
-  if any(dropout_active(adapter) for adapter in adapters):
+  if any(adapter.dropout_active() or not adapter.folds_to_lora for adapter in adapters):
     return _looped_delta(layer, x, weights, dtype)
   factors = [adapter.lora_factors(layer) for adapter in adapters]
   rank = max(a.shape[-1] for a, _, _ in factors)
-  a_all = jnp.stack([_pad_axis(a * s.astype(a.dtype), -1, rank) for a, _, s in factors]
+  a_all = jnp.stack([pad_axis(a * s.astype(a.dtype), -1, rank) for a, _, s in factors]
                     + [jnp.zeros(factors[0][0].shape[:-1] + (rank,), factors[0][0].dtype)])
-  b_all = jnp.stack([_pad_axis(b, layer.b_rank_axis, rank) for _, b, _ in factors]
-                    + [jnp.zeros_like(_pad_axis(factors[0][1], layer.b_rank_axis, rank))])
+  b_all = jnp.stack([pad_axis(b, layer.b_rank_axis, rank) for _, b, _ in factors]
+                    + [jnp.zeros_like(pad_axis(factors[0][1], layer.b_rank_axis, rank))])
   chosen = weights[:, jnp.asarray(present)]
   rows = jnp.where(chosen.max(axis=-1) > 0, jnp.argmax(chosen, axis=-1), len(present))
   one_row = lambda x, a, b: layer.project_out(layer.project_in(x, a), b)
   return jax.vmap(one_row)(x, a_all[rows].astype(dtype), b_all[rows].astype(dtype))
 
 
-def _looped_delta(layer: LoraLayer, x: jax.Array, weights: jax.Array, dtype) -> jax.Array:
-  """Per-sample routing by evaluating every routed adapter on the whole batch (used with dropout)."""
+def _looped_delta(layer: LayerOps, x: jax.Array, weights: jax.Array, dtype) -> jax.Array:
+  """Per-sample routing by evaluating every routed adapter on the whole batch (used with dropout
+  and for kinds without plain-LoRA factors)."""
   total = 0
   for j, name in enumerate(layer.routing_names):
     if name not in layer.adapters:
@@ -62,18 +58,3 @@ def _looped_delta(layer: LoraLayer, x: jax.Array, weights: jax.Array, dtype) -> 
     rows = weights[:, j].astype(dtype).reshape((-1,) + (1,) * (delta.ndim - 1))
     total = total + rows * delta
   return total
-
-
-def dropout_active(adapter: Adapter) -> bool:
-  """Whether ``adapter`` (or a WLoRA upstream) applies dropout to its input in this call."""
-  if isinstance(adapter, LoraAdapter):
-    return adapter.dropout_key is not None and not adapter.deterministic
-  return any(dropout_active(u) for u in adapter.upstreams)
-
-
-def _pad_axis(array: jax.Array, axis: int, size: int) -> jax.Array:
-  """``array`` zero-padded at the end of ``axis`` (negative axes count from the end) to ``size``."""
-  axis = axis % array.ndim
-  pad = [(0, 0)] * array.ndim
-  pad[axis] = (0, size - array.shape[axis])
-  return jnp.pad(array, pad)

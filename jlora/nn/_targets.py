@@ -16,6 +16,7 @@ from typing import Iterator
 from flax import nnx
 
 from jlora.nn._layer import LoraLayer
+from jlora.nn._modules_to_save import ModulesToSaveWrapper
 from jlora.nn._registry import lora_layer_type
 
 STACK_ATTR = "jlora_stack_size"
@@ -33,13 +34,17 @@ def mark_stacked(module: nnx.Module, num_layers: int) -> nnx.Module:
   return module
 
 
+WRAPPERS = (LoraLayer, ModulesToSaveWrapper)
+"""What jlora puts around a base module (the module itself is its ``base_layer``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
   """A module that can carry an adapter.
 
   Attributes:
     path: key path from the model root.
-    module: the base module or an existing ``LoraLayer`` around it.
+    module: the base module, or an existing ``LoraLayer`` / ``ModulesToSaveWrapper`` around it.
     names: PEFT-style name of each stacked layer (one if not stacked).
   """
 
@@ -49,7 +54,7 @@ class Candidate:
 
   @property
   def base(self) -> nnx.Module:
-    return self.module.base_layer if isinstance(self.module, LoraLayer) else self.module
+    return self.module.base_layer if isinstance(self.module, WRAPPERS) else self.module
 
 
 def dotted(path: tuple) -> str:
@@ -59,11 +64,11 @@ def dotted(path: tuple) -> str:
 def candidates(model: nnx.Module) -> Iterator[Candidate]:
   """Every registered-type module (or existing LoRA layer), in graph order."""
   nodes = dict(nnx.iter_graph(model))
-  inside_lora = [path for path, node in nodes.items() if isinstance(node, LoraLayer)]
+  inside_lora = [path for path, node in nodes.items() if isinstance(node, WRAPPERS)]
   for path, node in nodes.items():
     if not isinstance(node, nnx.Module):
       continue
-    if isinstance(node, LoraLayer):
+    if isinstance(node, WRAPPERS):
       yield Candidate(path, node, node.module_names)
       continue
     if lora_layer_type(node) is None:

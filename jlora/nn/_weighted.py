@@ -30,11 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jlora.nn._adapters import LoraAdapter, over_stack
+from jlora.nn._adapters import LoraAdapter, over_stack, pad_axis, scaled_concat
 from jlora.nn._config import LoraConfig
-from jlora.nn._dora import DoraAdapter
-from jlora.nn._modules_to_save import ModulesToSaveLayer
-from jlora.nn._inject import _require, _set_configs, lora_layers, peft_config
+from jlora.nn._kinds import kind_of
+from jlora.nn._inject import _require, _set_configs, lora_layers, module_copies, peft_config
 from jlora.nn._layer import LoraLayer
 
 # Methods that combine A's and B's separately (one rank), and their update-level twins.
@@ -83,19 +82,20 @@ def add_weighted_adapter(
   if len(adapters) == 1:
     combination_type = "linear"
 
-  layers = [layer for _, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
-  shared = [l.module_names[0] for l in layers
-            if isinstance(l, ModulesToSaveLayer) and sum(a in l.adapters for a in adapters) > 1]
+  shared = [w.module_names[0] for _, w in module_copies(model) if sum(a in w.adapters for a in adapters) > 1]
   if shared:
     raise ValueError(
         f"Cannot add weighted adapters if they target the same module with modules_to_save (as in "
         f"PEFT), but {shared} are; combine adapters whose modules_to_save do not overlap.")
-  layers = [l for l in layers if not isinstance(l, ModulesToSaveLayer)]  # copies are not combined
-  dora = sorted({a for l in layers for a in adapters if isinstance(l.adapters.get(a), DoraAdapter)})
-  if dora:
+  # modules_to_save copies are not combined (the new adapter has none)
+  layers = [layer for _, layer in lora_layers(model) if any(a in layer.adapters for a in adapters)]
+  unfolded = {a: kind_of(l.adapters[a]).name for l in layers for a in adapters
+              if a in l.adapters and not l.adapters[a].folds_to_lora}
+  if unfolded:
     raise ValueError(
-        f"add_weighted_adapter combines LoRA factors, but {dora} are DoRA adapters, whose magnitude "
-        "vectors have no weighted combination; merge them (merge_and_unload) instead.")
+        f"add_weighted_adapter combines LoRA factors, but {sorted(unfolded)} are "
+        f"{'/'.join(sorted(set(unfolded.values())))} adapters, which do not fold to plain LoRA factors "
+        "(DoRA's magnitude vectors have no weighted combination); merge them (merge_and_unload) instead.")
   ranks = {a: max(l.adapters[a].rank for l in layers if a in l.adapters) for a in adapters}
   if combination_type in FACTOR_METHODS and len(set(ranks.values())) != 1:
     raise ValueError(
@@ -150,22 +150,10 @@ def _check_svd_rank(svd_rank, layers: list[LoraLayer]) -> None:
                      f"or None for the largest input rank, got {svd_rank!r}.")
 
 
-def _per_stack(values: jax.Array, ndim: int) -> jax.Array:
-  return values.reshape(values.shape + (1,) * (ndim - values.ndim))
-
-
-def _pad_rank(x: jax.Array, axis: int, rank: int) -> jax.Array:
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, rank - x.shape[axis])
-  return jnp.pad(x, pad)
-
-
 def _cat(layer: LoraLayer, factors, new_rank: int):
-  stack_ndim = len(layer.stack_shape)
-  a = jnp.concatenate([a * _per_stack(w * s, a.ndim) for (a, _, s), w in factors], axis=-1)
-  b_axis = stack_ndim + layer.b_rank_axis
-  b = jnp.concatenate([b for (_, b, _), _ in factors], axis=b_axis)
-  return _pad_rank(a, a.ndim - 1, new_rank), _pad_rank(b, b_axis, new_rank)
+  b_axis = len(layer.stack_shape) + layer.b_rank_axis
+  a, b = scaled_concat([(a, b, w * s) for (a, b, s), w in factors], b_axis)
+  return pad_axis(a, a.ndim - 1, new_rank), pad_axis(b, b_axis, new_rank)
 
 
 def _sqrt_weights(w: float, s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -253,8 +241,8 @@ def _svd(layer: LoraLayer, factors, new_rank: int, method: str, key, *, density,
     matrix = _merge_tensors(deltas, weights, keys, method, density, sign_method)
     u, sv, vh = jnp.linalg.svd(matrix, full_matrices=False)
     rank = min(new_rank, sv.shape[0])
-    a = _pad_rank(u[:, :rank] * sv[:rank], 1, new_rank)
-    b = _pad_rank(vh[:rank], 0, new_rank)
+    a = pad_axis(u[:, :rank] * sv[:rank], 1, new_rank)
+    b = pad_axis(vh[:rank], 0, new_rank)
     return a.reshape(a_dims + (new_rank,)), b.reshape((new_rank,) + b_dims)
 
   stack = layer.stack_shape

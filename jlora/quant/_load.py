@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jlora.nn._targets import candidates
+from jlora.nn import candidates
 from jlora.quant import _formats
 from jlora.quant._linear import QuantizedLinear
 from jlora.quant._model import _install, plan

@@ -12,10 +12,9 @@ from typing import Sequence
 
 from flax import nnx
 
-from jlora.nn import LoraLayer, lora_layer_type, lora_layers
-from jlora.nn import merge_and_unload as _merge_and_unload_plain
-from jlora.nn._inject import _replace
-from jlora.nn._targets import Candidate, candidates, name_matches, output_head_name
+from jlora.nn import (
+    Candidate, LoraLayer, ModulesToSaveWrapper, candidates, lora_layer_type, lora_layers, name_matches, output_head_name,
+    replace_module, unload)
 from jlora.quant import _formats
 from jlora.quant._formats import QuantSpec
 from jlora.quant._linear import QuantizedLinear
@@ -57,15 +56,19 @@ def plan(model: nnx.Module, format: str, *, block_size: int = 64, double_quant: 
 
 
 def _install(model: nnx.Module, cand: Candidate, base: nnx.Module) -> None:
-  """Put ``base`` where ``cand`` was; a LoRA layer is rebuilt around it, adapters kept."""
+  """Put ``base`` where ``cand`` was; a LoRA layer is rebuilt around it, adapters kept (a
+  ``modules_to_save`` wrapper keeps its copies and runs ``base`` as its original)."""
+  if isinstance(cand.module, ModulesToSaveWrapper):
+    cand.module.base_layer = base
+    return
   if not isinstance(cand.module, LoraLayer):
-    _replace(model, cand.path, base)
+    replace_module(model, cand.path, base)
     return
   old = cand.module
   new = lora_layer_type(base)(base, old.module_names)
   new.adapters = old.adapters
   new.active_adapters, new.merged_adapters, new.disabled = old.active_adapters, (), old.disabled
-  _replace(model, cand.path, new)
+  replace_module(model, cand.path, new)
 
 
 def quantize(model: nnx.Module, format: str = "nf4", *, block_size: int = 64,
@@ -111,7 +114,7 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
                      requantize: bool = False) -> nnx.Module:
   """Merge adapters (default: the active ones), remove every LoRA layer; returns the same model.
 
-  On a plain model this is ``jlora.nn.merge_and_unload``. Quantized layers
+  On a plain model this is ``jlora.nn.unload(model, merge=True)``. Quantized layers
   are first dequantized to their original ``param_dtype`` (e.g. bfloat16), the
   adapters merged into those kernels, and the result is a plain model in that
   dtype. Its outputs match the adapted quantized model's up to the dtype's
@@ -127,7 +130,7 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
   """
   specs = {cand.path: layer.spec for cand, layer in quantized_layers(model)}
   dequantize(model)
-  _merge_and_unload_plain(model, adapter_names)
+  unload(model, merge=True, adapter_names=adapter_names)
   if requantize:
     for cand in candidates(model):
       if cand.path in specs and isinstance(cand.base, nnx.Linear):

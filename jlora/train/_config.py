@@ -16,9 +16,11 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from jlora._deprecation import deprecated_names
 from jlora.train._config_parse import ConfigError, from_dict, merge_overrides, parse_overrides, read_mapping, to_plain
 from jlora.train._config_sections import (  # noqa: F401  (the sections are re-exported)
-    DEMO_TARGETS, AdapterConfig, CheckpointConfig, DataConfig, MeshConfig, ModelConfig, OptimConfig, ReportConfig)
+    DEMO_TARGETS, CheckpointSection, DataSection, MeshSection, ModelSection, OptimSection, ReportSection,
+    adapter_field, adapter_kind, adapter_section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,10 @@ class TrainConfig:
   (``byte-stories``) the embedded Q/A records, about 2 minutes on 2 CPU cores.
 
   Attributes:
+    adapter: the adapter kind's own config (``jlora.LoraConfig``,
+      ``MoSLoraConfig`` or ``WLoraConfig``; ``adapter_section(kind, ...)``
+      builds one over the job's defaults); in YAML ``adapter: {kind: lora,
+      r: 16, ...}`` with every field of that config as a key.
     steps: optimizer steps (each is ``optim.grad_accum`` micro-batches).
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
@@ -41,13 +47,13 @@ class TrainConfig:
     progress: show a progress bar.
   """
 
-  model: ModelConfig = ModelConfig()
-  adapter: AdapterConfig = AdapterConfig()
-  data: DataConfig = DataConfig()
-  optim: OptimConfig = OptimConfig()
-  mesh: MeshConfig = MeshConfig()
-  checkpoint: CheckpointConfig = CheckpointConfig()
-  report: ReportConfig = ReportConfig()
+  model: ModelSection = ModelSection()
+  adapter: Any = adapter_field()
+  data: DataSection = DataSection()
+  optim: OptimSection = OptimSection()
+  mesh: MeshSection = MeshSection()
+  checkpoint: CheckpointSection = CheckpointSection()
+  report: ReportSection = ReportSection()
   output_dir: str = "jlora-run"
   steps: int = 300
   batch_size: int = 8
@@ -65,12 +71,26 @@ class TrainConfig:
     _check_values(self)
 
   def to_dict(self) -> dict:
-    """Nested plain dict (YAML/JSON-ready; tuples become lists)."""
-    return to_plain(dataclasses.asdict(self))
+    """Nested plain dict (YAML/JSON-ready; tuples become lists; the adapter as ``{kind, <fields>}``)."""
+    plain = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if "plain" in f.metadata:
+        plain[f.name] = f.metadata["plain"](value)
+      else:
+        plain[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return to_plain(plain)
 
   def replace(self, **overrides: Any) -> "TrainConfig":
-    """A copy with dotted-key overrides: ``cfg.replace(**{"optim.learning_rate": 1e-3})``."""
-    return from_dict(merge_overrides(self.to_dict(), {k: v for k, v in overrides.items()}, flat=True), TrainConfig)
+    """A copy with dotted-key overrides: ``cfg.replace(**{"optim.learning_rate": 1e-3})``.
+
+    Another ``adapter.kind`` starts the adapter section afresh from that kind's
+    defaults (the other adapter keys given here apply on top).
+    """
+    values = self.to_dict()
+    if overrides.get("adapter.kind", values["adapter"]["kind"]) != values["adapter"]["kind"]:
+      values["adapter"] = {}
+    return from_dict(merge_overrides(values, overrides, flat=True), TrainConfig)
 
 
 def _non_finite(obj, prefix: str = "") -> list[tuple[str, float]]:
@@ -93,13 +113,7 @@ def _check_values(cfg: TrainConfig) -> None:
     value = _value(cfg, key)
     if value is not None and not _within(value, allowed):
       raise ConfigError(f"{key} must be {allowed}{_RANGE_NOTES.get(key, '')}, got {value}.")
-  if cfg.adapter.r < 1:
-    raise ConfigError(f"adapter.r must be >= 1, got {cfg.adapter.r}.")
-  if cfg.adapter.use_dora and cfg.adapter.kind != "lora":
-    raise ConfigError(f"adapter.use_dora=true needs adapter.kind=lora (got {cfg.adapter.kind!r}); "
-                      "DoRA does not combine with MoSLoRA or WLoRA.")
-  if cfg.adapter.kind == "wlora" and not cfg.adapter.upstream_loras:
-    raise ConfigError("adapter.kind=wlora needs adapter.upstream_loras: a list of PEFT adapter directories.")
+  adapter_kind(cfg.adapter)  # a kind config given in code: one the job knows
 
 
 # The allowed values of every numeric field outside the adapter section (whose values jlora's adapter configs
@@ -145,14 +159,27 @@ def _within(value: float, allowed: str) -> bool:
 
 
 def _default(key: str):
-  node = TrainConfig.__dataclass_fields__
-  *sections, leaf = key.split(".")
-  for section in sections:
-    node = type(node[section].default).__dataclass_fields__
-  return node[leaf].default
+  node = TrainConfig()
+  for part in key.split("."):
+    node = getattr(node, part)
+  return node
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
   """``TrainConfig`` from an optional YAML file plus ``"a.b=value"`` overrides."""
   values = {} if path is None else read_mapping(path)
   return from_dict(merge_overrides(values, parse_overrides(overrides), flat=True), TrainConfig)
+
+
+# The sections' names before they were ``*Section`` (``ModelConfig`` is the architecture in jlora.models).
+RENAMED = {
+    "ModelConfig": ("jlora.train.ModelSection", ModelSection),
+    "AdapterConfig": ("jlora.train.adapter_section (the section is the adapter kind's own config)",
+                      adapter_section),
+    "DataConfig": ("jlora.train.DataSection", DataSection),
+    "OptimConfig": ("jlora.train.OptimSection", OptimSection),
+    "MeshConfig": ("jlora.train.MeshSection", MeshSection),
+    "CheckpointConfig": ("jlora.train.CheckpointSection", CheckpointSection),
+    "ReportConfig": ("jlora.train.ReportSection", ReportSection),
+}
+__getattr__ = deprecated_names(__name__, RENAMED)

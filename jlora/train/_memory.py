@@ -2,7 +2,7 @@
 
 Pure functions of the architecture (``Arch``: a Llama-family decoder's sizes),
 the mesh, the remat policy, rows per device and sequence length. The figures
-follow what ``jlora.train``'s step keeps alive (see ``jlora.models._remat``
+follow what ``jlora.train``'s step keeps alive (see ``jlora.models.REMAT_POLICIES``
 and ``jlora.train._sharding``):
 
 - frozen base: every matrix split over ``fsdp x tensor``, norms replicated;
@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
-from jlora.models._remat import check_remat
+from jlora.models import check_remat
 
 GiB = 2**30
 

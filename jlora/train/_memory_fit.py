@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 
-from jlora.models import REMAT_POLICIES
-from jlora.models._attention import cudnn_packed_layout
+from jlora.models import REMAT_POLICIES, LanguageModel, cudnn_packed_layout
 from jlora.train._memory import GiB, PROJECTIONS, Arch, MemoryPlan, human_size, plan_memory
 
 # HBM per chip, matched against ``jax.Device.device_kind`` (lower case, first match wins).
@@ -155,7 +154,7 @@ def model_sizes(model) -> dict | None:
   frozen = [x for x in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoraParam))))
             if np.ndim(x) >= 2]
   lora = jax.tree.leaves(nnx.state(model, LoraParam))
-  act = np.dtype(getattr(model, "dtype", None) or np.float32).itemsize
+  act = np.dtype(model.dtype if isinstance(model, LanguageModel) else np.float32).itemsize
   return dict(arch=arch, base_bytes_per_param=sum(x.size * x.dtype.itemsize for x in frozen) /
               max(sum(x.size for x in frozen), 1), activation_bytes=act,
               adapter_bytes=lora[0].dtype.itemsize if lora else 4)
@@ -199,9 +198,9 @@ def _plan_kwargs(sizes: dict, seq_len: int, r: int, targets, backend: str, scan_
 
 def cudnn_packed_slots(model, backend: str) -> int:
   """Record slots per row cuDNN's packed layout will hold for ``model``'s packed rows (0: not used)."""
-  slots = getattr(model, "max_segments", None)
-  if backend != "gpu" or getattr(model, "attention", None) not in ("auto", "cudnn"):
+  if not isinstance(model, LanguageModel) or backend != "gpu" or model.attention not in ("auto", "cudnn"):
     return 0
+  slots = model.max_segments
   return slots if cudnn_packed_layout(slots) == "ragged" else 0
 
 

@@ -9,42 +9,19 @@ jlora) or a local Hugging Face checkpoint directory, which
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jlora.io import from_pretrained
-from jlora.models import check_attention
-from jlora.io._inject_dirs import get_peft_model
-from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
+from jlora.io import from_pretrained, get_peft_model
+from jlora.models import LanguageModel, check_attention
 from jlora.quant import quantize
-from jlora.train._config import AdapterConfig, ModelConfig
-from jlora.train._tokenizer import load_tokenizer
-
-_PRESETS: dict[str, Callable[[ModelConfig], nnx.Module]] = {}
+from jlora.train._config import ModelSection
+from jlora.train._presets import preset, presets, register_preset  # noqa: F401  (re-exported)
 
 
-def register_preset(name: str, factory: Callable[[ModelConfig], nnx.Module]) -> None:
-  """Make ``model.name = name`` build ``factory(model_config)`` (a model with random weights).
-
-  Registering a built-in name (``"tiny"``) replaces it.
-  """
-  _load_builtin_presets()
-  _PRESETS[name] = factory
-
-
-def presets() -> list[str]:
-  _load_builtin_presets()
-  return sorted(_PRESETS)
-
-
-def _load_builtin_presets() -> None:
-  from jlora.train import _presets  # noqa: F401  (registers "tiny" and friends)
-
-
-def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
+def load_model(cfg: ModelSection, mesh: Mesh | None = None):
   """``(model, model_dir or None)`` for a preset name or a local checkpoint directory.
 
   With a ``mesh`` a checkpoint is read shard by shard straight onto the
@@ -52,9 +29,8 @@ def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
   whole model. Presets are built whole (they are small, random and local).
   """
   model, model_dir = _base_model(cfg, mesh)
-  if hasattr(model, "remat"):
+  if isinstance(model, LanguageModel):
     model.remat = cfg.remat
-  if hasattr(model, "scan_unroll"):
     model.scan_unroll = cfg.scan_unroll
   set_attention(model, cfg.attention)
   return model, model_dir
@@ -65,29 +41,25 @@ def set_attention(model: nnx.Module, attention: str) -> None:
 
   Raises ValueError (with the fix) for a kernel this backend cannot run, e.g.
   ``"splash"`` off TPU, so the job fails before anything compiles. Models
-  without an ``attention`` attribute (custom ones) keep their own attention.
+  that are not a ``jlora.models.LanguageModel`` (custom ones) keep their own attention.
   """
   check_attention(attention, for_backend=True)
-  if hasattr(model, "attention"):
+  if isinstance(model, LanguageModel):
     model.attention = attention
 
 
-def _base_model(cfg: ModelConfig, mesh: Mesh | None):
-  _load_builtin_presets()
-  if cfg.name in _PRESETS:
-    model = _PRESETS[cfg.name](cfg)
+def _base_model(cfg: ModelSection, mesh: Mesh | None):
+  factory = preset(cfg.name)
+  if factory is not None:
+    model = factory(cfg)
     return (quantize(model, cfg.quantize) if cfg.quantize else model), None
   path = Path(cfg.name).expanduser()
   if path.is_dir() or path.is_file():  # a file gets from_pretrained's error: pass its directory
     return from_pretrained(str(path), dtype=getattr(jnp, cfg.dtype), mesh=mesh,
                            quantize=cfg.quantize or None), str(path)
   raise ValueError(
-      f"model.name={cfg.name!r} is neither a preset ({', '.join(sorted(_PRESETS))}) nor a local "
+      f"model.name={cfg.name!r} is neither a preset ({', '.join(presets())}) nor a local "
       "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")
-
-
-def tokenizer_for(spec: str, model_dir: str | None):
-  return load_tokenizer(spec, model_dir)
 
 
 def max_length(model: nnx.Module) -> int | None:
@@ -108,18 +80,14 @@ def vocab_size(model: nnx.Module) -> int | None:
   return value if isinstance(value, int) else None
 
 
-def adapter_config(cfg: AdapterConfig):
-  """The ``jlora`` adapter config for the job's ``adapter`` section."""
-  target = cfg.target_modules if isinstance(cfg.target_modules, str) else tuple(cfg.target_modules)
-  common = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=cfg.lora_dropout,
-                use_rslora=cfg.use_rslora, seed=cfg.seed)
-  if cfg.kind == "lora":
-    return LoraConfig(use_dora=cfg.use_dora, **common)
-  if cfg.kind == "moslora":
-    return MoSLoraConfig(mixer_init=cfg.mixer_init, **common)
-  return WLoraConfig(upstream_loras=tuple(cfg.upstream_loras), seed=cfg.seed)
+def check_tokenizer_fits(tokenizer, model: nnx.Module, fix: str) -> None:
+  """ValueError (ending with ``fix``) when ``tokenizer`` has more ids than the model's vocabulary."""
+  vocab = vocab_size(model)
+  if vocab is not None and tokenizer.vocab_size > vocab:
+    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; {fix}")
 
 
-def add_adapter(model: nnx.Module, cfg: AdapterConfig, name: str = "default") -> nnx.Module:
-  """Inject the configured adapter (WLoRA upstream directories are loaded too, as ``jlora.get_peft_model`` does)."""
-  return get_peft_model(model, adapter_config(cfg), adapter_name=name)
+def add_adapter(model: nnx.Module, config, name: str = "default") -> nnx.Module:
+  """Inject the job's adapter (its kind's config; WLoRA upstream directories are loaded too, as
+  ``jlora.get_peft_model`` does)."""
+  return get_peft_model(model, config, adapter_name=name)

@@ -21,12 +21,9 @@ import jax
 import optax
 from flax import nnx
 
-from jlora.nn import LoraEmbed, UpstreamLoraParam, active_adapters, lora_layers, split_adapter
-from jlora.nn._modules_to_save import ModulesToSaveLayer
-
-# Adapter params that LoRA+ trains at the higher (B) learning rate: PEFT's "lora_B" params and its
-# 1-d params (DoRA's magnitude vector).
-_B_GROUP = ("lora_B", "lora_magnitude_vector")
+from jlora.nn import (
+    LORAPLUS_B_ROLES, LoraEmbed, UpstreamLoraParam, active_adapters, is_frozen, lora_layers, module_copies,
+    role_of, split_adapter)
 
 
 def _keys(path) -> list:
@@ -42,7 +39,8 @@ def _map_variables(fn, params):
 def trainable_mask(model: nnx.Module, params: nnx.State | None = None):
   """Bool pytree over ``params`` (default: the model's ``LoraParam`` state).
 
-  True for params of active adapters that are not WLoRA upstreams.
+  True for params of active adapters whose role is not frozen (WLoRA upstreams, VeRA-like
+  projections: ``jlora.nn.FROZEN_ROLES``).
   """
   if params is None:
     _, params, _ = split_adapter(model)
@@ -50,7 +48,8 @@ def trainable_mask(model: nnx.Module, params: nnx.State | None = None):
 
   def trainable(keys, variable) -> bool:
     names = {keys[i + 1] for i, k in enumerate(keys[:-1]) if k == "adapters"}
-    return not isinstance(variable, UpstreamLoraParam) and bool(names & active)
+    frozen = isinstance(variable, UpstreamLoraParam) or is_frozen(keys)
+    return not frozen and bool(names & active)
 
   return _map_variables(trainable, params)
 
@@ -58,22 +57,24 @@ def trainable_mask(model: nnx.Module, params: nnx.State | None = None):
 def loraplus_groups(model: nnx.Module, params: nnx.State | None = None):
   """``"A"`` / ``"B"`` / ``"embedding"`` for every param, as PEFT's LoRA+ groups them.
 
-  Every factor of an embedding adapter is ``"embedding"``; elsewhere B and
-  DoRA's magnitude vector are ``"B"``, as are the biases of ``modules_to_save``
-  copies; everything else (A, MoSLoRA mixers, WLoRA logits, copied weights)
-  ``"A"``.
+  Every factor of an embedding adapter is ``"embedding"``; elsewhere params
+  whose kind gives them a role of ``jlora.nn.LORAPLUS_B_ROLES`` (B, DoRA's
+  magnitudes, 1-d vectors) are ``"B"``, as are the biases of
+  ``modules_to_save`` copies; everything else (A, MoSLoRA mixers, WLoRA
+  logits, copied weights) ``"A"``.
   """
   if params is None:
     _, params, _ = split_adapter(model)
   layers = dict(lora_layers(model))
+  copies = dict(module_copies(model))
 
   def group(keys, variable) -> str:
-    layer = layers.get(tuple(keys[:keys.index("adapters")])) if "adapters" in keys else None
-    if isinstance(layer, LoraEmbed):
+    where = tuple(keys[:keys.index("adapters")]) if "adapters" in keys else None
+    if isinstance(layers.get(where), LoraEmbed):
       return "embedding"
-    if isinstance(layer, ModulesToSaveLayer):  # PEFT: a full copy's 1-d params (biases) go with B
+    if where in copies:  # PEFT: a full copy's 1-d params (biases) go with B
       return "B" if variable.ndim == 1 else "A"
-    return "B" if any(k in _B_GROUP for k in keys) else "A"
+    return "B" if role_of(keys) in LORAPLUS_B_ROLES else "A"
 
   return _map_variables(group, params)
 

@@ -1,4 +1,7 @@
-"""Named base models for demos and tests, no download.
+"""Named base models for demos and tests, no download: the preset registry and the built-in presets.
+
+``register_preset(name, factory)`` makes ``model.name = name`` build
+``factory(model_config)``.
 
 ``"byte-stories"``: the pretrained base shipped in ``jlora/train/data/base``
 (``config.json`` + ``model.safetensors``, ~4 MB): a 4-layer, 128-wide
@@ -14,15 +17,34 @@ question, which is what the default job's adapter teaches it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jlora.io import from_pretrained
-from jlora.models import CausalLM
-from jlora.models import ModelConfig as ArchConfig
-from jlora.train._config import ModelConfig
-from jlora.train._model import register_preset
+from jlora.models import CausalLM, LlamaConfig
+from jlora.train._config import ModelSection
+
+_PRESETS: dict[str, Callable[[ModelSection], nnx.Module]] = {}
+
+
+def register_preset(name: str, factory: Callable[[ModelSection], nnx.Module]) -> None:
+  """Make ``model.name = name`` build ``factory(model_config)`` (a model with random weights).
+
+  Registering a built-in name (``"tiny"``) replaces it.
+  """
+  _PRESETS[name] = factory
+
+
+def presets() -> list[str]:
+  return sorted(_PRESETS)
+
+
+def preset(name: str) -> Callable[[ModelSection], nnx.Module] | None:
+  """The factory registered as ``name``, if any."""
+  return _PRESETS.get(name)
+
 
 BASE_DIR = Path(__file__).parent / "data" / "base"
 TINY = dict(model_type="llama", vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -30,11 +52,11 @@ TINY = dict(model_type="llama", vocab_size=258, hidden_size=64, intermediate_siz
             rope=(("rope_theta", 10000.0), ("rope_type", "default")))
 
 
-def _tiny(cfg: ModelConfig):
-  return CausalLM(ArchConfig(**TINY), dtype=getattr(jnp, cfg.dtype), rngs=nnx.Rngs(cfg.seed))
+def _tiny(cfg: ModelSection):
+  return CausalLM(LlamaConfig(**TINY), dtype=getattr(jnp, cfg.dtype), rngs=nnx.Rngs(cfg.seed))
 
 
-def _byte_stories(cfg: ModelConfig):
+def _byte_stories(cfg: ModelSection):
   if not (BASE_DIR / "model.safetensors").is_file():
     raise ValueError(f"The shipped base model is missing from {BASE_DIR}; reinstall jlora, or recreate it "
                      "with `python scripts/train_base.py` from a jlora checkout.")

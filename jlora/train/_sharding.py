@@ -2,7 +2,7 @@
 
 - Batches are split over ``("data", "fsdp")``.
 - Params, adapters and optimizer state follow the rules of
-  ``jlora.models._sharding`` (``param_spec``), re-exported here.
+  ``jlora.models`` (``param_spec``), re-exported here.
 - Under a mesh the train step gathers each scanned layer's weights inside the
   scan body, one layer at a time (``MeshPlacement``).
 """
@@ -14,8 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jlora.models._sharding import (  # noqa: F401  (the rules live beside the models; re-exported)
-    AXES, LOGICAL_RULES, LOGICAL_TO_MESH, make_mesh, param_spec, replicated, shard_state, state_shardings)
+from jlora.models import (  # noqa: F401  (the rules live beside the models; re-exported)
+    AXES, LOGICAL_TO_MESH, make_mesh, param_spec, replicated, shard_state, state_shardings)
 from jlora.train._distributed import initialize_distributed  # noqa: F401  (re-exported)
 
 BATCH_AXES = ("data", "fsdp")

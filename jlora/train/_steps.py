@@ -8,7 +8,6 @@ base model). Steps are pure functions of those pytrees.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, NamedTuple
 
 import jax
@@ -16,10 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jlora.models import check_token_ids
-from jlora.models._remat import placed
-from jlora.nn import LoraParam
-from jlora.nn._variables import LoraRngKey
+from jlora.models import LanguageModel, check_token_ids, placed
+from jlora.nn import LoraParam, LoraRngKey
 from jlora.train._loss import chunked_nll, masked_nll
 from jlora.train._model import vocab_size
 from jlora.train._optimizer import adapter_optimizer
@@ -58,18 +55,18 @@ def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float
   return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
-def _call(fn: Callable, batch: dict[str, jax.Array]) -> jax.Array:
-  """``fn(tokens)`` of a training batch under causal attention within each packed record.
+def _call(model: nnx.Module, fn: Callable, batch: dict[str, jax.Array]) -> jax.Array:
+  """``fn(tokens)`` (``model`` or its ``hidden``) of a training batch under causal attention within each record.
 
   Training rows are right-padded (``pack`` puts every token before any pad),
   so a query that carries loss never sees a pad key under the causal mask:
   no ``attention_mask`` is passed, which keeps the fused attention kernels.
-  ``segment_ids`` go along when the batch has them and ``fn`` takes them
-  (``jlora.models`` do; a custom model without them attends across records,
+  ``segment_ids`` go along when the batch has them and the model is a
+  ``jlora.models.LanguageModel`` (a custom model attends across records,
   though the loss still never predicts one record from another).
   """
   segments = batch.get("segment_ids")
-  if segments is not None and "segment_ids" in inspect.signature(fn).parameters:
+  if segments is not None and isinstance(model, LanguageModel):
     return fn(batch["tokens"], attention_mask=None, segment_ids=segments)
   return fn(batch["tokens"], attention_mask=None)
 
@@ -77,13 +74,14 @@ def _call(fn: Callable, batch: dict[str, jax.Array]) -> jax.Array:
 def batch_nll(model: nnx.Module, batch: dict[str, jax.Array], loss_chunk_tokens: int = 0):
   """``(sum nll, trained tokens)`` of a batch; the head runs in chunks of ``loss_chunk_tokens`` tokens.
 
-  Chunking applies when the model has ``hidden`` / ``head`` and the batch
-  holds more than one chunk of tokens; ``0`` turns it off.
+  Chunking applies when the model is a ``jlora.models.LanguageModel`` (it
+  has ``hidden`` / ``head``) and the batch holds more than one chunk of
+  tokens; ``0`` turns it off.
   """
   tokens, loss_mask, segments = batch["tokens"], batch["loss_mask"], batch.get("segment_ids")
-  if 0 < loss_chunk_tokens < tokens.size and hasattr(model, "hidden") and hasattr(model, "head"):
-    return chunked_nll(model, _call(model.hidden, batch), tokens, loss_mask, segments, loss_chunk_tokens)
-  return masked_nll(_call(model, batch), tokens, loss_mask, segments)
+  if 0 < loss_chunk_tokens < tokens.size and isinstance(model, LanguageModel):
+    return chunked_nll(model, _call(model, model.hidden, batch), tokens, loss_mask, segments, loss_chunk_tokens)
+  return masked_nll(_call(model, model, batch), tokens, loss_mask, segments)
 
 
 def _forward(graphdef, params, rng, frozen, batch, loss_chunk_tokens):

@@ -59,3 +59,4 @@ def load_tokenizer(spec: str, model_dir: str | None):
   if not Path(directory).is_dir():
     raise ValueError(f"data.tokenizer={directory!r} is not a directory; use a local tokenizer dir or 'bytes'.")
   return HFTokenizer(directory)
+

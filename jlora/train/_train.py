@@ -22,15 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jlora.models import check_attention
+from jlora.models import LanguageModel, check_attention
 from jlora.nn import disable_adapters, set_lora_matmul
 from jlora.train import _data, _distributed, _memory_fit, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
-from jlora.train._model import add_adapter, load_model, max_length, set_attention, tokenizer_for, vocab_size
+from jlora.train._config_sections import planned_adapter
+from jlora.train._model import add_adapter, check_tokenizer_fits, load_model, max_length, set_attention, vocab_size
 from jlora.train._report import (
     Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
 from jlora.train._run_dir import check_output_dir, claim_output_dir
+from jlora.train._tokenizer import load_tokenizer
 from jlora.train._export import export_adapter
 
 
@@ -157,22 +159,20 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     model, model_dir = load_model(cfg.model, mesh)
   else:
     set_attention(model, cfg.model.attention)
-  if remat and hasattr(model, "remat"):
+  if remat and isinstance(model, LanguageModel):
     model.remat = remat
-  tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
+  tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is over the model's maximum of {limit} positions; "
                      f"set data.seq_len <= {limit}.")
+  check_tokenizer_fits(tokenizer, model, "use the model's own tokenizer (data.tokenizer='').")
   vocab = vocab_size(model)
-  if vocab is not None and tokenizer.vocab_size > vocab:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; use the "
-                     "model's own tokenizer (data.tokenizer='').")
   train_rows, eval_rows = _prepare_data(cfg, tokenizer)
   if vocab is not None:
     _data.check_vocab(train_rows, vocab, cfg.data.path or "the demo corpus")
     _data.check_vocab(eval_rows, vocab, cfg.data.eval_path or cfg.data.path or "the demo corpus")
-  if hasattr(model, "max_segments"):  # cuDNN's packed attention makes room for this many records per row
+  if isinstance(model, LanguageModel):  # cuDNN's packed attention makes room for this many records per row
     model.max_segments = max(_data.segment_bound(r.segment_ids) for r in (train_rows, eval_rows))
   local = _sharding.process_rows(mesh, cfg.batch_size)  # this process's rows of every global batch
   stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed, local=local)
@@ -290,21 +290,24 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
     sizes = _memory_fit.model_sizes(model)
   m, remat, said = cfg.mesh, "", ""
   shape = (m.data, 1, m.tensor)
+  r, targets = planned_adapter(cfg.adapter)
   if sizes is not None:
     shape, remat, said = _memory_fit.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
-        tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+        tensor=m.tensor, r=r, targets=targets,
         capacity_gib=m.device_memory_gib, backend=jax.default_backend(), scan_unroll=cfg.model.scan_unroll)
   return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
 
 
 def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
   """Print the per-device memory plan (and what ``mesh.fsdp=-1`` picked); refuse what won't fit."""
+  ours = isinstance(model, LanguageModel)
+  r, targets = planned_adapter(cfg.adapter)
   plan = _memory_fit.plan_job(
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
-      remat=getattr(model, "remat", cfg.model.remat), r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+      remat=model.remat if ours else cfg.model.remat, r=r, targets=targets,
       capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend(),
-      scan_unroll=getattr(model, "scan_unroll", cfg.model.scan_unroll))
+      scan_unroll=model.scan_unroll if ours else cfg.model.scan_unroll)
   if plan is not None and jax.process_index() == 0:
     print(plan.describe() + (f"\n  {picked}" if picked else ""), flush=True)
 
