@@ -53,7 +53,8 @@ class _StopSignals:
 
   A second signal says the job is stopping once the checkpoint is written
   (breaking off the save would lose the step); a third gets the previous
-  handler (Ctrl-C: KeyboardInterrupt; SIGTERM: the process ends).
+  handler (Ctrl-C: KeyboardInterrupt, after which the job still waits for
+  the save as it closes; SIGTERM: the process ends at once).
   """
 
   def __init__(self):
@@ -72,8 +73,8 @@ class _StopSignals:
     self._repeats += 1
     name = signal.Signals(signum).name
     if self._repeats == 1:
-      print(f"jlora: {name} again: stopping once the checkpoint of this step is written; send it once more "
-            "to stop at once without it.", file=sys.stderr, flush=True)
+      print(f"jlora: {name} again: stopping once the checkpoint of this step is written.", file=sys.stderr,
+            flush=True)
       return
     self.__exit__()
     signal.raise_signal(signum)
