@@ -145,6 +145,7 @@ def wait_until_blocked(procs, marker: str, guard_s: float = 600) -> None:
   paths = [Path(f"{marker}.{i}") for i in range(len(procs))]
   give_up = time.monotonic() + guard_s
   while not all(p.exists() for p in paths):
-    assert all(p.poll() is None for p in procs), "the job ended before it reached the kill point"
+    ended = [p for p in procs if p.poll() is not None]
+    assert not ended, f"the job ended before it reached the kill point: {ended[0].communicate()[1][-3000:]}"
     assert time.monotonic() < give_up, "the job did not reach the kill point"
     time.sleep(0.05)
