@@ -24,7 +24,9 @@ Environment (all optional):
   ``autotune0`` (``XLA_FLAGS=--xla_gpu_autotune_level=0``: no GEMM autotuning,
   to see what compile time autotuning takes), ``autotune1`` (level 1:
   autotuning without the default level 4's buffer initialisation and
-  result checks);
+  result checks), ``cache`` (jlora's compile cache, ``jlora.train.enable_compile_cache``, in
+  ``QUANT_CACHE_DIR``, default ``/tmp/jlora-compile-cache``: a second ``fp8:cache`` row of a shape is a
+  second start, its ``compile_s`` the cached load);
 * ``QUANT_BUDGET_S`` (default 540): the suite's wall time; runs start only
   while it lasts;
 * ``QUANT_RUN_TIMEOUT_S`` (default 300): one run's wall time, compile included.
@@ -55,7 +57,7 @@ SHAPES = {
                     num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
 }
 BASES = ("bf16", "nf4", "int8", "fp8")
-OPTIONS = ("separate", "unfused", "upcast", "head", "auto", "autotune0", "autotune1")
+OPTIONS = ("separate", "unfused", "upcast", "head", "auto", "autotune0", "autotune1", "cache")
 XLA_OPTION_FLAGS = {"autotune0": "--xla_gpu_autotune_level=0", "autotune1": "--xla_gpu_autotune_level=1"}
 
 
@@ -123,8 +125,13 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
   import jax.numpy as jnp
   import bench
   import jlora
+  start_process = time.perf_counter()
 
   base, options = parse_row(row)
+  cache = None
+  if "cache" in options:
+    from jlora.train import enable_compile_cache
+    cache = str(enable_compile_cache(os.environ.get("QUANT_CACHE_DIR", "/tmp/jlora-compile-cache")))
   if "head" in options and SHAPES[shape]["tie_word_embeddings"]:
     raise ValueError(f"{row}: {shape} ties its output head to the embedding, which stays bf16 (no "
                      "quantized embedding); run head rows at tinyllama")
@@ -151,6 +158,7 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
   start = time.perf_counter()
   loss = float(step())
   first = time.perf_counter() - start
+  to_first_step = time.perf_counter() - start_process  # model built, compiled (or loaded), one step
   for _ in range(warmup):
     jax.block_until_ready(step())
   times = []
@@ -163,7 +171,7 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
   return dict(suite="quant", shape=shape, base=row, batch=batch, seq=seq, first_step_s=first, step_s=step_s,
               tokens_per_s=batch * seq / step_s, peak_bytes=stats.get("peak_bytes_in_use", 0),
               first_loss=loss, device=jax.devices()[0].device_kind, compile_s=compile_s,
-              fp8_gemms=hlo.count("__cublas$lt$matmul$f8"), **sizes)
+              fp8_gemms=hlo.count("__cublas$lt$matmul$f8"), compile_cache=cache, to_first_step_s=to_first_step, **sizes)
 
 
 def run(out: str, steps: int = 5, warmup: int = 1, timeout: float = 300.0, shapes=tuple(SHAPES),

@@ -182,10 +182,7 @@ def test_the_circle_finder_finds_a_circle_and_nothing_else():
 # ---- public names across packages ---------------------------------------------------------
 
 # Private modules still imported across packages; each entry is removed once that import is public.
-KNOWN_PRIVATE_IMPORTS = {
-    ("jlora/_cli/_inspect.py", "jlora.io._peft_config"), ("jlora/_cli/_inspect.py", "jlora.io._peft_load"),
-    ("jlora/_cli/_inspect.py", "jlora.io._safetensors"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def source_files() -> list[tuple[str, str, ast.AST, str, bool]]:

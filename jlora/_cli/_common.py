@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from jlora.train._tokenizer import TOKENIZER_FILES, has_tokenizer
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -64,10 +65,6 @@ def check_adapters(directories, base) -> None:
       check_adapter(directory, base)
     except ValueError as e:
       raise CliError(str(e)) from None
-
-
-def has_tokenizer(directory: str | Path | None) -> bool:
-  return directory is not None and any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def tokenizer_for(model, model_dir: str | None, spec: str = ""):

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
   from jlora.io import load_peft
   from jlora.nn import set_adapter
-  from jlora.train import continue_prompts
+  from jlora.train import continue_prompts, enable_compile_cache
 
   if args.max_new_tokens < 1:
     raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
@@ -47,6 +47,7 @@ def run(args) -> int:
   if any(not tokenizer.encode(p) for p in args.prompt):
     raise CliError("--prompt is empty; pass some text to continue.")
   check_adapters(args.adapter, base)
+  enable_compile_cache()  # a second generation of the same shapes loads its programs (GPU/TPU)
   model, _ = load_base(args.model, args.dtype)
   names = [f"adapter{i}" for i in range(len(args.adapter))]
   for name, directory in zip(names, args.adapter):

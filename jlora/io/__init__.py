@@ -6,5 +6,6 @@ from jlora.io._inject_dirs import get_peft_model
 from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
 from jlora.io._peft_load import WEIGHTS_NAME, hotswap_adapter, load_peft, read_adapter
 from jlora.io._peft_save import save_peft
+from jlora.io._safetensors import describe as describe_safetensors
 from jlora.io._safetensors import read as read_safetensors
 from jlora.io._safetensors import write as write_safetensors

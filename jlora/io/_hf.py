@@ -139,7 +139,10 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
 
   Args:
     model_dir: directory with ``config.json`` and safetensors weights.
-    dtype: computation dtype of activations.
+    dtype: computation dtype of activations; ``bfloat16`` by default, whatever
+      the checkpoint's ``torch_dtype`` (a float32 checkpoint loads as bfloat16:
+      pass ``jnp.float32`` to keep it), so a model's memory does not depend on
+      how it was saved.
     param_dtype: dtype of the parameters (default: ``dtype``); each block is
       converted as it is read.
     mesh: a ``(data, fsdp, tensor)`` mesh (``make_mesh`` of ``jlora.train``): every

@@ -27,8 +27,9 @@ from jlora.train._config_sections import JOB_LORA_DEFAULTS, adapter_kind, adapte
 from jlora.train._data import (EMBEDDED_CORPUS, BatchStream, DataError, Rows, encode_record, load_rows, pack,
                               read_records, segment_bound)
 from jlora.train._distributed import LaunchError, initialize_distributed
+from jlora.train._compile_cache import compile_cache_dir, enable_compile_cache
 from jlora.train._memory import Arch, MemoryPlan, plan_memory
-from jlora.train._memory_fit import MemoryPlanError, device_capacity, plan_defaults, plan_job
+from jlora.train._memory_fit import MemoryPlanError, choose_scan_unroll, device_capacity, plan_defaults, plan_job
 from jlora.train._model import check_tokenizer_fits, load_model, presets, register_preset
 from jlora.train._optimizer import adapter_optimizer, trainable_mask
 from jlora.train._run_dir import OutputDirError

@@ -45,6 +45,10 @@ class TrainConfig:
     save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
     overwrite: start afresh in an ``output_dir`` that holds a different run.
     progress: show a progress bar.
+    compile_cache: where compiled steps and GPU autotuning results are kept
+      for the next start (``jlora.train.enable_compile_cache``): ``"auto"``
+      (default) a per-device-kind directory under ``~/.cache/jlora/compile``
+      on a GPU or TPU, nothing on CPU; a directory path; ``"none"`` (off).
   """
 
   model: ModelSection = ModelSection()
@@ -66,6 +70,7 @@ class TrainConfig:
   overwrite: bool = False
   progress: bool = True
   seed: int = 0
+  compile_cache: str = "auto"
 
   def __post_init__(self):
     _check_values(self)
@@ -111,7 +116,7 @@ def _check_values(cfg: TrainConfig) -> None:
                       f"(default: {_default(key)}).")
   for key, allowed in RANGES.items():
     value = _value(cfg, key)
-    if value is not None and not _within(value, allowed):
+    if isinstance(value, (int, float)) and not _within(value, allowed):  # None / "auto": not a number to check
       raise ConfigError(f"{key} must be {allowed}{_RANGE_NOTES.get(key, '')}, got {value}.")
   adapter_kind(cfg.adapter)  # a kind config given in code: one the job knows
 

@@ -45,13 +45,21 @@ class ModelSection:
     lora_matmul: how LoRA linears compute (``jlora.nn.set_lora_matmul``):
       ``"plain"`` (default) computes ``x@W + s·(x@A)@B`` under plain
       autodiff; ``"auto"`` merges ``W + s·A·B`` on the fly for calls with
-      many tokens and takes the low-rank backward (12% faster training on an
-      H100 at TinyLlama shape), ``"fused"`` always merges. The merged forward
-      rounds ``W + s·A·B`` to the base dtype once: in bf16 a small adapter
-      delta is partly lost in the forward pass (as in merged bf16 inference),
-      so use it with a float32 base or once the adapter's delta is large.
+      many tokens and takes the low-rank backward (11% faster training on an
+      H100 at TinyLlama shape), ``"fused"`` always merges: the merged forward
+      rounds ``W + s·A·B`` to the base dtype once, so in bf16 an update below
+      half of W's spacing is lost from the forward pass (as in merged bf16
+      inference; plain's final bf16 add loses one below half of y's spacing);
+      ``"exact"`` computes ``[x | x@A]·[W ; s·B]`` as one matmul with one
+      float32 accumulation and one rounding, which keeps such updates, but
+      trains 5% slower than plain on an H100 (under tensor parallelism it
+      runs as ``"plain"``).
     scan_unroll: layers per step of the layer loop (``jax.lax.scan``'s
-      ``unroll``): 1 (default) keeps one rolled loop and the shortest
+      ``unroll``): ``"auto"`` (default) unrolls the loop fully where the
+      memory plan says the unrolled step fits the device with room to spare
+      (``jlora.train.choose_scan_unroll``; 9% faster at TinyLlama 8x2048 on
+      an H100), else keeps it rolled (CPU, FSDP, a tight fit);
+      1 keeps one rolled loop and the shortest
       compile; 2 or more lets XLA fuse across layer boundaries and drop the
       per-layer stacking of saved activations, at a longer compile; the
       number of layers (or more) unrolls the loop fully, which keeps more
@@ -65,8 +73,8 @@ class ModelSection:
   remat: Literal["none", "matmuls", "full"] = "matmuls"
   quantize: Literal["", "nf4", "int8", "fp8"] = ""
   attention: Literal["auto", "xla", "cudnn", "splash", "splash_interpret", "tokamax", "tokamax_xla"] = "auto"
-  lora_matmul: Literal["auto", "fused", "plain"] = "plain"
-  scan_unroll: int = 1
+  lora_matmul: Literal["plain", "auto", "fused", "exact"] = "plain"
+  scan_unroll: int | Literal["auto"] = "auto"
 
 
 DEMO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
@@ -164,9 +172,18 @@ class DataSection:
     eval_path: held-out data in the same forms; ``""`` holds out
       ``eval_fraction`` of the training sequences instead.
     format: ``"text"`` (``text_field``), ``"instruction"`` (``prompt`` /
-      ``completion``), ``"chat"`` (``messages``), or ``"auto"`` (per record).
+      ``completion``, or Alpaca's ``instruction`` / ``input`` / ``output``),
+      ``"chat"`` (``messages`` of ``role`` / ``content``, or ShareGPT's
+      ``conversations`` of ``from`` / ``value``; the tokenizer's chat template
+      when it has one), or ``"auto"`` (per record).
     seq_len: tokens per training sequence.
-    packing: pack several records into one sequence (else one per row, padded).
+    truncation: a record longer than ``seq_len``: ``"truncate"`` keeps its
+      prompt and cuts the answer's tail (or, when the prompt alone is too
+      long, the prompt's head), ``"drop"`` leaves it out, ``"split"`` cuts it
+      into pieces (later pieces train without their prompt). The job says
+      how many records were cut.
+    packing: pack several records into one sequence (else one per row,
+      padded); records stay whole unless ``truncation="split"``.
     tokenizer: ``""`` uses the model's (its checkpoint dir's tokenizer files
       for local models, bytes for presets); ``"bytes"`` forces the byte tokenizer.
     seed: shuffling seed (each epoch is a fresh deterministic permutation).
@@ -177,6 +194,7 @@ class DataSection:
   format: Literal["auto", "text", "instruction", "chat"] = "auto"
   text_field: str = "text"
   seq_len: int = 128
+  truncation: Literal["truncate", "drop", "split"] = "truncate"
   packing: bool = True
   eval_fraction: float = 0.1
   tokenizer: str = ""

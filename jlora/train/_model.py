@@ -31,7 +31,8 @@ def load_model(cfg: ModelSection, mesh: Mesh | None = None):
   model, model_dir = _base_model(cfg, mesh)
   if isinstance(model, LanguageModel):
     model.remat = cfg.remat
-    model.scan_unroll = cfg.scan_unroll
+    # "auto": rolled until the job's memory plan picks (jlora.train._memory_fit.job_scan_unroll)
+    model.scan_unroll = 1 if cfg.scan_unroll == "auto" else cfg.scan_unroll
   set_attention(model, cfg.attention)
   return model, model_dir
 

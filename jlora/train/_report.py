@@ -147,11 +147,11 @@ class Progress:
     self._tokens = 0
     self.eta: float | None = None  # seconds left; None until a step after the first has run
 
-  def update(self, loss: float, tokens: int, eval_loss: float | None = None) -> float:
-    """Advance one step; returns tokens/s since the first step ended (0.0 on the first step)."""
+  def update(self, loss: float, tokens: int, eval_loss: float | None = None) -> float | None:
+    """Advance one step; returns tokens/s since the first step ended (None on the first step: no rate yet)."""
     self._step += 1
     now = self._clock()
-    rate = 0.0
+    rate = None
     if self._t0 is None:
       self._t0 = now
     else:
@@ -277,7 +277,7 @@ def _continue_one(model, tokenizer, prompt: str, max_new_tokens: int, seq_len: i
 
   from jlora.models import generate
 
-  ids = tokenizer.encode(prompt)[-(seq_len - max_new_tokens):]
+  ids = (list(getattr(tokenizer, "bos_ids", [])) + tokenizer.encode(prompt))[-(seq_len - max_new_tokens):]
   tokens = generate(model, jnp.asarray([ids], jnp.int32), max_new_tokens, eos_token_id=tokenizer.eos_id,
                     use_cache=False)
   return _decode_until_eos(tokenizer, np.asarray(tokens)[0, len(ids):])
@@ -298,7 +298,8 @@ def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
   from jlora.models import generate
 
-  encoded = [tokenizer.encode(p) for p in prompts]
+  bos = list(getattr(tokenizer, "bos_ids", []))  # what training records start with
+  encoded = [bos + tokenizer.encode(p) for p in prompts]
   width = max(len(ids) for ids in encoded)
   ids = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(encoded), width), np.int32)
