@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jlora.train._tokenizer import TOKENIZER_FILES, has_tokenizer
+from jlora.train import TOKENIZER_FILES, has_tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
 

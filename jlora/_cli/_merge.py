@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from jlora._cli._common import DTYPES, TOKENIZER_FILES, CliError, describe, load_base, refuse_non_empty
-from jlora.io._files import fresh_dir
+from jlora.io import fresh_dir
 
 EXTRA_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "generation_config.json")
 

@@ -37,7 +37,7 @@ from jlora.train._sharding import (MeshError, batch_sharding, make_mesh, param_s
                                    state_shardings)
 from jlora.train._steps import make_eval_step, make_optimizer, make_train_step, masked_nll, split_model
 from jlora.train._report import continue_prompts
-from jlora.train._tokenizer import ByteTokenizer, load_tokenizer
+from jlora.train._tokenizer import TOKENIZER_FILES, ByteTokenizer, has_tokenizer, load_tokenizer
 from jlora.train._train import NonFiniteLossError, TrainingInterrupted, TrainResult, train
 
 
