@@ -29,16 +29,15 @@ def add_parser(sub) -> None:
 
 
 def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-  """``name -> (shape, dtype)`` from a safetensors header (no tensor data is read)."""
-  from jlora.io import _safetensors
+  """``name -> (shape, dtype)`` of every tensor in a safetensors file (checked for corruption as loading does)."""
+  from jlora.io import describe_safetensors
 
-  return {k: (tuple(v.shape), _safetensors.NAMES[v.dtype]) for k, v in _safetensors.read(path).items()}
+  return describe_safetensors(path)
 
 
 def summarize(directory: str | Path) -> dict:
   """The facts ``jlora inspect`` prints, as a dict."""
-  from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
-  from jlora.io._peft_load import WEIGHTS_NAME
+  from jlora.io import CONFIG_NAME, WEIGHTS_NAME, from_peft_dict, read_json
 
   path = Path(directory).expanduser()
   if not path.is_dir():
