@@ -124,9 +124,11 @@ class Mlp(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
-    self.self_attn = Attention(c, dtypes, rngs)
-    self.mlp = Mlp(c, dtypes, rngs)
+  """Pre-norm residual block; a family with other projections passes its own ``attention`` and ``mlp`` classes."""
+
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs, attention: type = Attention, mlp: type = Mlp):
+    self.self_attn = attention(c, dtypes, rngs)
+    self.mlp = mlp(c, dtypes, rngs)
     self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
     self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
 
@@ -137,10 +139,10 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderModel(nnx.Module):
-  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs, layer: type = DecoderLayer):
     self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, rngs=rngs,
                                   embedding_init=nnx.initializers.normal(0.02), **dtypes)
-    self.layers = stacked(lambda r: DecoderLayer(c, dtypes, r), c.num_hidden_layers, rngs)
+    self.layers = stacked(lambda r: layer(c, dtypes, r), c.num_hidden_layers, rngs)
     self.norm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
 
 
@@ -208,9 +210,14 @@ class CausalLM(LanguageModel):
     rngs = rngs or nnx.Rngs(0)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     self._settings(config, dtype, remat, attention, scan_unroll)
-    self.model = DecoderModel(config, dtypes, rngs)
+    self.model = DecoderModel(config, dtypes, rngs, self.layer_class())
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
+
+  @classmethod
+  def layer_class(cls) -> type:
+    """The decoder layer this model stacks (a family with other projections overrides it)."""
+    return DecoderLayer
 
   def head(self, h):
     """Logits ``[..., vocab]`` of hidden states ``h [..., hidden]`` (the tied embedding or ``lm_head``)."""

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 from flax import nnx
 
-from jlora.models._attention import RMSNorm, activation
+from jlora.models._attention import activation
 from jlora.models._config import LlamaConfig, hf_get, hf_json, refuse_options
-from jlora.models._decoder import CausalLM, linear, self_attention, stacked
+from jlora.models._decoder import CausalLM, DecoderLayer, linear, self_attention
 from jlora.models._family import Family, register_family
 from jlora.models._remat import saved
 from jlora.models._rope import apply_rope, check_rope, freeze, rope_parameters
@@ -63,25 +62,9 @@ class Phi3Mlp(nnx.Module):
     return self.down_proj(up * activation(self.act)(gate))
 
 
-class Phi3DecoderLayer(nnx.Module):
+class Phi3DecoderLayer(DecoderLayer):
   def __init__(self, c: Phi3Config, dtypes: dict, rngs: nnx.Rngs):
-    self.self_attn = Phi3Attention(c, dtypes, rngs)
-    self.mlp = Phi3Mlp(c, dtypes, rngs)
-    self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
-    self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
-
-  def __call__(self, h, kv, mask, cos, sin, index):
-    attn, kv = self.self_attn(self.input_layernorm(h), kv, mask, cos, sin, index)
-    h = h + attn
-    return h + self.mlp(self.post_attention_layernorm(h)), kv
-
-
-class Phi3Model(nnx.Module):
-  def __init__(self, c: Phi3Config, dtypes: dict, rngs: nnx.Rngs):
-    self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, rngs=rngs,
-                                  embedding_init=nnx.initializers.normal(0.02), **dtypes)
-    self.layers = stacked(lambda r: Phi3DecoderLayer(c, dtypes, r), c.num_hidden_layers, rngs)
-    self.norm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
+    super().__init__(c, dtypes, rngs, attention=Phi3Attention, mlp=Phi3Mlp)
 
 
 class Phi3ForCausalLM(CausalLM):
@@ -93,15 +76,9 @@ class Phi3ForCausalLM(CausalLM):
   generation across that boundary differs from it.
   """
 
-  def __init__(self, config: Phi3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto",
-               scan_unroll: int = 1):
-    rngs = rngs or nnx.Rngs(0)
-    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-    self._settings(config, dtype, remat, attention, scan_unroll)
-    self.model = Phi3Model(config, dtypes, rngs)
-    if not config.tie_word_embeddings:
-      self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
+  @classmethod
+  def layer_class(cls) -> type:
+    return Phi3DecoderLayer
 
 
 def phi3_config_from_hf(hf) -> Phi3Config:

@@ -109,12 +109,16 @@ def yarn_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
   return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn(rope, dim, *, max_position_embeddings: int, **_) -> tuple[np.ndarray, float]:
-  base = rope["rope_theta"]
+def _context_factor(rope, max_position_embeddings: int) -> tuple[int, float]:
+  """``(original length, context factor)``; the factor defaults to ``max_position_embeddings / original``."""
   original = rope["original_max_position_embeddings"]
   factor = rope.get("factor")
-  if factor is None:
-    factor = max_position_embeddings / original
+  return original, max_position_embeddings / original if factor is None else factor
+
+
+def _yarn(rope, dim, *, max_position_embeddings: int, **_) -> tuple[np.ndarray, float]:
+  base = rope["rope_theta"]
+  original, factor = _context_factor(rope, max_position_embeddings)
   attention_factor = rope.get("attention_factor")
   if attention_factor is None:
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
@@ -143,10 +147,7 @@ def _yarn(rope, dim, *, max_position_embeddings: int, **_) -> tuple[np.ndarray, 
 
 
 def _longrope(rope, dim, *, max_position_embeddings: int, seq_len: int | None, **_) -> tuple[np.ndarray, float]:
-  original = rope["original_max_position_embeddings"]
-  factor = rope.get("factor")
-  if factor is None:
-    factor = max_position_embeddings / original
+  original, factor = _context_factor(rope, max_position_embeddings)
   attention_factor = rope.get("attention_factor")
   if attention_factor is None:
     attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
