@@ -165,3 +165,23 @@ def test_unimplemented_options_are_refused_at_load(family, option, match):
 def test_qwen2_use_sliding_window_slides_the_layers_from_max_window_layers():
   config = jlora.models.from_hf_config(hf_doubles.CONFIGS["qwen2_sliding"]())
   assert [a.sliding_window for a in config.layer_attention()] == [None, 3]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_lora_training_steps_lower_the_loss_on_packed_rows(family, tmp_path):
+  from jlora.train import make_optimizer, make_train_step, split_model
+
+  _, model = load(family, tmp_path)
+  model = jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules="all-linear"))
+  graphdef, params, rng, frozen = split_model(model)
+  tx = make_optimizer(model, params, learning_rate=1e-2, steps=10, warmup_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0, grad_accum=1)
+  step = make_train_step(graphdef, tx, loss_chunk_tokens=8)
+  tokens = jnp.asarray(IDS)
+  segments = jnp.asarray([[0, 0, 0, 1, 1, 1, 1]] * tokens.shape[0])
+  batch = dict(tokens=tokens, loss_mask=jnp.ones_like(tokens), segment_ids=segments)
+  state, losses = [params, tx.init(params), rng], []
+  for _ in range(4):
+    state[0], state[1], state[2], loss, _ = step(*state, frozen, batch)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
