@@ -4,13 +4,19 @@ Tiny random transformers models (8 experts, top-2, 2 layers) are the oracle
 (torch CPU, float32).
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
+from flax import nnx
 
+import jlora
+from jlora import models
 from jlora.models import _moe as moe
 from tests import hf_doubles
 
@@ -122,3 +128,112 @@ def test_experts_forward_is_dropless_with_idle_experts():
 def test_top_k_above_the_expert_count_is_refused():
   with pytest.raises(ValueError, match="num_experts_per_tok=9"):
     moe.MoeSpec(num_experts=8, top_k=9)
+
+
+# --- the qwen3_moe family ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """``(transformers model, its checkpoint dir)``: per-expert keys, as ``save_pretrained`` writes them."""
+  path = tmp_path_factory.mktemp("qwen3_moe")
+  ref = tiny("qwen3_moe")
+  ref.save_pretrained(str(path))
+  return ref, path
+
+
+def test_checkpoint_holds_per_expert_tensors(saved):
+  """The oracle's own format, which the loader must stack (guards the test's premise)."""
+  names = safetensors.numpy.load_file(str(saved[1] / "model.safetensors"))
+  assert "model.layers.1.mlp.experts.7.gate_proj.weight" in names
+  assert not any(n.endswith("experts.gate_up_proj") for n in names)
+
+
+def test_logits_match_transformers(saved):
+  ref, path = saved
+  model = jlora.from_pretrained(path, dtype=jnp.float32)
+  assert isinstance(model, models.Qwen3MoeForCausalLM)
+  ids, _ = hf_doubles.batch()
+  np.testing.assert_allclose(model(jnp.asarray(ids)), hf_doubles.logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def test_padded_batch_matches_transformers_on_real_tokens(saved):
+  ref, path = saved
+  model = jlora.from_pretrained(path, dtype=jnp.float32)
+  ids, mask = hf_doubles.batch()
+  ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], hf_doubles.logits(ref, ids, mask)[real], atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_equals_transformers(saved):
+  ref, path = saved
+  model = jlora.from_pretrained(path, dtype=jnp.float32)
+  ids, _ = hf_doubles.batch()
+  ref.generation_config.eos_token_id = None
+  with torch.no_grad():
+    want = ref.generate(torch.as_tensor(ids, dtype=torch.long), do_sample=False, max_new_tokens=5,
+                        pad_token_id=0, attention_mask=torch.ones(ids.shape, dtype=torch.long)).numpy()
+  np.testing.assert_array_equal(jlora.generate(model, ids, 5), want)
+
+
+def test_save_pretrained_writes_per_expert_tensors_transformers_loads(saved, tmp_path):
+  ref, path = saved
+  jlora.save_pretrained(jlora.from_pretrained(path, dtype=jnp.float32), tmp_path / "out")
+  written = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+  original = safetensors.numpy.load_file(str(path / "model.safetensors"))
+  assert sorted(written) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(written[name], value, err_msg=name)
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  ids, _ = hf_doubles.batch()
+  np.testing.assert_allclose(hf_doubles.logits(again, ids), hf_doubles.logits(ref, ids), atol=1e-6, rtol=0)
+
+
+def test_fused_expert_tensors_load_too(saved, tmp_path):
+  """A checkpoint holding transformers-5's fused ``experts.gate_up_proj [E, 2I, H]`` loads the same model."""
+  ref, path = saved
+  fused = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+  safetensors.numpy.save_file(fused, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  assert "model.layers.0.mlp.experts.gate_up_proj" in fused
+  ids, _ = hf_doubles.batch()
+  model = jlora.from_pretrained(tmp_path, dtype=jnp.float32)
+  np.testing.assert_allclose(model(jnp.asarray(ids)), hf_doubles.logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def test_a_missing_expert_is_refused(saved, tmp_path):
+  _, path = saved
+  tensors = safetensors.numpy.load_file(str(path / "model.safetensors"))
+  del tensors["model.layers.0.mlp.experts.3.up_proj.weight"]
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  with pytest.raises(ValueError, match=r"experts\.N\.up_proj.*numbered"):
+    jlora.from_pretrained(tmp_path, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("option", [dict(mlp_only_layers=[0]), dict(decoder_sparse_step=2)])
+def test_dense_layers_are_refused_naming_the_option(option):
+  hf = transformers.Qwen3MoeConfig(num_hidden_layers=2, **option)
+  with pytest.raises(ValueError, match=f"dense feed-forward layers \\[0\\].*{next(iter(option))}"):
+    models.from_hf_config(hf)
+
+
+def test_router_logits_and_norm_topk_prob_come_from_config(saved):
+  config = models.from_hf_config(saved[0].config)
+  assert isinstance(config, models.Qwen3MoeConfig)
+  assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (E, K, I)
+  assert config.norm_topk_prob and config.qk_norm
+  assert json.loads(config.hf_json)["model_type"] == "qwen3_moe"
+
+
+def test_lora_targets_the_router_like_any_linear(saved):
+  """The router is an ordinary linear: LoRA targets it like any projection; an adapter at init changes nothing."""
+  _, path = saved
+  model = jlora.from_pretrained(path, dtype=jnp.float32)
+  ids, _ = hf_doubles.batch()
+  before = model(jnp.asarray(ids))
+  adapted = jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=("q_proj", "v_proj", "gate")))
+  wrapped = [".".join(map(str, p)) for p, n in nnx.iter_graph(adapted) if isinstance(n, jlora.LoraLayer)]
+  assert any(w.endswith("mlp.gate") for w in wrapped)
+  np.testing.assert_allclose(adapted(jnp.asarray(ids)), before, atol=1e-5, rtol=0)

@@ -124,9 +124,11 @@ class Mlp(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
+  """Attention then the feed-forward block ``mlp`` (a class built as ``mlp(c, dtypes, rngs)``; ``Mlp`` by default)."""
+
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs, mlp: type = Mlp):
     self.self_attn = Attention(c, dtypes, rngs)
-    self.mlp = Mlp(c, dtypes, rngs)
+    self.mlp = mlp(c, dtypes, rngs)
     self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
     self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
 
@@ -137,10 +139,10 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderModel(nnx.Module):
-  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs, mlp: type = Mlp):
     self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, rngs=rngs,
                                   embedding_init=nnx.initializers.normal(0.02), **dtypes)
-    self.layers = stacked(lambda r: DecoderLayer(c, dtypes, r), c.num_hidden_layers, rngs)
+    self.layers = stacked(lambda r: DecoderLayer(c, dtypes, r, mlp), c.num_hidden_layers, rngs)
     self.norm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
 
 
@@ -200,7 +202,12 @@ class CausalLM(LanguageModel):
   ``model.hidden(ids, ...)`` returns the final hidden states ``[B, T, hidden]``
   and ``model.head(h)`` their logits, so a loss can run the output head
   chunk by chunk.
+
+  ``mlp_class`` (a class attribute) is every layer's feed-forward block;
+  subclasses swap it (a sparse mixture of experts).
   """
+
+  mlp_class: type = Mlp
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto",
@@ -208,7 +215,7 @@ class CausalLM(LanguageModel):
     rngs = rngs or nnx.Rngs(0)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     self._settings(config, dtype, remat, attention, scan_unroll)
-    self.model = DecoderModel(config, dtypes, rngs)
+    self.model = DecoderModel(config, dtypes, rngs, self.mlp_class)
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
     self.inv_freq = tuple(float(f) for f in inverse_frequencies(config.head_dim, config.rope_parameters))
