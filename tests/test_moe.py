@@ -130,29 +130,36 @@ def test_top_k_above_the_expert_count_is_refused():
     moe.MoeSpec(num_experts=8, top_k=9)
 
 
-# --- the qwen3_moe family ----------------------------------------------------------------------------
+# --- the qwen3_moe and mixtral families --------------------------------------------------------------
+
+EXPERT_KEY = {"qwen3_moe": "model.layers.0.mlp.experts.{e}.up_proj.weight",
+              "mixtral": "model.layers.0.block_sparse_moe.experts.{e}.w3.weight"}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-  """``(transformers model, its checkpoint dir)``: per-expert keys, as ``save_pretrained`` writes them."""
-  path = tmp_path_factory.mktemp("qwen3_moe")
-  ref = tiny("qwen3_moe")
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(request, tmp_path_factory):
+  """``(transformers model, its checkpoint dir)``: per-expert keys, as ``save_pretrained`` writes them.
+
+  Mixtral gets a sliding window of 3 (Mistral attention).
+  """
+  path = tmp_path_factory.mktemp(request.param)
+  ref = tiny(request.param, **(dict(sliding_window=3) if request.param == "mixtral" else {}))
   ref.save_pretrained(str(path))
   return ref, path
 
 
 def test_checkpoint_holds_per_expert_tensors(saved):
   """The oracle's own format, which the loader must stack (guards the test's premise)."""
-  names = safetensors.numpy.load_file(str(saved[1] / "model.safetensors"))
-  assert "model.layers.1.mlp.experts.7.gate_proj.weight" in names
+  ref, path = saved
+  names = safetensors.numpy.load_file(str(path / "model.safetensors"))
+  assert EXPERT_KEY[ref.config.model_type].format(e=E - 1) in names
   assert not any(n.endswith("experts.gate_up_proj") for n in names)
 
 
 def test_logits_match_transformers(saved):
   ref, path = saved
   model = jlora.from_pretrained(path, dtype=jnp.float32)
-  assert isinstance(model, models.Qwen3MoeForCausalLM)
+  assert isinstance(model, models.MoeForCausalLM)
   ids, _ = hf_doubles.batch()
   np.testing.assert_allclose(model(jnp.asarray(ids)), hf_doubles.logits(ref, ids), atol=1e-4, rtol=0)
 
@@ -203,9 +210,9 @@ def test_fused_expert_tensors_load_too(saved, tmp_path):
 
 
 def test_a_missing_expert_is_refused(saved, tmp_path):
-  _, path = saved
+  ref, path = saved
   tensors = safetensors.numpy.load_file(str(path / "model.safetensors"))
-  del tensors["model.layers.0.mlp.experts.3.up_proj.weight"]
+  del tensors[EXPERT_KEY[ref.config.model_type].format(e=3)]
   safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
   (tmp_path / "config.json").write_text((path / "config.json").read_text())
   with pytest.raises(ValueError, match=r"experts\.N\.up_proj.*numbered"):
@@ -219,12 +226,22 @@ def test_dense_layers_are_refused_naming_the_option(option):
     models.from_hf_config(hf)
 
 
-def test_router_logits_and_norm_topk_prob_come_from_config(saved):
-  config = models.from_hf_config(saved[0].config)
-  assert isinstance(config, models.Qwen3MoeConfig)
+def test_mixtral_router_jitter_noise_is_refused():
+  with pytest.raises(ValueError, match="router_jitter_noise=0.1"):
+    models.from_hf_config(transformers.MixtralConfig(router_jitter_noise=0.1))
+
+
+def test_expert_sizes_and_routing_come_from_config(saved):
+  ref, _ = saved
+  config = models.from_hf_config(ref.config)
+  assert isinstance(config, models.MoeConfig)
   assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (E, K, I)
-  assert config.norm_topk_prob and config.qk_norm
-  assert json.loads(config.hf_json)["model_type"] == "qwen3_moe"
+  assert config.norm_topk_prob
+  assert json.loads(config.hf_json)["model_type"] == ref.config.model_type
+  if ref.config.model_type == "qwen3_moe":
+    assert config.qk_norm and config.weights_in_input_dtype
+  else:
+    assert not config.qk_norm and not config.weights_in_input_dtype and config.sliding_window == 3
 
 
 def test_lora_targets_the_router_like_any_linear(saved):

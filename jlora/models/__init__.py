@@ -1,4 +1,4 @@
-"""Model families (the Llama family, Qwen3-MoE and GPT-2) with HF-compatible names, and the family registry.
+"""Model families (the Llama family, Qwen3-MoE, Mixtral and GPT-2) with HF-compatible names, and the family registry.
 
 A family registers itself with ``register_family(Family(...))``: the
 ``model_type`` values it reads, its config, its ``LanguageModel`` class,
@@ -18,7 +18,8 @@ from jlora.models._family import (Family, families, family_for, family_of, from_
 from jlora.models._generate import generate, sample_token
 from jlora.models._gpt2 import GPT2, Gpt2Config, Gpt2LMHeadModel
 from jlora.models._language_model import LanguageModel, check_scan_unroll
-from jlora.models._qwen3_moe import QWEN3_MOE, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from jlora.models._mixtral import MIXTRAL, MixtralConfig
+from jlora.models._qwen3_moe import QWEN3_MOE, MoeConfig, MoeForCausalLM, Qwen3MoeConfig
 from jlora.models._remat import REMAT_POLICIES, check_remat, placed
 from jlora.models._sharding import (AXES, LOGICAL_TO_MESH, logical_rules, make_mesh, param_spec, replicated,
                                     shard_state, state_shardings)
@@ -28,7 +29,7 @@ SUPPORTED = supported_model_types()
 
 __all__ = ["ATTENTION", "AXES", "AttentionMask", "CausalLM", "Family", "FamilyConfig", "GPT2", "Gpt2Config",
            "Gpt2LMHeadModel", "KVCache", "LLAMA", "LOGICAL_TO_MESH", "LanguageModel", "LayerAttention", "LlamaConfig",
-           "ModelConfig", "QWEN3_MOE", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "REMAT_POLICIES", "SUPPORTED", "attend", "check_attention", "check_remat",
+           "ModelConfig", "MIXTRAL", "MixtralConfig", "MoeConfig", "MoeForCausalLM", "QWEN3_MOE", "Qwen3MoeConfig", "REMAT_POLICIES", "SUPPORTED", "attend", "check_attention", "check_remat",
            "check_scan_unroll", "cudnn_packed_layout", "families", "family_for", "family_of", "from_hf_config",
            "generate", "logical_rules", "make_mesh", "model_class", "param_spec", "placed", "register_family",
            "replicated", "sample_token", "scan_layers", "shard_state", "sharding_rules", "stacked", "state_shardings",

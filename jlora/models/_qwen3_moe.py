@@ -31,28 +31,36 @@ from jlora.models._moe import MoeSpec, experts_forward, top_k_routing
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen3MoeConfig(LlamaConfig):
-  """Qwen3-MoE's config: the Llama family's switches plus the experts.
+class MoeConfig(LlamaConfig):
+  """A sparse-MoE decoder's config: the Llama family's switches plus the experts.
 
   ``num_experts`` experts of width ``moe_intermediate_size``, of which
   ``num_experts_per_tok`` run per token; ``norm_topk_prob`` renormalises
-  their routing weights to sum to 1.
+  their routing weights to sum to 1; ``weights_in_input_dtype`` casts them to
+  the compute dtype before they scale the experts (Qwen; Mixtral keeps float32).
   """
 
-  qk_norm: bool = True
   num_experts: int = 8
   num_experts_per_tok: int = 2
   moe_intermediate_size: int = 64
   norm_topk_prob: bool = False
+  weights_in_input_dtype: bool = True
 
   def moe_spec(self) -> MoeSpec:
-    return MoeSpec(self.num_experts, self.num_experts_per_tok, self.norm_topk_prob)
+    return MoeSpec(self.num_experts, self.num_experts_per_tok, self.norm_topk_prob, self.weights_in_input_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3MoeConfig(MoeConfig):
+  """Qwen3-MoE's config (Qwen3 attention: q/k RMSNorm)."""
+
+  qk_norm: bool = True
 
 
 class Experts(nnx.Module):
   """``num_experts`` gated MLPs stacked: ``gate_up_proj [E, H, 2I]`` (``[gate | up]``), ``down_proj [E, I, H]``."""
 
-  def __init__(self, c: Qwen3MoeConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: MoeConfig, dtypes: dict, rngs: nnx.Rngs):
     init, e, h, i = nnx.initializers.normal(0.02), c.num_experts, c.hidden_size, c.moe_intermediate_size
     dtype = dtypes["param_dtype"]
     self.gate_up_proj = nnx.Param(init(rngs.params(), (e, h, 2 * i), dtype))
@@ -62,7 +70,7 @@ class Experts(nnx.Module):
 class SparseMoeBlock(nnx.Module):
   """Router ``gate`` then the routed ``experts``: ``h [B, T, H]`` → ``[B, T, H]``."""
 
-  def __init__(self, c: Qwen3MoeConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: MoeConfig, dtypes: dict, rngs: nnx.Rngs):
     self.gate = linear(c.hidden_size, c.num_experts, False, dtypes, rngs)
     self.experts = Experts(c, dtypes, rngs)
     self.spec = c.moe_spec()
@@ -77,10 +85,11 @@ class SparseMoeBlock(nnx.Module):
     return out.reshape(h.shape)
 
 
-class Qwen3MoeForCausalLM(CausalLM):
-  """Qwen3-MoE causal LM (``CausalLM`` with ``SparseMoeBlock`` feed-forwards)."""
+class MoeForCausalLM(CausalLM):
+  """A sparse-MoE causal LM (``CausalLM`` with ``SparseMoeBlock`` feed-forwards): Qwen3-MoE, Mixtral."""
 
   mlp_class = SparseMoeBlock
+
 
 
 def sparse_layers(hf) -> tuple[bool, ...]:
@@ -173,5 +182,5 @@ def split_experts(tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 QWEN3_MOE = register_family(Family(
     name="qwen3_moe", model_types=("qwen3_moe",), from_hf=qwen3_moe_config_from_hf,
-    model_class=Qwen3MoeForCausalLM, checkpoint_names=stack_experts, export_names=split_experts,
+    model_class=MoeForCausalLM, checkpoint_names=stack_experts, export_names=split_experts,
     ignored_tensors=LLAMA.ignored_tensors, sharding_rules=LLAMA.sharding_rules))
