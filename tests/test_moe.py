@@ -18,8 +18,7 @@ from flax import nnx
 import jlora
 from jlora import models
 from jlora.models import _moe as moe
-from jlora.train import make_optimizer, make_train_step, split_model
-from tests import hf_doubles
+from tests import hf_doubles, train_doubles
 
 E, K, H, I, T = 8, 2, 32, 16, 12
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -262,14 +261,5 @@ def test_lora_training_steps_lower_the_loss_through_the_experts(saved):
   _, path = saved
   model = jlora.get_peft_model(jlora.from_pretrained(path, dtype=jnp.float32),
                                jlora.LoraConfig(r=2, target_modules="all-linear"))
-  graphdef, params, rng, frozen = split_model(model)
-  tx = make_optimizer(model, params, learning_rate=1e-2, steps=10, warmup_steps=0, end_lr_ratio=1.0,
-                      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0, grad_accum=1)
-  step = make_train_step(graphdef, tx, loss_chunk_tokens=8)
-  tokens = jnp.asarray(hf_doubles.batch()[0])
-  batch = dict(tokens=tokens, loss_mask=jnp.ones_like(tokens), segment_ids=jnp.zeros_like(tokens))
-  state, losses = [params, tx.init(params), rng], []
-  for _ in range(4):
-    state[0], state[1], state[2], loss, _ = step(*state, frozen, batch)
-    losses.append(float(loss))
+  _, losses = train_doubles.lora_train_steps(model, jnp.asarray(hf_doubles.batch()[0]))
   assert losses[-1] < losses[0]
