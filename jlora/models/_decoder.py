@@ -12,6 +12,7 @@ The family registers itself (``register_family``) at the end of this module.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -202,7 +203,12 @@ class CausalLM(LanguageModel):
   ``model.hidden(ids, ...)`` returns the final hidden states ``[B, T, hidden]``
   and ``model.head(h)`` their logits, so a loss can run the output head
   chunk by chunk.
+
+  ``mlp_class`` (a class attribute) is every layer's feed-forward block;
+  subclasses swap it (a sparse mixture of experts).
   """
+
+  mlp_class: type = Mlp
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto",
@@ -215,9 +221,10 @@ class CausalLM(LanguageModel):
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
 
   @classmethod
-  def layer_class(cls) -> type:
-    """The decoder layer this model stacks (a family with other projections overrides it)."""
-    return DecoderLayer
+  def layer_class(cls) -> Callable[..., nnx.Module]:
+    """The decoder layer this model stacks: ``DecoderLayer`` with ``mlp_class`` as its feed-forward block
+    (a family with other projections overrides it)."""
+    return functools.partial(DecoderLayer, mlp=cls.mlp_class)
 
   def head(self, h):
     """Logits ``[..., vocab]`` of hidden states ``h [..., hidden]`` (the tied embedding or ``lm_head``)."""
