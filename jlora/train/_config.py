@@ -21,6 +21,7 @@ from jlora.train._config_parse import ConfigError, from_dict, merge_overrides, p
 from jlora.train._config_sections import (  # noqa: F401  (the sections are re-exported)
     DEMO_TARGETS, CheckpointSection, DataSection, MeshSection, ModelSection, OptimSection, ReportSection,
     adapter_field, adapter_kind, adapter_section)
+from jlora.train._config_adapters import NamedAdapter, adapters_field, parse_adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,11 @@ class TrainConfig:
       ``MoSLoraConfig`` or ``WLoraConfig``; ``adapter_section(kind, ...)``
       builds one over the job's defaults); in YAML ``adapter: {kind: lora,
       r: 16, ...}`` with every field of that config as a key.
+    adapters: several named adapters trained jointly instead of ``adapter``
+      (``jlora.train.NamedAdapter``; in YAML a list of ``{name, kind,
+      <kind fields>, optim: {<overrides of optim>}}``), each with its own
+      optimizer group and PEFT directory ``adapters/<name>``; ``()`` (default)
+      trains the single ``adapter``.
     steps: optimizer steps (each is ``optim.grad_accum`` micro-batches).
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
@@ -53,6 +59,7 @@ class TrainConfig:
 
   model: ModelSection = ModelSection()
   adapter: Any = adapter_field()
+  adapters: tuple[NamedAdapter, ...] = adapters_field()
   data: DataSection = DataSection()
   optim: OptimSection = OptimSection()
   mesh: MeshSection = MeshSection()
@@ -80,6 +87,8 @@ class TrainConfig:
     plain = {}
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
+      if f.name == "adapters" and not value:
+        continue  # single-adapter jobs keep the config they always had
       if "plain" in f.metadata:
         plain[f.name] = f.metadata["plain"](value)
       else:
@@ -130,13 +139,7 @@ def _check_values(cfg: TrainConfig) -> None:
       raise ConfigError(f"{key} must be >= 0, got {value}.")
   if not 0.0 <= cfg.data.eval_fraction < 1.0:
     raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}.")
-  if cfg.optim.learning_rate <= 0:
-    raise ConfigError(f"optim.learning_rate must be > 0, got {cfg.optim.learning_rate}.")
-  if cfg.optim.loraplus_lr_ratio is not None and cfg.optim.loraplus_lr_ratio <= 0:
-    raise ConfigError(f"optim.loraplus_lr_ratio must be > 0 (PEFT suggests 16) or null (off), got "
-                      f"{cfg.optim.loraplus_lr_ratio}.")
-  if cfg.optim.loraplus_lr_embedding <= 0:
-    raise ConfigError(f"optim.loraplus_lr_embedding must be > 0, got {cfg.optim.loraplus_lr_embedding}.")
+  _check_optim(cfg.optim, "optim.")
   for axis in ("tensor",):
     if getattr(cfg.mesh, axis) < 1:
       raise ConfigError(f"mesh.{axis} must be >= 1, got {getattr(cfg.mesh, axis)}.")
@@ -148,6 +151,36 @@ def _check_values(cfg: TrainConfig) -> None:
   if cfg.mesh.data < 1 and cfg.mesh.data != -1:
     raise ConfigError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {cfg.mesh.data}.")
   adapter_kind(cfg.adapter)  # a kind config given in code: one the job knows
+  _check_adapters(cfg)
+
+
+def _check_optim(o: OptimSection, prefix: str) -> None:
+  if o.learning_rate <= 0:
+    raise ConfigError(f"{prefix}learning_rate must be > 0, got {o.learning_rate}.")
+  if o.loraplus_lr_ratio is not None and o.loraplus_lr_ratio <= 0:
+    raise ConfigError(f"{prefix}loraplus_lr_ratio must be > 0 (PEFT suggests 16) or null (off), got "
+                      f"{o.loraplus_lr_ratio}.")
+  if o.loraplus_lr_embedding <= 0:
+    raise ConfigError(f"{prefix}loraplus_lr_embedding must be > 0, got {o.loraplus_lr_embedding}.")
+  if o.warmup_steps < 0:
+    raise ConfigError(f"{prefix}warmup_steps must be >= 0, got {o.warmup_steps}.")
+
+
+def _check_adapters(cfg: TrainConfig) -> None:
+  """``adapters`` given in code as the YAML list is read: named entries, one name each, own optim valid."""
+  if not cfg.adapters:
+    return
+  for i, entry in enumerate(cfg.adapters):
+    if not isinstance(entry, NamedAdapter):
+      raise ConfigError(f"adapters[{i}] must be a jlora.train.NamedAdapter(name, config, optim), got "
+                        f"{type(entry).__name__}.")
+  parse_adapters(cfg.adapters)  # distinct names
+  if cfg.adapter != adapter_section():
+    raise ConfigError("Both adapter and adapters are set; list every adapter under adapters (each with its "
+                      "name, kind and fields) and leave adapter out.")
+  for i, entry in enumerate(cfg.adapters):
+    adapter_kind(entry.config)
+    _check_optim(entry.optim_section(cfg.optim), f"adapters[{i}].optim.")
 
 
 def _default(key: str):
