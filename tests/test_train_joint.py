@@ -109,3 +109,54 @@ def test_joint_step_equals_a_hand_written_loop_over_the_adapters():
                                  err_msg=path)
   for path, leaf in leaves(params).items():  # every adapter trains (the "knowledge" warmup starts at 0)
     assert not np.array_equal(np.asarray(leaf), np.asarray(before[path])), path
+
+
+# ---- the job's adapters section -----------------------------------------------------------------
+
+
+def write_yaml(tmp_path, text):
+  path = tmp_path / "job.yaml"
+  path.write_text(text)
+  return path
+
+
+def test_adapters_list_reads_each_kind_and_its_optimizer_overrides(tmp_path):
+  cfg = load_config(write_yaml(tmp_path, """
+optim: {learning_rate: 1.0e-3}
+adapters:
+  - {name: knowledge, kind: lora, r: 4}
+  - {name: style, kind: moslora, r: 2, optim: {learning_rate: 5.0e-3, loraplus_lr_ratio: 16}}
+"""))
+  knowledge, style = cfg.adapters
+  assert (knowledge.name, type(knowledge.config), knowledge.config.r) == ("knowledge", jlora.LoraConfig, 4)
+  assert (style.name, type(style.config), style.config.r) == ("style", jlora.MoSLoraConfig, 2)
+  assert knowledge.optim_section(cfg.optim).learning_rate == 1e-3  # inherits the job's optim
+  assert style.optim_section(cfg.optim).learning_rate == 5e-3
+  assert style.optim_section(cfg.optim).loraplus_lr_ratio == 16.0
+  assert load_config(write_yaml(tmp_path, __import__("yaml").safe_dump(cfg.to_dict()))) == cfg  # round trip
+
+
+def test_single_adapter_jobs_keep_their_config():
+  assert "adapters" not in TrainConfig().to_dict()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("adapters: [{name: a, r: 4}, {name: a, r: 2}]", "two adapters are named 'a'"),
+    ("adapters: [{r: 4}]", "adapters[0].name"),
+    ("adapters: [{name: 'a.b'}]", "adapters[0].name"),
+    ("adapters: [{name: a, optim: {grad_accum: 2}}]", "optim.grad_accum for the whole job"),
+    ("adapters: [{name: a, optim: {learning_rate: -1.0}}]", "adapters[0].optim.learning_rate must be > 0"),
+    ("adapters: [{name: a, optim: {lr: 1.0}}]", "adapters[0].optim.lr"),
+    ("adapters: [{name: a, kind: nope}]", "adapters[0].kind"),
+    ("adapter: {r: 2}\nadapters: [{name: a}]", "leave adapter out"),
+    ("save_merged: true\nadapters: [{name: a}]", "set save_merged=false"),
+])
+def test_bad_adapters_are_refused_up_front(tmp_path, text, words):
+  with pytest.raises(ConfigError, match=re.escape(words)):
+    load_config(write_yaml(tmp_path, text))
+
+
+def test_adapters_given_in_code_are_checked_too():
+  entry = NamedAdapter("a", jlora.LoraConfig(r=2))
+  with pytest.raises(ConfigError, match="two adapters are named 'a'"):
+    TrainConfig(adapters=(entry, entry))

@@ -178,6 +178,10 @@ def _check_adapters(cfg: TrainConfig) -> None:
   if cfg.adapter != adapter_section():
     raise ConfigError("Both adapter and adapters are set; list every adapter under adapters (each with its "
                       "name, kind and fields) and leave adapter out.")
+  if cfg.save_merged:
+    raise ConfigError("save_merged writes one merged model of one adapter; with adapters, set save_merged=false "
+                      "and merge the adapters/<name> directories you want (jlora.load_peft, "
+                      "jlora.merge_and_unload).")
   for i, entry in enumerate(cfg.adapters):
     adapter_kind(entry.config)
     _check_optim(entry.optim_section(cfg.optim), f"adapters[{i}].optim.")

@@ -22,7 +22,7 @@ import re
 from typing import Any, Mapping
 
 from jlora.train._config_parse import ConfigError, from_dict
-from jlora.train._config_sections import OptimSection, adapter_to_dict, parse_adapter
+from jlora.train._config_sections import OptimSection, adapter_to_dict, parse_adapter, planned_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 # Job-wide settings an adapter cannot change: every group steps together.
@@ -102,3 +102,12 @@ def adapters_to_list(entries: tuple[NamedAdapter, ...]) -> list[dict]:
 def adapters_field():
   """``TrainConfig.adapters``: ``()`` (the single ``adapter`` section) or the named adapters."""
   return dataclasses.field(default=(), metadata={"parse": parse_adapters, "plain": adapters_to_list})
+
+
+def planned_adapters(adapter, entries: tuple[NamedAdapter, ...]) -> tuple[int, Any]:
+  """``(rank, target_modules)`` the memory plan counts: the single ``adapter``'s, or for named adapters
+  the sum of their ranks over the first one's targets (an estimate when their targets differ)."""
+  if not entries:
+    return planned_adapter(adapter)
+  plans = [planned_adapter(e.config) for e in entries]
+  return sum(r for r, _ in plans), plans[0][1]
