@@ -106,6 +106,13 @@ def test_bad_arguments_name_the_problem(tmp_path):
     jlora.generate(model, np.zeros((1, 3), np.int32), 2, attention_mask=np.ones((1, 4)))
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_not_finite_and_non_negative_is_refused(tmp_path, temperature):
+  _, model = load("gpt2", tmp_path)
+  with pytest.raises(ValueError, match=rf"temperature must be a finite number >= 0.*got {temperature}"):
+    jlora.generate(model, np.zeros((1, 3), np.int32), 2, temperature=temperature)
+
+
 def test_generation_ignores_lora_dropout(tmp_path):
   _, model = load("llama", tmp_path)
   model = jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5))

@@ -1,5 +1,7 @@
 """TrainConfig: defaults, YAML, --set overrides, and one clear error per bad key or type."""
 
+import re
+
 import pytest
 
 from jlora.train import ConfigError, TrainConfig, load_config
@@ -187,3 +189,33 @@ def test_dora_is_the_lora_config_that_selects_it():
   assert load_config(None, ["adapter.use_dora=true"]).to_dict()["adapter"]["kind"] == "dora"
   with pytest.raises(ConfigError, match=r"kind=dora, but this LoraConfig makes a lora adapter.*use_dora=true"):
     load_config(None, ["adapter.kind=dora"])
+
+
+# Out of range for each numeric field outside the adapter section: (override, the range the message names).
+OUT_OF_RANGE = [
+    ("steps=0", ">= 1"), ("batch_size=0", ">= 1"), ("eval_every=0", ">= 1"), ("eval_batches=-1", ">= 0"),
+    ("log_every=0", ">= 1"), ("loss_chunk_tokens=-1", ">= 0"), ("samples=-1", ">= 0"), ("seed=-1", ">= 0"),
+    ("model.seed=-1", ">= 0"), ("model.scan_unroll=0", ">= 1"),
+    ("data.seq_len=1", ">= 2"), ("data.eval_fraction=1", "in [0, 1)"), ("data.eval_fraction=-0.1", "in [0, 1)"),
+    ("data.seed=-3", ">= 0"),
+    ("optim.learning_rate=0", "> 0"), ("optim.warmup_steps=-1", ">= 0"), ("optim.end_lr_ratio=-1", "in [0, 1]"),
+    ("optim.end_lr_ratio=1.5", "in [0, 1]"), ("optim.weight_decay=-1", ">= 0"), ("optim.b1=2", "in [0, 1)"),
+    ("optim.b1=1", "in [0, 1)"), ("optim.b2=1.5", "in [0, 1)"), ("optim.b2=-0.1", "in [0, 1)"),
+    ("optim.grad_clip=-1", ">= 0"), ("optim.grad_accum=0", ">= 1"), ("optim.loraplus_lr_ratio=0", "> 0"),
+    ("optim.loraplus_lr_embedding=0", "> 0"),
+    ("mesh.data=0", ">= 1 or -1"), ("mesh.fsdp=-2", ">= 1 or -1"), ("mesh.tensor=0", ">= 1"),
+    ("mesh.device_memory_gib=-1", ">= 0"), ("checkpoint.every=0", ">= 1"), ("checkpoint.keep=0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("override,allowed", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_a_numeric_field_out_of_its_range_names_the_field_and_the_range(override, allowed):
+  key, value = override.split("=")
+  with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be {re.escape(allowed)}.*got {value}"):
+    load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["optim.b1=0", "optim.b2=0.5", "optim.end_lr_ratio=1", "optim.end_lr_ratio=0",
+                                      "optim.grad_clip=0", "optim.weight_decay=0", "mesh.fsdp=-1", "seed=0"])
+def test_the_edges_of_each_range_are_accepted(override):
+  load_config(None, [override])

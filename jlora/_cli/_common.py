@@ -18,17 +18,53 @@ def describe(doc: str) -> str:
   return doc.split("\n\n")[1].replace("``", "")
 
 
-def load_base(name: str, dtype: str = "float32"):
-  """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
-  from jlora.train import ModelSection, load_model, presets
+def _check_base_name(name: str) -> None:
+  from jlora.train import presets
 
   if name not in presets() and not Path(name).expanduser().is_dir():
     raise CliError(f"{name!r} is neither a model preset ({', '.join(presets())}) nor a local checkpoint "
                    "directory; pass a directory holding config.json and model.safetensors.")
+
+
+def load_base(name: str, dtype: str = "float32"):
+  """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
+  from jlora.train import ModelSection, load_model
+
+  _check_base_name(name)
   try:
     return load_model(ModelSection(name=name, dtype=dtype, remat="none"))
   except ValueError as e:
     raise CliError(str(e)) from None
+
+
+def abstract_base(name: str):
+  """``(model, checkpoint dir or None)`` like ``load_base``, built abstractly: config and shapes, no weights.
+
+  What the arguments are checked against before the base (minutes for a large model) is loaded.
+  """
+  from flax import nnx
+
+  from jlora.io import abstract_model
+  from jlora.train import ModelSection, load_model, presets
+
+  _check_base_name(name)
+  try:
+    if name in presets():
+      return nnx.eval_shape(lambda: load_model(ModelSection(name=name, remat="none"))[0]), None
+    return abstract_model(name), name
+  except ValueError as e:
+    raise CliError(str(e)) from None
+
+
+def check_adapters(directories, base) -> None:
+  """CliError naming the first adapter directory that cannot go on ``base`` (``jlora.io.check_adapter``)."""
+  from jlora.io import check_adapter
+
+  for directory in directories:
+    try:
+      check_adapter(directory, base)
+    except ValueError as e:
+      raise CliError(str(e)) from None
 
 
 def tokenizer_for(model, model_dir: str | None, spec: str = ""):
@@ -42,6 +78,8 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
 
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   tokenizer = None
+  if spec and spec != "bytes" and not Path(spec).expanduser().is_dir():
+    raise CliError(f"--tokenizer {spec!r} is not a directory; pass a local tokenizer directory or 'bytes'.")
   try:
     if spec:
       tokenizer = load_tokenizer(spec, None)

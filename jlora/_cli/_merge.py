@@ -14,7 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from jlora._cli._common import DTYPES, TOKENIZER_FILES, CliError, describe, load_base, refuse_non_empty
+from jlora._cli._common import (
+    DTYPES, TOKENIZER_FILES, CliError, abstract_base, check_adapters, describe, load_base, refuse_non_empty)
 from jlora.io import fresh_dir
 
 EXTRA_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "generation_config.json")
@@ -49,6 +50,7 @@ def run(args) -> int:
 
   out = Path(args.out).expanduser()
   refuse_non_empty(out, "OUT_DIR")
+  check_adapters([args.adapter], abstract_base(args.base)[0])
   model, base_dir = load_base(args.base, "float32")
   try:
     load_peft(model, args.adapter)

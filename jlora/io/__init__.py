@@ -1,5 +1,6 @@
 """Checkpoint I/O: Hugging Face safetensors directories."""
 
+from jlora.io._adapter_check import abstract_model, check_adapter
 from jlora.io._files import fresh_dir
 from jlora.io._hf import from_pretrained, read_weights, save_pretrained
 from jlora.io._inject_dirs import get_peft_model

@@ -171,7 +171,7 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   param_dtype = param_dtype or dtype
   cls = family.model_class
   abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  quantizer = LoadQuantizer(abstract, quantize, **(quantize_options or {})) if quantize else None
+  quantizer = LoadQuantizer.for_options(abstract, quantize, quantize_options)
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   for source in param_sources(model_dir, abstract, family):

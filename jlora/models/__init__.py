@@ -21,6 +21,7 @@ from jlora.models._language_model import LanguageModel, check_scan_unroll
 from jlora.models._remat import REMAT_POLICIES, check_remat, placed
 from jlora.models._sharding import (AXES, LOGICAL_TO_MESH, logical_rules, make_mesh, param_spec, replicated,
                                     shard_state, state_shardings)
+from jlora.models._token_ids import check_token_ids
 
 SUPPORTED = supported_model_types()
 """The ``model_type`` values of the built-in families (``supported_model_types()`` also lists registered ones)."""
@@ -28,7 +29,7 @@ SUPPORTED = supported_model_types()
 __all__ = ["ATTENTION", "AXES", "AttentionMask", "CausalLM", "Family", "FamilyConfig", "GPT2", "Gpt2Config",
            "Gpt2LMHeadModel", "KVCache", "LLAMA", "LOGICAL_TO_MESH", "LanguageModel", "LayerAttention", "LlamaConfig",
            "ModelConfig", "REMAT_POLICIES", "SUPPORTED", "attend", "check_attention", "check_remat",
-           "check_scan_unroll", "cudnn_packed_layout", "families", "family_for", "family_of", "from_hf_config",
+           "check_scan_unroll", "check_token_ids", "cudnn_packed_layout", "families", "family_for", "family_of", "from_hf_config",
            "generate", "logical_rules", "make_mesh", "model_class", "param_spec", "placed", "register_family",
            "replicated", "sample_token", "scan_layers", "shard_state", "sharding_rules", "stacked", "state_shardings",
            "supported_model_types", "target_backend"]

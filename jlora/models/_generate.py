@@ -8,6 +8,7 @@ transformers' ``generate(do_sample=False)``.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -16,6 +17,7 @@ from flax import nnx
 
 from jlora.models._cache import KVCache
 from jlora.models._language_model import LanguageModel
+from jlora.models._token_ids import check_token_ids
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -103,13 +105,12 @@ def generate(model: nnx.Module, input_ids, max_new_tokens: int, temperature: flo
     raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}.")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-  if temperature < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"Need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
+  if not 0.0 <= temperature < math.inf:
+    raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"Need 0 < top_p <= 1, got {top_p}.")
   cached = isinstance(model, LanguageModel) and use_cache
-  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-  if ids.size and vocab is not None and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
-    raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {vocab}) (min {int(ids.min())}, "
-                     f"max {int(ids.max())}); encode the prompt with the model's own tokenizer.")
+  check_token_ids(ids, getattr(getattr(model, "config", None), "vocab_size", None))
   mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   if mask.shape != ids.shape:
     raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")

@@ -126,6 +126,10 @@ class LoraLayer(nnx.Module):
   def kernel(self) -> nnx.Variable:
     return self.base_kernel(self.base_layer)
 
+  def dense_kernel(self) -> jax.Array:
+    """The base kernel as the layer computes with it (a quantized layer's dequantized), ``[*stack, *kernel]``."""
+    return self.kernel()[...]
+
   @property
   def stack_shape(self) -> tuple[int, ...]:
     return self.stack_shape_of(self.base_layer)

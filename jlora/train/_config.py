@@ -123,47 +123,12 @@ def _check_values(cfg: TrainConfig) -> None:
   for key, value in _non_finite(cfg):
     raise ConfigError(f"{key} must be a finite number, got {value}; set it to a real value "
                       f"(default: {_default(key)}).")
-  positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
-              "log_every": cfg.log_every, "data.seq_len": cfg.data.seq_len,
-              "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
-              "checkpoint.keep": cfg.checkpoint.keep}
-  if cfg.model.scan_unroll != "auto":
-    positive["model.scan_unroll"] = cfg.model.scan_unroll
-  for key, value in positive.items():
-    if value < 1:
-      raise ConfigError(f"{key} must be >= 1, got {value}.")
-  for key, value in {"eval_batches": cfg.eval_batches, "samples": cfg.samples,
-                     "loss_chunk_tokens": cfg.loss_chunk_tokens,
-                     "optim.warmup_steps": cfg.optim.warmup_steps}.items():
-    if value < 0:
-      raise ConfigError(f"{key} must be >= 0, got {value}.")
-  if not 0.0 <= cfg.data.eval_fraction < 1.0:
-    raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}.")
-  _check_optim(cfg.optim, "optim.")
-  for axis in ("tensor",):
-    if getattr(cfg.mesh, axis) < 1:
-      raise ConfigError(f"mesh.{axis} must be >= 1, got {getattr(cfg.mesh, axis)}.")
-  if cfg.mesh.fsdp < 1 and cfg.mesh.fsdp != -1:
-    raise ConfigError(f"mesh.fsdp must be >= 1 or -1 (the smallest that fits), got {cfg.mesh.fsdp}.")
-  if cfg.mesh.device_memory_gib < 0:
-    raise ConfigError(f"mesh.device_memory_gib must be >= 0 (0: read it from the device), got "
-                      f"{cfg.mesh.device_memory_gib}.")
-  if cfg.mesh.data < 1 and cfg.mesh.data != -1:
-    raise ConfigError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {cfg.mesh.data}.")
+  for key, allowed in RANGES.items():
+    value = _value(cfg, key)
+    if isinstance(value, (int, float)) and not _within(value, allowed):  # None / "auto": not a number to check
+      raise ConfigError(f"{key} must be {allowed}{_RANGE_NOTES.get(key, '')}, got {value}.")
   adapter_kind(cfg.adapter)  # a kind config given in code: one the job knows
   _check_adapters(cfg)
-
-
-def _check_optim(o: OptimSection, prefix: str) -> None:
-  if o.learning_rate <= 0:
-    raise ConfigError(f"{prefix}learning_rate must be > 0, got {o.learning_rate}.")
-  if o.loraplus_lr_ratio is not None and o.loraplus_lr_ratio <= 0:
-    raise ConfigError(f"{prefix}loraplus_lr_ratio must be > 0 (PEFT suggests 16) or null (off), got "
-                      f"{o.loraplus_lr_ratio}.")
-  if o.loraplus_lr_embedding <= 0:
-    raise ConfigError(f"{prefix}loraplus_lr_embedding must be > 0, got {o.loraplus_lr_embedding}.")
-  if o.warmup_steps < 0:
-    raise ConfigError(f"{prefix}warmup_steps must be >= 0, got {o.warmup_steps}.")
 
 
 def _check_adapters(cfg: TrainConfig) -> None:
@@ -184,7 +149,55 @@ def _check_adapters(cfg: TrainConfig) -> None:
                       "jlora.merge_and_unload).")
   for i, entry in enumerate(cfg.adapters):
     adapter_kind(entry.config)
-    _check_optim(entry.optim_section(cfg.optim), f"adapters[{i}].optim.")
+    optim = entry.optim_section(cfg.optim)
+    for key, value in _non_finite(optim, f"adapters[{i}].optim."):
+      raise ConfigError(f"{key} must be a finite number, got {value}; set it to a real value.")
+    for key, allowed in RANGES.items():
+      value = getattr(optim, key[len("optim."):], None) if key.startswith("optim.") else None
+      if isinstance(value, (int, float)) and not _within(value, allowed):
+        raise ConfigError(f"adapters[{i}].{key} must be {allowed}{_RANGE_NOTES.get(key, '')}, got {value}.")
+
+
+# The allowed values of every numeric field outside the adapter section (whose values jlora's adapter configs
+# check: LoraConfig and the rest). The text is the message's.
+RANGES = {
+    "steps": ">= 1", "batch_size": ">= 1", "eval_every": ">= 1", "eval_batches": ">= 0", "log_every": ">= 1",
+    "loss_chunk_tokens": ">= 0", "samples": ">= 0", "seed": ">= 0",
+    "model.seed": ">= 0", "model.scan_unroll": ">= 1",
+    "data.seq_len": ">= 2", "data.eval_fraction": "in [0, 1)", "data.seed": ">= 0",
+    "optim.learning_rate": "> 0", "optim.warmup_steps": ">= 0", "optim.end_lr_ratio": "in [0, 1]",
+    "optim.weight_decay": ">= 0", "optim.b1": "in [0, 1)", "optim.b2": "in [0, 1)", "optim.grad_clip": ">= 0",
+    "optim.grad_accum": ">= 1", "optim.loraplus_lr_ratio": "> 0", "optim.loraplus_lr_embedding": "> 0",
+    "mesh.data": ">= 1 or -1", "mesh.fsdp": ">= 1 or -1", "mesh.tensor": ">= 1", "mesh.device_memory_gib": ">= 0",
+    "checkpoint.every": ">= 1", "checkpoint.keep": ">= 1",
+}
+_RANGE_NOTES = {
+    "data.seq_len": " (a token and the next one it predicts)",
+    "optim.end_lr_ratio": " (the final learning rate over the peak)",
+    "optim.grad_clip": " (0 turns clipping off)",
+    "optim.loraplus_lr_ratio": " (PEFT suggests 16) or null (off)",
+    "mesh.data": " (-1: all remaining devices)",
+    "mesh.fsdp": " (-1: the smallest that fits)",
+    "mesh.device_memory_gib": " (0: read it from the device)",
+}
+
+
+def _value(cfg: TrainConfig, key: str):
+  for name in key.split("."):
+    cfg = getattr(cfg, name)
+  return cfg
+
+
+def _within(value: float, allowed: str) -> bool:
+  """Whether ``value`` is in a range written as in ``RANGES``: ``>= a``, ``> a``, ``in [a, b)`` / ``[a, b]``, ``... or v``."""
+  allowed, _, alternative = allowed.partition(" or ")
+  if alternative and value == float(alternative):
+    return True
+  if allowed.startswith("in "):
+    low, high = (float(x) for x in allowed[4:-1].split(","))
+    return low <= value and (value <= high if allowed.endswith("]") else value < high)
+  op, bound = allowed.split()
+  return value >= float(bound) if op == ">=" else value > float(bound)
 
 
 def _default(key: str):

@@ -207,6 +207,10 @@ class OptimSection:
 
   ``loraplus_lr_ratio`` (e.g. 16) turns on LoRA+: B trains at that multiple of
   ``learning_rate`` and embedding adapters at ``loraplus_lr_embedding``.
+  ``end_lr_ratio`` (in [0, 1]) is the final learning rate over the peak;
+  ``b1`` and ``b2`` are Adam's decay rates (in [0, 1)); ``grad_clip`` is the
+  global gradient norm clipped to, ``0`` turning clipping off (negative
+  values are refused).
   """
 
   learning_rate: float = 1e-2

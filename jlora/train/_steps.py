@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jlora.models import LanguageModel, placed
+from jlora.models import LanguageModel, check_token_ids, placed
 from jlora.nn import LoraParam, LoraRngKey
 from jlora.train._loss import chunked_nll, masked_nll
+from jlora.train._model import vocab_size
 from jlora.train._optimizer import adapter_optimizer, joint_optimizer
 from jlora.train._sharding import placement
 
@@ -151,7 +152,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                "grad_norm": optax.global_norm(grads)}
     return optax.apply_updates(params, updates), opt_state, new_rng, loss, count
 
-  return jax.jit(train_step)
+  return CheckedStep(jax.jit(train_step), graphdef, lambda args: (args[0], args[2], args[3]))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_chunk_tokens: int = 0, mesh=None) -> Callable:
@@ -164,4 +165,36 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_chunk_tokens: int = 0, mesh=None
     with placed(where):
       return batch_nll(model, batch, loss_chunk_tokens)
 
-  return jax.jit(eval_step)
+  return CheckedStep(jax.jit(eval_step), graphdef, lambda args: args[:3])
+
+
+class CheckedStep:
+  """A jitted step whose batch's ``tokens`` are checked on the host before each call.
+
+  Ids outside the model's vocabulary would make the embedding lookup return
+  NaN rows (a NaN loss, NaN updates); here they are a ``ValueError`` naming
+  the vocabulary size. The vocabulary is read once from the model's
+  ``config.vocab_size`` (models without one are not checked). ``lower``,
+  ``trace`` and everything else are the jitted function's.
+  """
+
+  def __init__(self, jitted: Callable, graphdef: nnx.GraphDef, states: Callable):
+    self._jitted, self._graphdef, self._states = jitted, graphdef, states
+    self._vocab: list = []  # found on the first call with concrete tokens
+
+  def __call__(self, *args):
+    tokens = args[-1]["tokens"]
+    if not isinstance(tokens, jax.core.Tracer):
+      if not self._vocab:
+        self._vocab.append(vocab_size(nnx.merge(self._graphdef, *self._states(args))))
+      check_token_ids(tokens, self._vocab[0], "batch['tokens']")
+    return self._jitted(*args)
+
+  def __getattr__(self, name):
+    return getattr(self._jitted, name)
+
+  def trace(self, *args, **kwargs):
+    return self._jitted.trace(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._jitted.lower(*args, **kwargs)

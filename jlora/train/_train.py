@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -51,11 +52,14 @@ class TrainingInterrupted(KeyboardInterrupt):
 class _StopSignals:
   """While active, SIGINT/SIGTERM only set ``signum``; the loop then checkpoints and stops.
 
-  A second signal gets the previous handler (a second Ctrl-C interrupts at once).
+  A second signal says the job is stopping once the checkpoint is written
+  (breaking off the save would lose the step); a third gets the previous
+  handler (Ctrl-C: KeyboardInterrupt, after which the job still waits for
+  the save as it closes; SIGTERM: the process ends at once).
   """
 
   def __init__(self):
-    self.signum, self._previous = None, {}
+    self.signum, self._previous, self._repeats = None, {}, 0
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -64,9 +68,17 @@ class _StopSignals:
     return self
 
   def _handle(self, signum, frame):
-    self.signum = signum
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    if self.signum is None:
+      self.signum = signum
+      return
+    self._repeats += 1
+    name = signal.Signals(signum).name
+    if self._repeats == 1:
+      print(f"jlora: {name} again: stopping once the checkpoint of this step is written.", file=sys.stderr,
+            flush=True)
+      return
+    self.__exit__()
+    signal.raise_signal(signum)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -201,6 +213,9 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     stream.restore(meta["data"])
   step = start or 0
   primary = jax.process_index() == 0  # writes the reports
+  if start is not None and primary:
+    print(f"jlora: resuming from step {start} of {cfg.steps} ({ckpt.directory / str(start)})", file=sys.stderr,
+          flush=True)
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
                     sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
   train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens, mesh=mesh, stats=True)
