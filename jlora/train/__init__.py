@@ -16,6 +16,7 @@ from jlora.train._config import (
     DataSection,
     MeshSection,
     ModelSection,
+    NamedAdapter,
     OptimSection,
     RENAMED as _RENAMED,
     ReportSection,
@@ -31,12 +32,12 @@ from jlora.train._compile_cache import compile_cache_dir, enable_compile_cache
 from jlora.train._memory import Arch, MemoryPlan, plan_memory
 from jlora.train._memory_fit import MemoryPlanError, choose_scan_unroll, device_capacity, plan_defaults, plan_job
 from jlora.train._model import check_tokenizer_fits, load_model, presets, register_preset
-from jlora.train._optimizer import adapter_optimizer, trainable_mask
+from jlora.train._optimizer import adapter_optimizer, joint_optimizer, trainable_mask
 from jlora.train._run_dir import OutputDirError
 from jlora.train._sharding import AXES as MESH_AXES
 from jlora.train._sharding import (MeshError, batch_sharding, make_mesh, param_spec, put_batch, shard_state,
                                    state_shardings)
-from jlora.train._steps import make_eval_step, make_optimizer, make_train_step, masked_nll, split_model
+from jlora.train._steps import make_eval_step, make_joint_optimizer, make_optimizer, make_train_step, masked_nll, split_model
 from jlora.train._report import continue_prompts
 from jlora.train._tokenizer import TOKENIZER_FILES, ByteTokenizer, has_tokenizer, load_tokenizer
 from jlora.train._train import NonFiniteLossError, TrainingInterrupted, TrainResult, train

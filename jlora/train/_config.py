@@ -21,6 +21,7 @@ from jlora.train._config_parse import ConfigError, from_dict, merge_overrides, p
 from jlora.train._config_sections import (  # noqa: F401  (the sections are re-exported)
     DEMO_TARGETS, CheckpointSection, DataSection, MeshSection, ModelSection, OptimSection, ReportSection,
     adapter_field, adapter_kind, adapter_section)
+from jlora.train._config_adapters import NamedAdapter, adapters_field, parse_adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,11 @@ class TrainConfig:
       ``MoSLoraConfig`` or ``WLoraConfig``; ``adapter_section(kind, ...)``
       builds one over the job's defaults); in YAML ``adapter: {kind: lora,
       r: 16, ...}`` with every field of that config as a key.
+    adapters: several named adapters trained jointly instead of ``adapter``
+      (``jlora.train.NamedAdapter``; in YAML a list of ``{name, kind,
+      <kind fields>, optim: {<overrides of optim>}}``), each with its own
+      optimizer group and PEFT directory ``adapters/<name>``; ``()`` (default)
+      trains the single ``adapter``.
     steps: optimizer steps (each is ``optim.grad_accum`` micro-batches).
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
@@ -53,6 +59,7 @@ class TrainConfig:
 
   model: ModelSection = ModelSection()
   adapter: Any = adapter_field()
+  adapters: tuple[NamedAdapter, ...] = adapters_field()
   data: DataSection = DataSection()
   optim: OptimSection = OptimSection()
   mesh: MeshSection = MeshSection()
@@ -80,6 +87,8 @@ class TrainConfig:
     plain = {}
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
+      if f.name == "adapters" and not value:
+        continue  # single-adapter jobs keep the config they always had
       if "plain" in f.metadata:
         plain[f.name] = f.metadata["plain"](value)
       else:
@@ -119,6 +128,34 @@ def _check_values(cfg: TrainConfig) -> None:
     if isinstance(value, (int, float)) and not _within(value, allowed):  # None / "auto": not a number to check
       raise ConfigError(f"{key} must be {allowed}{_RANGE_NOTES.get(key, '')}, got {value}.")
   adapter_kind(cfg.adapter)  # a kind config given in code: one the job knows
+  _check_adapters(cfg)
+
+
+def _check_adapters(cfg: TrainConfig) -> None:
+  """``adapters`` given in code as the YAML list is read: named entries, one name each, own optim valid."""
+  if not cfg.adapters:
+    return
+  for i, entry in enumerate(cfg.adapters):
+    if not isinstance(entry, NamedAdapter):
+      raise ConfigError(f"adapters[{i}] must be a jlora.train.NamedAdapter(name, config, optim), got "
+                        f"{type(entry).__name__}.")
+  parse_adapters(cfg.adapters)  # distinct names
+  if cfg.adapter != adapter_section():
+    raise ConfigError("Both adapter and adapters are set; list every adapter under adapters (each with its "
+                      "name, kind and fields) and leave adapter out.")
+  if cfg.save_merged:
+    raise ConfigError("save_merged writes one merged model of one adapter; with adapters, set save_merged=false "
+                      "and merge the adapters/<name> directories you want (jlora.load_peft, "
+                      "jlora.merge_and_unload).")
+  for i, entry in enumerate(cfg.adapters):
+    adapter_kind(entry.config)
+    optim = entry.optim_section(cfg.optim)
+    for key, value in _non_finite(optim, f"adapters[{i}].optim."):
+      raise ConfigError(f"{key} must be a finite number, got {value}; set it to a real value.")
+    for key, allowed in RANGES.items():
+      value = getattr(optim, key[len("optim."):], None) if key.startswith("optim.") else None
+      if isinstance(value, (int, float)) and not _within(value, allowed):
+        raise ConfigError(f"adapters[{i}].{key} must be {allowed}{_RANGE_NOTES.get(key, '')}, got {value}.")
 
 
 # The allowed values of every numeric field outside the adapter section (whose values jlora's adapter configs

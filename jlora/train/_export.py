@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jlora.io import load_peft, save_peft, save_pretrained
-from jlora.nn import unload
+from jlora.nn import set_adapter, unload
 from jlora.quant import merge_and_unload  # dequantizes a quantized base first
 
 
@@ -48,3 +48,26 @@ def export_adapter(model: nnx.Module, out: Path, probe_ids, save_merged: bool):
     save_pretrained(merged, str(merged_dir))
   model.train()
   return adapter_dir, merged_dir, checks
+
+
+def export_adapters(model: nnx.Module, out: Path, names, probe_ids):
+  """``(adapter_dirs, checks)`` for jointly trained adapters: ``adapters/<name>`` for each of ``names``.
+
+  The check reloads every directory into the base model, activates them all and compares logits on
+  ``probe_ids`` (``reload_max_abs_diff``) with the trained model.
+  """
+  dirs = {name: out / "adapters" / name for name in names}
+  for name, path in dirs.items():
+    save_peft(model, str(path), adapter_name=name)
+  checks: dict[str, float] = {}
+  if probe_ids is None:
+    return dirs, checks
+  model.eval()
+  reloaded = unload(nnx.clone(model))
+  for name, path in dirs.items():
+    load_peft(reloaded, str(path), adapter_name=name)
+  set_adapter(reloaded, list(names))
+  reloaded.eval()
+  checks["reload_max_abs_diff"] = float(np.max(np.abs(_logits(reloaded, probe_ids) - _logits(model, probe_ids))))
+  model.train()
+  return dirs, checks

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jlora.io import from_pretrained, get_peft_model
+from jlora.nn import set_adapter
 from jlora.models import LanguageModel, check_attention
 from jlora.quant import quantize
 from jlora.train._config import ModelSection
@@ -92,3 +93,11 @@ def add_adapter(model: nnx.Module, config, name: str = "default") -> nnx.Module:
   """Inject the job's adapter (its kind's config; WLoRA upstream directories are loaded too, as
   ``jlora.get_peft_model`` does)."""
   return get_peft_model(model, config, adapter_name=name)
+
+
+def add_adapters(model: nnx.Module, entries) -> nnx.Module:
+  """Inject the job's named adapters (``jlora.train.NamedAdapter``) in order, then activate them all."""
+  for entry in entries:
+    get_peft_model(model, entry.config, adapter_name=entry.name)
+  set_adapter(model, [entry.name for entry in entries])
+  return model

@@ -16,6 +16,7 @@ schedules included).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import jax
 import optax
@@ -36,15 +37,17 @@ def _map_variables(fn, params):
       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def trainable_mask(model: nnx.Module, params: nnx.State | None = None):
+def trainable_mask(model: nnx.Module, params: nnx.State | None = None, names: Sequence[str] | None = None):
   """Bool pytree over ``params`` (default: the model's ``LoraParam`` state).
 
-  True for params of active adapters whose role is not frozen (WLoRA upstreams, VeRA-like
-  projections: ``jlora.nn.FROZEN_ROLES``).
+  True for params of active adapters (of those in ``names``, when given) whose role is not frozen
+  (WLoRA upstreams, VeRA-like projections: ``jlora.nn.FROZEN_ROLES``).
   """
   if params is None:
     _, params, _ = split_adapter(model)
   active = set(active_adapters(model))
+  if names is not None:
+    active &= set(names)
 
   def trainable(keys, variable) -> bool:
     names = {keys[i + 1] for i, k in enumerate(keys[:-1]) if k == "adapters"}
@@ -82,7 +85,8 @@ def loraplus_groups(model: nnx.Module, params: nnx.State | None = None):
 def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation,
                       params: nnx.State | None = None, *, loraplus_lr_ratio: float | None = None,
                       learning_rate: float | None = None,
-                      loraplus_lr_embedding: float = 1e-6) -> optax.GradientTransformation:
+                      loraplus_lr_embedding: float = 1e-6,
+                      names: Sequence[str] | None = None) -> optax.GradientTransformation:
   """``tx`` for the trainable adapter params; a zero update for the frozen ones.
 
   Args:
@@ -95,10 +99,11 @@ def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation,
       ``tx`` was built with, so that embedding adapters train at
       ``loraplus_lr_embedding`` (PEFT's default 1e-6) on the same schedule.
     loraplus_lr_embedding: the learning rate of embedding adapters under LoRA+.
+    names: train only these of the active adapters (the others get a zero update); default all.
   """
   if not (hasattr(tx, "init") and hasattr(tx, "update")):
     raise TypeError(f"tx must be an optax GradientTransformation such as optax.adamw(1e-4), got {tx!r}.")
-  mask = trainable_mask(model, params)
+  mask = trainable_mask(model, params, names)
   frozen = jax.tree.map(lambda m: not m, mask)
   parts = [optax.masked(tx, mask)]
   if loraplus_lr_ratio is not None:
@@ -122,3 +127,26 @@ def _loraplus_scales(model, params, mask, ratio, learning_rate, lr_embedding) ->
           f"tx was built with: pass learning_rate=<that rate> (got {learning_rate!r}).")
     parts.append(optax.masked(optax.scale(lr_embedding / learning_rate), in_group("embedding")))
   return parts
+
+
+def joint_optimizer(groups: Sequence[optax.GradientTransformation]) -> optax.GradientTransformation:
+  """One transformation from per-adapter ``groups``, each an ``adapter_optimizer(..., names=[name])``.
+
+  Every group sees the whole gradient and updates only its adapter's params (zero elsewhere), so the
+  update is their sum, and each group's state, clipping (``optax.masked`` hands the inner transformation
+  its adapter's leaves alone) and schedule are its own: a loop with one optimizer per adapter.
+  """
+  groups = tuple(groups)
+
+  def init(params):
+    return tuple(g.init(params) for g in groups)
+
+  def update(updates, state, params=None):
+    parts, new_state = [], []
+    for g, s in zip(groups, state):
+      u, s = g.update(updates, s, params)
+      parts.append(u)
+      new_state.append(s)
+    return jax.tree.map(lambda *us: sum(us[1:], us[0]), *parts), tuple(new_state)
+
+  return optax.GradientTransformation(init, update)

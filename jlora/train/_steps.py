@@ -8,7 +8,7 @@ base model). Steps are pure functions of those pytrees.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from jlora.models import LanguageModel, check_token_ids, placed
 from jlora.nn import LoraParam, LoraRngKey
 from jlora.train._loss import chunked_nll, masked_nll
 from jlora.train._model import vocab_size
-from jlora.train._optimizer import adapter_optimizer
+from jlora.train._optimizer import adapter_optimizer, joint_optimizer
 from jlora.train._sharding import placement
 
 
@@ -52,12 +52,31 @@ def make_optimizer(model: nnx.Module, params: nnx.State, *, learning_rate: float
   Only trainable adapter params get state (``jlora.adapter_optimizer``, which also applies
   LoRA+ when ``loraplus_lr_ratio`` is set).
   """
+  tx = _adamw_group(model, params, None, learning_rate=learning_rate, steps=steps, warmup_steps=warmup_steps,
+                    end_lr_ratio=end_lr_ratio, weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip,
+                    loraplus_lr_ratio=loraplus_lr_ratio, loraplus_lr_embedding=loraplus_lr_embedding)
+  return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def make_joint_optimizer(model: nnx.Module, params: nnx.State, groups: Mapping[str, Mapping[str, Any]], *,
+                         steps: int, grad_accum: int) -> optax.GradientTransformation:
+  """``make_optimizer``'s recipe once per adapter: ``groups`` maps an adapter name to its keyword
+  arguments (``learning_rate``, ``warmup_steps``, ``end_lr_ratio``, ``weight_decay``, ``b1``, ``b2``,
+  ``grad_clip``, ``loraplus_lr_ratio``, ``loraplus_lr_embedding``). Each adapter has its own schedule,
+  clipping norm and Adam state (``jlora.train.joint_optimizer``); accumulation is job-wide.
+  """
+  tx = joint_optimizer([_adamw_group(model, params, [name], steps=steps, **kwargs)
+                        for name, kwargs in groups.items()])
+  return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def _adamw_group(model, params, names, *, learning_rate, steps, warmup_steps, end_lr_ratio, weight_decay, b1,
+                 b2, grad_clip, loraplus_lr_ratio, loraplus_lr_embedding):
   schedule = lr_schedule(learning_rate, steps, warmup_steps, end_lr_ratio)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-  tx = adapter_optimizer(model, optax.chain(*parts), params, loraplus_lr_ratio=loraplus_lr_ratio,
-                         learning_rate=learning_rate, loraplus_lr_embedding=loraplus_lr_embedding)
-  return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+  return adapter_optimizer(model, optax.chain(*parts), params, loraplus_lr_ratio=loraplus_lr_ratio,
+                           learning_rate=learning_rate, loraplus_lr_embedding=loraplus_lr_embedding, names=names)
 
 
 def _call(model: nnx.Module, fn: Callable, batch: dict[str, jax.Array]) -> jax.Array:

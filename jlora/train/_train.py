@@ -28,13 +28,13 @@ from jlora.train import _data, _distributed, _memory_fit, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
 from jlora.train._compile_cache import enable_compile_cache
-from jlora.train._config_sections import planned_adapter
-from jlora.train._model import add_adapter, check_tokenizer_fits, load_model, max_length, set_attention, vocab_size
+from jlora.train._config_adapters import planned_adapters
+from jlora.train._model import add_adapter, add_adapters, check_tokenizer_fits, load_model, max_length, set_attention, vocab_size
 from jlora.train._report import (
     Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
 from jlora.train._run_dir import check_output_dir, claim_output_dir
 from jlora.train._tokenizer import load_tokenizer
-from jlora.train._export import export_adapter
+from jlora.train._export import export_adapter, export_adapters
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -98,7 +98,8 @@ class TrainResult:
     history: every metrics record of the run (``metrics.jsonl``), resumed parts included.
     eval_losses: ``[(step, held-out loss)]``.
     resumed_from: the checkpoint step the run resumed from, or None.
-    adapter_dir: the adapter as written by ``jlora.save_peft``.
+    adapter_dir: the adapter as written by ``jlora.save_peft`` (None when ``cfg.adapters`` names several).
+    adapter_dirs: named adapters (``cfg.adapters``): name -> its PEFT directory ``adapters/<name>``.
     checks: reload/merge checks: max |logit difference| of the reloaded and merged models.
     samples: greedy continuations of ``sample_prompts`` (prompt included) with the adapter;
       ``base_samples`` the same without it (the base model).
@@ -117,6 +118,7 @@ class TrainResult:
   checks: dict[str, float]
   sample_prompts: list[str] = dataclasses.field(default_factory=list)
   base_samples: list[str] = dataclasses.field(default_factory=list)
+  adapter_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
 
   @property
   def losses(self) -> list[float]:
@@ -183,10 +185,13 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   stream = _data.BatchStream(train_rows, cfg.batch_size, cfg.data.seed, local=local)
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
-  add_adapter(model, cfg.adapter)
+  if cfg.adapters:
+    add_adapters(model, cfg.adapters)
+  else:
+    add_adapter(model, cfg.adapter)
   set_lora_matmul(model, _lora_matmul(cfg.model.lora_matmul, mesh_shape), shared_input=False)
   if cfg.model.scan_unroll == "auto" and not given and isinstance(model, LanguageModel):
-    r, targets = planned_adapter(cfg.adapter)
+    r, targets = planned_adapters(cfg.adapter, cfg.adapters)
     model.scan_unroll = _memory_fit.job_scan_unroll(
         model, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape, remat=model.remat, r=r,
         targets=targets, capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
@@ -198,11 +203,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   graphdef, params, rng, frozen = _steps.split_model(model)
   params, rng, frozen = (_sharding.shard_state(s, mesh) for s in (params, rng, frozen))
   o = cfg.optim
-  tx = _steps.make_optimizer(
-      model, params, learning_rate=o.learning_rate, steps=cfg.steps, warmup_steps=o.warmup_steps,
-      end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip,
-      grad_accum=o.grad_accum, loraplus_lr_ratio=o.loraplus_lr_ratio,
-      loraplus_lr_embedding=o.loraplus_lr_embedding)
+  tx = _make_optimizer(cfg, model, params)
   opt_state = _sharding.init_on_mesh(tx.init, params)  # committed to the mesh: the step compiles once
 
   ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
@@ -218,7 +219,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
                     sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
   train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens, mesh=mesh, stats=True)
-  schedule = _steps.lr_schedule(o.learning_rate, cfg.steps, o.warmup_steps, o.end_lr_ratio)
+  schedules = _schedules(cfg)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
   eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens, mesh=mesh)
 
@@ -253,7 +254,8 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
             "optim.learning_rate or raise optim.warmup_steps, or check the data for bad records, "
             "and start again with a new output_dir (or overwrite=true).")
       tokens = sum(int(c["tokens"]) for c in counts)
-      record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),  # the rate this update used
+      record = {"step": step, "loss": loss, **{key: float(schedule(step - 1))  # the rate this update used
+                                                for key, schedule in schedules.items()},
                 "grad_norm": float(np.mean([float(c["grad_norm"]) for c in counts])),  # mean over micro-batches
                 "tokens": tokens, "trained_tokens": sum(int(c["trained_tokens"]) for c in counts)}
       eval_loss = None
@@ -287,6 +289,27 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   return _finish(cfg, model, tokenizer, out, metrics.records, start, held_out)
 
 
+_OPTIM_KEYS = ("learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay", "b1", "b2", "grad_clip",
+               "loraplus_lr_ratio", "loraplus_lr_embedding")
+
+
+def _make_optimizer(cfg: TrainConfig, model: nnx.Module, params):
+  """The job's optimizer: ``optim`` for the single adapter, or one group per named adapter."""
+  o = cfg.optim
+  if not cfg.adapters:
+    return _steps.make_optimizer(model, params, steps=cfg.steps, grad_accum=o.grad_accum,
+                                 **{k: getattr(o, k) for k in _OPTIM_KEYS})
+  groups = {e.name: {k: getattr(e.optim_section(o), k) for k in _OPTIM_KEYS} for e in cfg.adapters}
+  return _steps.make_joint_optimizer(model, params, groups, steps=cfg.steps, grad_accum=o.grad_accum)
+
+
+def _schedules(cfg: TrainConfig) -> dict:
+  """Metric key -> learning-rate schedule: ``lr``, or ``lr/<name>`` per named adapter."""
+  sections = {f"lr/{e.name}": e.optim_section(cfg.optim) for e in cfg.adapters} or {"lr": cfg.optim}
+  return {key: _steps.lr_schedule(o.learning_rate, cfg.steps, o.warmup_steps, o.end_lr_ratio)
+          for key, o in sections.items()}
+
+
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -306,7 +329,7 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
     sizes = _memory_fit.model_sizes(model)
   m, remat, said = cfg.mesh, "", ""
   shape = (m.data, 1, m.tensor)
-  r, targets = planned_adapter(cfg.adapter)
+  r, targets = planned_adapters(cfg.adapter, cfg.adapters)
   if sizes is not None:
     shape, remat, said = _memory_fit.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
@@ -324,7 +347,7 @@ def _lora_matmul(mode: str, mesh_shape: tuple[int, int, int]) -> str:
 def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
   """Print the per-device memory plan (and what ``mesh.fsdp=-1`` picked); refuse what won't fit."""
   ours = isinstance(model, LanguageModel)
-  r, targets = planned_adapter(cfg.adapter)
+  r, targets = planned_adapters(cfg.adapter, cfg.adapters)
   plan = _memory_fit.plan_job(
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
       remat=model.remat if ours else cfg.model.remat, r=r, targets=targets,
@@ -353,7 +376,10 @@ def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> Train
     print("jlora: the base model is sharded over several processes; the reload/merge checks and samples "
           "are skipped (set save_merged=true to gather it to one host for them).")
   probe = held_out[0]["tokens"][:1] if held_out and whole else None
-  if primary:
+  adapter_dirs = {}
+  if primary and cfg.adapters:
+    adapter_dirs, checks = export_adapters(model, out, [e.name for e in cfg.adapters], probe)
+  elif primary:
     adapter_dir, merged_dir, checks = export_adapter(model, out, probe, cfg.save_merged)
   plot = plot_losses(history, out / "loss_curve.png") if primary and history else None
   prompts, samples, base_samples = [], [], []
@@ -369,5 +395,5 @@ def _finish(cfg, model, tokenizer, out: Path, history, start, held_out) -> Train
   return TrainResult(model=model, output_dir=out, history=history, eval_losses=eval_losses,
                      resumed_from=start, adapter_dir=adapter_dir, merged_dir=merged_dir,
                      metrics_path=out / "metrics.jsonl", plot_path=plot, samples=samples, checks=checks,
-                     sample_prompts=prompts, base_samples=base_samples)
+                     sample_prompts=prompts, base_samples=base_samples, adapter_dirs=adapter_dirs)
 
