@@ -194,8 +194,19 @@ def _modules_to_save(model, config, cands: list[Candidate], lora_targets) -> lis
 
 
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
-  """Remove an adapter everywhere; layers left without adapters are unwrapped."""
+  """Remove an adapter everywhere; layers left without adapters are unwrapped.
+
+  All or nothing: a merged adapter is refused before anything is touched. If
+  the deleted adapter was active, the other active adapters stay active; with
+  none left, the first remaining adapter in name order becomes active (PEFT's
+  ``delete_adapter`` picks ``sorted(remaining)[0]``).
+  """
   configs = _require(model, [adapter_name])
+  merged = [layer.module_names[0] for _, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+  if merged:
+    raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it "
+                     f"(jlora.unmerge_adapter(model, [{adapter_name!r}])); it is merged into {merged[0]}.")
+  was_active = active_adapters(model)
   for path, layer in _holders(model):
     if adapter_name in layer.adapters:
       layer.remove(adapter_name)
@@ -203,6 +214,9 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
       replace_module(model, path, layer.base_layer)
   del configs[adapter_name]
   _set_configs(model, configs)
+  if adapter_name in was_active and configs:
+    still = tuple(n for n in was_active if n != adapter_name)
+    set_adapter(model, still or sorted(configs)[0])
 
 
 def replace_module(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
@@ -225,11 +239,22 @@ def _require(model, names: Sequence[str]) -> dict:
 
 
 def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
-  """Activate one adapter or several at once (their deltas add)."""
+  """Activate one adapter or several at once (their deltas add).
+
+  A ``modules_to_save`` module runs one copy, so two adapters that both copy
+  the same module cannot be active together (as in PEFT).
+  """
   names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
   if not names:
     raise ValueError("set_adapter needs at least one adapter name.")
   _require(model, names)
+  for _, wrapper in module_copies(model):
+    owners = [n for n in names if n in wrapper.adapters]
+    if len(owners) > 1:
+      raise ValueError(
+          f"Only one adapter can be set at a time for the modules_to_save copy of {wrapper.module_names[0]}, "
+          f"and adapters {owners} each have one. Activate only one of them, or give the module to one "
+          "adapter's modules_to_save only.")
   for _, layer in _holders(model):
     layer.active_adapters = tuple(n for n in names if n in layer.adapters)
 

@@ -1,0 +1,73 @@
+"""PEFT's adapter-management semantics, real ``peft`` as the oracle: which adapter is active after a
+delete, all-or-nothing deletes, one ``modules_to_save`` copy active at a time."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import jlora
+from jlora import testing
+from tests import torch_oracle
+
+ADAPTERS = {name: dict(r=2, target_modules=["lin"], modules_to_save=["emb"] if name != "m" else None)
+            for name in ("x", "m", "c")}
+
+
+def peft_active(root) -> tuple[str, ...]:
+  active = root.active_adapter
+  return (active,) if isinstance(active, str) else tuple(active)
+
+
+@pytest.mark.parametrize("active, deleted", [(["x"], "x"), (["x", "m"], "x"), (["c", "m"], "m")],
+                         ids=["only-active", "one-of-two", "other-remains"])
+def test_deleting_an_active_adapter_activates_what_peft_does(active, deleted):
+  root, model = torch_oracle.twins({n: {k: v for k, v in kw.items() if v is not None}
+                                    for n, kw in ADAPTERS.items()}, active=active[:1])
+  if len(active) > 1:  # two active adapters: PEFT's LoRA layers take several (no copy clash here)
+    root.set_adapter(active)
+    jlora.set_adapter(model, active)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    root.delete_adapter(deleted)
+  jlora.delete_adapter(model, deleted)
+  assert jlora.active_adapters(model) == tuple(sorted(peft_active(root), key=list(ADAPTERS).index))
+  wrapper = model.emb
+  assert wrapper.active_adapters == tuple(root.model.emb.active_adapters)
+
+
+def test_deleting_the_only_active_adapter_activates_the_first_remaining_by_name():
+  model = testing.TinyLM()
+  for name in ("x", "m", "c"):
+    jlora.add_adapter(model, name, jlora.LoraConfig(r=2, target_modules=["q_proj"]))
+  jlora.set_adapter(model, "x")
+  jlora.delete_adapter(model, "x")
+  assert jlora.active_adapters(model) == ("c",)
+
+
+def test_a_refused_delete_leaves_the_model_untouched():
+  model = testing.TinyLM()
+  jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                               modules_to_save=["lm_head"]))
+  testing.randomize_adapters(model)
+  _, last = list(jlora.lora_layers(model))[-1]
+  last.merge(["default"])  # merged in one layer only: every other holder comes first
+  before = model(testing.token_ids())
+  with pytest.raises(ValueError, match="'default' is merged; unmerge it before deleting it"):
+    jlora.delete_adapter(model, "default")
+  assert isinstance(model.lm_head, jlora.nn.ModulesToSaveWrapper)
+  assert "default" in model.lm_head.adapters and "default" in jlora.peft_config(model)
+  assert all("default" in layer.adapters for _, layer in jlora.lora_layers(model))
+  np.testing.assert_array_equal(model(testing.token_ids()), before)
+
+
+def test_two_adapters_copying_one_module_cannot_both_be_active_as_in_peft():
+  kwargs = dict(r=2, target_modules=["lin"], modules_to_save=["emb"])
+  root, model = torch_oracle.twins({"p": kwargs, "q": kwargs})
+  with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+    root.set_adapter(["p", "q"])
+  with pytest.raises(ValueError, match="Only one adapter can be set at a time .* emb.*Activate only one"):
+    jlora.set_adapter(model, ["p", "q"])
+  assert jlora.active_adapters(model) == ("p",)
