@@ -3,14 +3,17 @@ delete, all-or-nothing deletes, one ``modules_to_save`` copy active at a time.""
 
 from __future__ import annotations
 
+import json
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 
 import jlora
 from jlora import testing
-from tests import torch_oracle
+from tests import hf_doubles, torch_oracle
 
 ADAPTERS = {name: dict(r=2, target_modules=["lin"], modules_to_save=["emb"] if name != "m" else None)
             for name in ("x", "m", "c")}
@@ -71,3 +74,24 @@ def test_two_adapters_copying_one_module_cannot_both_be_active_as_in_peft():
   with pytest.raises(ValueError, match="Only one adapter can be set at a time .* emb.*Activate only one"):
     jlora.set_adapter(model, ["p", "q"])
   assert jlora.active_adapters(model) == ("p",)
+
+
+def test_saved_adapter_loads_with_auto_peft_model(llama, tmp_path):
+  path, _ = llama
+  model = jlora.from_pretrained(path, dtype=jnp.float32)
+  jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+  testing.randomize_adapters(model)
+  jlora.save_peft(model, tmp_path / "a")
+  config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+  assert (config["task_type"], config["base_model_name_or_path"]) == ("CAUSAL_LM", str(path))
+  loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+  ids, _ = hf_doubles.batch()
+  np.testing.assert_allclose(hf_doubles.logits(loaded, ids), np.asarray(model(ids)), atol=1e-4)
+
+
+def test_save_peft_writes_the_base_name_it_is_given(tmp_path):
+  model = testing.TinyLM()
+  jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj"]))
+  jlora.save_peft(model, tmp_path / "a", base_model_name_or_path="org/base")
+  config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] == "org/base"
