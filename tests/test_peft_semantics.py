@@ -3,6 +3,7 @@ delete, all-or-nothing deletes, one ``modules_to_save`` copy active at a time.""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import torch
+import transformers
 
 import jlora
 from jlora import testing
@@ -95,3 +98,39 @@ def test_save_peft_writes_the_base_name_it_is_given(tmp_path):
   jlora.save_peft(model, tmp_path / "a", base_model_name_or_path="org/base")
   config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
   assert config["base_model_name_or_path"] == "org/base"
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+  """``(dir, transformers model)``: a tiny Llama with tied embeddings."""
+  path = tmp_path_factory.mktemp("tied")
+  return path, hf_doubles.save("llama_tied", path)
+
+
+def test_a_peft_head_copy_of_a_tied_model_loads_as_peft_computes(tied, tmp_path):
+  path, base = tied
+  made = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+      r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+  with torch.no_grad():
+    made.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.3)
+  made.save_pretrained(tmp_path / "a")
+  model = jlora.load_peft(hf_doubles.jlora_model(path), tmp_path / "a")
+  ids, _ = hf_doubles.batch()
+  np.testing.assert_allclose(np.asarray(model(ids)), hf_doubles.logits(made.eval(), ids), atol=1e-4)
+
+
+def test_merging_lora_on_a_tied_embedding_unties_the_head(tied, tmp_path):
+  path, base = tied
+  made = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+      r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+  made.save_pretrained(tmp_path / "a")
+  ids, _ = hf_doubles.batch()
+  adapted = hf_doubles.logits(made.eval(), ids)
+  model = jlora.load_peft(hf_doubles.jlora_model(path), tmp_path / "a")
+  np.testing.assert_allclose(np.asarray(model(ids)), adapted, atol=1e-4)
+  merged = jlora.merge_and_unload(model)
+  np.testing.assert_allclose(np.asarray(merged(ids)), adapted, atol=1e-4)
+  jlora.save_pretrained(merged, tmp_path / "merged")
+  assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+  np.testing.assert_allclose(hf_doubles.logits(reloaded, ids), adapted, atol=1e-4)

@@ -121,6 +121,9 @@ def _install(model: nnx.Module, adapter_name: str, config, kind: AdapterKind) ->
     for layer, adapter in kind.inject(model, adapter_name, config):
       layer.add(adapter_name, adapter)
     return
+  if getattr(config, "modules_to_save", None) and any(_names(m, output_head_name(model))
+                                                      for m in config.modules_to_save):
+    untie_output_head(model)
   cands = list(candidates(model))
   built = _build_targeted(model, config, kind, cands)
   copies = _modules_to_save(model, config, cands, [cand for cand, _, _ in built])
@@ -170,11 +173,34 @@ def _build_targeted(model: nnx.Module, config, kind: AdapterKind, cands: list[Ca
   return built
 
 
+def _names(pattern: str, name: str) -> bool:
+  """Whether a ``modules_to_save`` entry names module ``name`` (PEFT: equal, or a dotted suffix)."""
+  return name == pattern or name.endswith("." + pattern)
+
+
+def untie_output_head(model: nnx.Module, embedding: str | None = None) -> bool:
+  """Give a model whose output head is its input embedding (tied) a head module of its own.
+
+  A model says its head is tied by ``tied_output_head`` (the embedding's
+  module name) and unties it with ``untie_output_head()`` (a head that is a
+  copy of the base embedding: outputs unchanged). Needed where the head must
+  differ from the embedding: a ``modules_to_save`` copy of the head (PEFT
+  copies the tied ``lm_head``), or merging LoRA into that embedding (the head
+  keeps the base table, as in the adapted model). With ``embedding`` given,
+  only when the head is tied to that module. Returns whether it untied.
+  """
+  tied = getattr(model, "tied_output_head", None)
+  if not tied or (embedding is not None and embedding != tied) or not hasattr(model, "untie_output_head"):
+    return False
+  model.untie_output_head()
+  return True
+
+
 def _modules_to_save(model, config, cands: list[Candidate], lora_targets) -> list:
   """``(candidate, ModulesToSaveWrapper, ModuleCopy)`` for each module in ``config.modules_to_save``."""
   if not getattr(config, "modules_to_save", None):
     return []
-  wanted = lambda name: any(name == m or name.endswith("." + m) for m in config.modules_to_save)
+  wanted = lambda name: any(_names(m, name) for m in config.modules_to_save)
   built = []
   for cand in cands:
     if not any(wanted(n) for n in cand.names):

@@ -13,18 +13,22 @@ from flax import nnx
 
 from jlora.nn._kinds import kind_of
 from jlora.nn._inject import (
-    _require, _set_configs, active_adapters, lora_layers, module_copies, replace_module)
+    _require, _set_configs, active_adapters, lora_layers, module_copies, replace_module, untie_output_head)
 
 
 def merge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> None:
   """Fold adapters (default: the active ones) into the base kernels, in place.
 
   The forward pass then skips merged adapters; ``unmerge_adapter`` restores
-  the base weights to fp32 rounding.
+  the base weights to fp32 rounding. Merging into an embedding a tied output
+  head reads first unties the head (``untie_output_head``), so the head keeps
+  computing what it did and a saved merged model says ``tie_word_embeddings=False``.
   """
   names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
   _require(model, names)
-  for _, layer in lora_layers(model):
+  for _, layer in list(lora_layers(model)):
+    if any(n in layer.adapters for n in names):  # the tied head keeps the base table (untied first)
+      untie_output_head(model, layer.module_names[0])
     layer.merge(names)
 
 
