@@ -58,8 +58,8 @@ def test_a_config_rank_above_the_tensors_rank_loads_nowhere(llama, tmp_path):
   _rewrite_config(tmp_path / "a", r=8, lora_alpha=16)
   info = summarize(tmp_path / "a")
   assert not info["jlora_loads"] and info["stock_peft_loads"] is False
-  assert "rank 4" in info["jlora_problem"] and "rank 8" in info["jlora_problem"]
-  with pytest.raises(ValueError, match="rank 4.*rank 8: the config does not match the weights"):
+  assert "(4, 16)" in info["jlora_problem"] and "rank 8" in info["jlora_problem"]
+  with pytest.raises(ValueError, match=r"shape \(4, 16\).*rank 8, i.e. \(8, 16\): the config does not match the weights"):
     jlora.load_peft(hf_doubles.jlora_model(path), tmp_path / "a")
   with pytest.raises(RuntimeError, match="size mismatch"):
     peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")

@@ -134,3 +134,25 @@ def test_merging_lora_on_a_tied_embedding_unties_the_head(tied, tmp_path):
   assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
   np.testing.assert_allclose(hf_doubles.logits(reloaded, ids), adapted, atol=1e-4)
+
+
+def test_safe_merge_refuses_a_broken_adapter_as_peft_and_merges_nothing():
+  root, model = torch_oracle.twins({"default": dict(r=2, target_modules=["lin", "emb"])})
+  with torch.no_grad():
+    root.model.lin.lora_B["default"].weight[0, 0] = float("nan")
+  model.lin.adapters["default"].lora_B[...] = model.lin.adapters["default"].lora_B[...].at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+    root.merge_adapter(safe_merge=True)
+  emb_before = np.asarray(model.emb.base_layer.embedding[...]).copy()
+  with pytest.raises(ValueError, match="NaNs detected in the merged weights of lin: the adapter 'default'"):
+    jlora.merge_and_unload(model, safe_merge=True)
+  assert not model.emb.merged_adapters and isinstance(model.lin, jlora.LoraLayer)
+  np.testing.assert_array_equal(np.asarray(model.emb.base_layer.embedding[...]), emb_before)
+
+
+def test_safe_merge_of_a_finite_adapter_merges_as_peft():
+  root, model = torch_oracle.twins({"default": dict(r=2, target_modules=["lin"])})
+  root.merge_adapter(safe_merge=True)
+  jlora.merge_adapter(model, safe_merge=True)
+  np.testing.assert_allclose(np.asarray(model.lin.base_layer.kernel[...]),
+                             torch_oracle.to_np(root.model.lin.base_layer.weight).T, atol=1e-6)

@@ -83,10 +83,11 @@ def check_tensors(config, tensors: dict, file: Path) -> None:
       shape = tuple(tensors[key].shape)
       want = config.rank_for(module)
       if len(shape) <= axis or shape[axis] != want:
+        need = shape[:axis] + (want,) + shape[axis + 1:] if len(shape) > axis else "?"
         raise ValueError(
-            f"{file}: tensor {key!r} has shape {shape}, i.e. rank {shape[axis] if len(shape) > axis else '?'}, "
-            f"but adapter_config.json's r/rank_pattern gives {module} rank {want}: the config does not match "
-            "the weights (fix r / rank_pattern, or re-save the adapter).")
+            f"{file}: tensor {key!r} has shape {shape}, but adapter_config.json's r/rank_pattern gives "
+            f"{module} rank {want}, i.e. {need}: the config does not match the weights (fix r / "
+            "rank_pattern, or re-save the adapter).")
   if foreign:
     raise ValueError(
         f"{file} has {len(foreign)} tensor(s) that a {kind.name} adapter (peft_type "
