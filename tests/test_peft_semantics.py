@@ -156,3 +156,41 @@ def test_safe_merge_of_a_finite_adapter_merges_as_peft():
   jlora.merge_adapter(model, safe_merge=True)
   np.testing.assert_allclose(np.asarray(model.lin.base_layer.kernel[...]),
                              torch_oracle.to_np(root.model.lin.base_layer.weight).T, atol=1e-6)
+
+
+def _lin_out(root, model):
+  expected, got = torch_oracle.outputs(root, model, "lin")
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  return got
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_set_scale_scale_layer_and_unscale_layer_as_peft(rslora):
+  root, model = torch_oracle.twins({"p": dict(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["lin"]),
+                                    "q": dict(r=2, lora_alpha=2, target_modules=["lin"])}, active=["p", "q"])
+  steps = [(lambda l: l.set_scale("p", 0.5), lambda m: jlora.set_scale(m, "p", 0.5)),
+           (lambda l: l.scale_layer(3.0), lambda m: jlora.scale_layer(m, 3.0)),
+           (lambda l: l.unscale_layer(2.0), lambda m: jlora.unscale_layer(m, 2.0)),
+           (lambda l: l.unscale_layer(None), lambda m: jlora.unscale_layer(m))]
+  outs = []
+  for on_peft, on_jlora in steps:
+    on_peft(root.model.lin)
+    on_jlora(model)
+    outs.append(_lin_out(root, model))
+  assert not np.allclose(outs[0], outs[1])
+
+
+def test_disabled_adapter_layers_stay_disabled_until_enabled_as_peft():
+  root, model = torch_oracle.twins({"default": dict(r=2, target_modules=["lin"])})
+  adapted = _lin_out(root, model)
+  jlora.merge_adapter(model)
+  root.disable_adapter_layers()
+  jlora.disable_adapter_layers(model)
+  base = _lin_out(root, model)
+  assert not np.allclose(base, adapted)
+  jlora.set_adapter(model, "default")  # activating leaves the layers disabled, as in PEFT
+  root.set_adapter("default")
+  _lin_out(root, model)
+  root.enable_adapter_layers()
+  jlora.enable_adapter_layers(model)
+  np.testing.assert_allclose(_lin_out(root, model), adapted, atol=1e-5)
