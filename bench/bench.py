@@ -182,7 +182,7 @@ def _jlora_model(args, adapter: str | None, matmul: str | None = None, mesh=None
   from jlora.nn import set_lora_matmul
   model = jlora.from_pretrained(args.ckpt, dtype=jnp.bfloat16, mesh=mesh)
   model.remat = args.remat
-  model.scan_unroll = args.scan_unroll
+  model.scan_unroll = scan_unroll(args, model)
   model.attention = args.attention
   lora = lambda: jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
   if adapter == "moslora":
@@ -205,6 +205,18 @@ def _jlora_model(args, adapter: str | None, matmul: str | None = None, mesh=None
   return model
 
 
+def scan_unroll(args, model) -> int:
+  """``args.scan_unroll``, with ``"auto"`` resolved as ``jlora.train`` resolves it (the memory plan of
+  this run on this device: fully unrolled where it fits with margin, else 1)."""
+  if args.scan_unroll != "auto":
+    return int(args.scan_unroll)
+  import jax
+  from jlora.train import Arch, choose_scan_unroll, device_capacity
+  arch = Arch.of(model.config)
+  return choose_scan_unroll(arch, capacity=device_capacity(), rows_per_device=args.batch, seq_len=args.seq,
+                            r=RANK, targets=TARGETS, fused_attention=jax.default_backend() == "gpu")
+
+
 def _forward_timer(args, ids):
   import jax
   from flax import nnx
@@ -224,7 +236,7 @@ def run_jlora_forward(args) -> list[dict]:
   import jlora
   time_forward = _forward_timer(args, jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, _vocab(args)))
   results = [dict(time_forward(_jlora_model(args, None)), base_only=True, variant="base")]
-  for matmul in ("plain", "auto"):
+  for matmul in ("plain", "auto", "exact"):
     results.append(dict(time_forward(_jlora_model(args, "lora", matmul)), variant=f"unmerged lora ({matmul})",
                         lora_matmul=matmul))
   model = _jlora_model(args, "lora")
@@ -271,7 +283,7 @@ def run_jlora_attention(args) -> list[dict]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jlora.models._attention import AttentionMask, attend
+  from jlora.models import AttentionMask, attend
 
   c = SHAPES[args.shape]["hf"]
   heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
@@ -318,8 +330,9 @@ def _fwd_bwd(attend, mask, q, k, v, dout):
   return (out, *vjp(dout))
 
 
-def _jlora_train_step(model, mesh=None):
-  """The step ``jlora.train`` runs (masked causal-LM loss, AdamW on the adapter only), placed on ``mesh``."""
+def _jlora_train_step(model, mesh=None, loss_chunk_tokens: int = 0):
+  """The step ``jlora.train`` runs (masked causal-LM loss, AdamW on the adapter only), placed on ``mesh``:
+  ``(step, carry = [params, opt_state, rng], frozen)``."""
   from jlora.train import make_optimizer, make_train_step, shard_state, split_model
   parts = split_model(model)
   tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
@@ -328,7 +341,18 @@ def _jlora_train_step(model, mesh=None):
   params, rng, frozen = parts.params, parts.rng, parts.frozen
   if mesh is not None:
     params, rng, frozen = (shard_state(s, mesh) for s in (params, rng, frozen))
-  return make_train_step(parts.graphdef, tx, mesh=mesh), [params, tx.init(params), rng], frozen
+  return make_train_step(parts.graphdef, tx, loss_chunk_tokens, mesh=mesh), [params, tx.init(params), rng], frozen
+
+
+def _step_fn(train_step, carry: list, frozen, batch):
+  """``step() -> loss``: one optimizer step of ``train_step`` (jitted or compiled) on ``batch``, updating
+  ``carry = [params, opt_state, rng]`` in place."""
+
+  def step():
+    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, batch)
+    return loss
+
+  return step
 
 
 def _time_train(model, batch: int, seq: int, args, mesh=None, analyse: bool = False) -> dict:
@@ -341,13 +365,9 @@ def _time_train(model, batch: int, seq: int, args, mesh=None, analyse: bool = Fa
   ids = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq), 0, _vocab(args)))
   host = dict(tokens=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids))
   inputs = put_batch(host, mesh) if mesh is not None else jax.tree.map(jnp.asarray, host)
-
-  def step():
-    carry[0], carry[1], carry[2], loss, _ = train_step(carry[0], carry[1], carry[2], frozen, inputs)
-    return loss
-
+  step = _step_fn(train_step, carry, frozen, inputs)
   if not analyse:
-    return _time_jax(step, args)
+    return dict(_time_jax(step, args), scan_unroll=model.scan_unroll)
   memory = train_step.lower(carry[0], carry[1], carry[2], frozen, inputs).compile().memory_analysis()
   compiled = None if memory is None else dict(
       argument=memory.argument_size_in_bytes, output=memory.output_size_in_bytes,
@@ -381,7 +401,7 @@ def _wide_model(args, mesh):
 
   config = ModelConfig(num_hidden_layers=args.layers, **WIDE70B)
   make = lambda: CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
-                          remat=args.remat, scan_unroll=args.scan_unroll)
+                          remat=args.remat, scan_unroll=int(args.scan_unroll))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh))()
   model = nnx.merge(graphdef, state)
@@ -399,7 +419,7 @@ def _plan_bytes(model, args, mesh_shape, batch: int) -> int | None:
   plan = plan_job(model, devices=int(__import__("math").prod(mesh_shape)), batch_size=batch,
                           seq_len=args.seq, mesh=mesh_shape, remat=args.remat, r=16, targets=TARGETS,
                           capacity_gib=1e6, backend=jax.default_backend(),
-                          scan_unroll=getattr(args, "scan_unroll", 1))
+                          scan_unroll=getattr(model, "scan_unroll", 1))
   return None if plan is None else plan.total
 
 
@@ -465,6 +485,8 @@ def worker(args) -> None:
     if args.framework == "jlora":
       base.update(lora_matmul=args.lora_matmul, shared=bool(args.shared), adapter_dtype=args.adapter_dtype,
                   attention=args.attention, scan_unroll=args.scan_unroll)
+      if args.scan_unroll == "auto":
+        base["scan_unroll_setting"] = "auto"
     result = dict(base, **result)
     if "error" in result:  # one variant that failed (e.g. a kernel that does not lower here)
       print("RESULT " + json.dumps(result), flush=True)
@@ -506,11 +528,14 @@ def spawn(args, **overrides) -> list[dict]:
   return [json.loads(l[len("RESULT "):]) for l in lines]
 
 
+FULL_UNROLL = SHAPES["tinyllama"]["layers"]
+UNROLL_TIMEOUT = 300  # an unrolled layer loop compiles every layer: minutes, not seconds
 FUSED = dict(lora_matmul="auto", shared=1)
 AUTO = dict(lora_matmul="auto", shared=0)  # the fastest measured setting (NOTES.md entries 7-8)
 PLAIN = dict(lora_matmul="plain", shared=0)
-FULL_UNROLL = SHAPES["tinyllama"]["layers"]
-UNROLL_TIMEOUT = 300  # an unrolled layer loop compiles every layer: minutes, not seconds
+EXACT = dict(lora_matmul="exact", shared=0)
+DEFAULTS = dict(PLAIN, scan_unroll="auto", timeout=UNROLL_TIMEOUT)  # jlora.train's defaults
+BEST = dict(AUTO, scan_unroll="auto", timeout=UNROLL_TIMEOUT)
 
 
 def _attention_suite(shape: str, batch: int, seq: int) -> list[dict]:
@@ -520,6 +545,14 @@ def _attention_suite(shape: str, batch: int, seq: int) -> list[dict]:
 
 
 SUITES = {
+    # jlora.train's defaults (plain matmul, scan_unroll="auto"), the fastest setting (auto matmul,
+    # scan_unroll="auto") and PEFT + torch.compile, TinyLlama shape; "matmuls" adds each matmul rolled.
+    "defaults": lambda b: [dict(framework="jlora", batch=n, **extra) for n in b for extra in (DEFAULTS, BEST)]
+                          + [dict(framework="peft-compile", batch=n) for n in b],
+    "default": lambda b: [dict(framework="jlora", batch=n, **DEFAULTS) for n in b],
+    "matmuls": lambda b: [dict(framework="jlora", batch=n, **extra) for n in b for extra in (PLAIN, AUTO, EXACT)],
+    "defaults3b": lambda b: [dict(framework="jlora", shape="llama3b", batch=2, seq=4096, **DEFAULTS)]
+                            + [dict(framework="peft-compile", shape="llama3b", batch=2, seq=4096, timeout=420)],
     # jlora's matmul levers beside PEFT (eager and torch.compile), TinyLlama shape.
     "train": lambda b: [dict(framework="jlora", batch=n, **PLAIN) for n in b]
                        + [dict(framework="jlora", batch=n, lora_matmul="auto", shared=0) for n in b]
@@ -593,12 +626,13 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--layers", type=int, default=22)
   parser.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
-  parser.add_argument("--lora-matmul", default="auto", choices=["auto", "fused", "plain"],
-                      help="jlora: plain autodiff, or the fused LoRA matmul (merged on the fly)")
+  parser.add_argument("--lora-matmul", default="auto", choices=["exact", "auto", "fused", "plain"],
+                      help="jlora: plain autodiff, or the fused LoRA matmul (exact: stacked; auto/fused: merged)")
   parser.add_argument("--shared", type=int, default=1, help="jlora: fuse q/k/v and gate/up input matmuls")
   parser.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--scan-unroll", type=int, default=1,
-                      help="jlora: layers per step of the layer loop (the layer count: fully unrolled)")
+  parser.add_argument("--scan-unroll", default="1",
+                      help="jlora: layers per step of the layer loop (the layer count: fully unrolled; auto: as "
+                           "jlora.train picks it from the memory plan)")
   parser.add_argument("--frameworks", default="", help="run: only rows of these frameworks (comma-separated)")
   parser.add_argument("--adapter", default="lora")
   parser.add_argument("--ckpt")

@@ -101,19 +101,6 @@ def abstract_job(args):
   return step, (params, opt_state, rng, frozen, batch), model, shape, rows
 
 
-def _split_row_parallel_out_side() -> None:
-  """The earlier rule: a row-parallel kernel ``[in, out]`` is ``[tensor, fsdp]`` (FSDP gathers its minor dim)."""
-  from jlora.models import _sharding
-  rule = _sharding._dim_axes
-
-  def earlier(name, axes, shape):
-    if name in _sharding._KERNEL_NAMES and axes is not None and axes[1] == "embed" and len(shape) >= 2:
-      return {len(shape) - 2: (_sharding.LOGICAL_TO_MESH[axes[0]],), len(shape) - 1: ("fsdp",)}
-    return rule(name, axes, shape)
-
-  _sharding._dim_axes = earlier
-
-
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--shape", default="tinyllama", help="tinyllama, llama3b or wide70b")
@@ -126,17 +113,12 @@ def main() -> None:
   parser.add_argument("--lora-matmul", default="auto")
   parser.add_argument("--shared", type=int, default=0)
   parser.add_argument("--out", default=None, help="folder for the optimized HLO")
-  parser.add_argument("--row-parallel-fsdp", default="in", choices=["in", "out"],
-                      help="out: the rule before 2026-11-25 (o_proj/down_proj split over fsdp on the out side), "
-                           "to compare the compiled memory of both")
   args = parser.parse_args()
   import bench
   if args.layers is None:
     args.layers = bench.SHAPES[args.shape]["layers"] if args.shape in bench.SHAPES else 48
   bench._import_jax()
   import jax
-  if args.row_parallel_fsdp == "out":
-    _split_row_parallel_out_side()
   step, inputs, model, shape, rows = abstract_job(args)
   compiled = step.lower(*inputs).compile()
   memory = compiled.memory_analysis()
@@ -153,7 +135,7 @@ def main() -> None:
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     name = (f"{args.shape}-{args.layers}-{args.mesh.replace(',', 'x')}-{args.remat}-{args.lora_matmul}"
-            f"-unroll-{args.scan_unroll}-rowfsdp-{args.row_parallel_fsdp}")
+            f"-unroll-{args.scan_unroll}")
     with open(os.path.join(args.out, name + ".hlo.txt"), "w") as f:
       f.write(hlo)
 

@@ -100,24 +100,16 @@ def run(variant: str, args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from jlora.train import make_optimizer, make_train_step, segment_bound, split_model
+  import bench
+  from jlora.train import segment_bound
 
   attention, packed, chunk = VARIANTS[variant]
   m = model(attention, args.layers)
   rows = batch(args.batch, args.seq, packed)
   if packed and variant != "packed-dense":  # no bound given: cuDNN takes the dense mask
     m.max_segments = args.max_segments or segment_bound(rows["segment_ids"])
-  parts = split_model(m)
-  tx = make_optimizer(m, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0, end_lr_ratio=1.0,
-                      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
-  step = make_train_step(parts.graphdef, tx, chunk)
-  carry = [parts.params, tx.init(parts.params), parts.rng]
-  inputs = jax.tree.map(jnp.asarray, rows)
-
-  def once():
-    carry[0], carry[1], carry[2], loss, _ = step(carry[0], carry[1], carry[2], parts.frozen, inputs)
-    return loss
-
+  step, carry, frozen = bench._jlora_train_step(m, loss_chunk_tokens=chunk)
+  once = bench._step_fn(step, carry, frozen, jax.tree.map(jnp.asarray, rows))
   start = time.perf_counter()
   loss = float(once())
   compile_s = time.perf_counter() - start

@@ -259,10 +259,7 @@ def main(argv=None) -> dict:
   with open(os.path.join(args.out, "memory.txt"), "w") as f:
     f.write(str(memory))
 
-  def step():
-    carry[0], carry[1], carry[2], loss, _ = compiled(carry[0], carry[1], carry[2], frozen, batch)
-    return loss
-
+  step = bench._step_fn(compiled, carry, frozen, batch)
   for _ in range(args.warmup):
     jax.block_until_ready(step())
   times = []

@@ -24,7 +24,9 @@ Environment (all optional):
   ``autotune0`` (``XLA_FLAGS=--xla_gpu_autotune_level=0``: no GEMM autotuning,
   to see what compile time autotuning takes), ``autotune1`` (level 1:
   autotuning without the default level 4's buffer initialisation and
-  result checks);
+  result checks), ``cache`` (jlora's compile cache, ``jlora.train.enable_compile_cache``, in
+  ``QUANT_CACHE_DIR``, default ``/tmp/jlora-compile-cache``: a second ``fp8:cache`` row of a shape is a
+  second start, its ``compile_s`` the cached load);
 * ``QUANT_BUDGET_S`` (default 540): the suite's wall time; runs start only
   while it lasts;
 * ``QUANT_RUN_TIMEOUT_S`` (default 300): one run's wall time, compile included.
@@ -55,7 +57,7 @@ SHAPES = {
                     num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
 }
 BASES = ("bf16", "nf4", "int8", "fp8")
-OPTIONS = ("separate", "unfused", "upcast", "head", "auto", "autotune0", "autotune1")
+OPTIONS = ("separate", "unfused", "upcast", "head", "auto", "autotune0", "autotune1", "cache")
 XLA_OPTION_FLAGS = {"autotune0": "--xla_gpu_autotune_level=0", "autotune1": "--xla_gpu_autotune_level=1"}
 
 
@@ -121,10 +123,15 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
   jax_compat.patch_hijax()
   import jax
   import jax.numpy as jnp
+  import bench
   import jlora
-  from jlora.train import make_optimizer, make_train_step, split_model
+  start_process = time.perf_counter()
 
   base, options = parse_row(row)
+  cache = None
+  if "cache" in options:
+    from jlora.train import enable_compile_cache
+    cache = str(enable_compile_cache(os.environ.get("QUANT_CACHE_DIR", "/tmp/jlora-compile-cache")))
   if "head" in options and SHAPES[shape]["tie_word_embeddings"]:
     raise ValueError(f"{row}: {shape} ties its output head to the embedding, which stays bf16 (no "
                      "quantized embedding); run head rows at tinyllama")
@@ -138,26 +145,20 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
     jlora.quant.set_fp8_matmul(model, shared_input="separate" not in options,
                                backward="upcast" if "upcast" in options else "fp8",
                                fused_lora="unfused" not in options)
-  parts = split_model(model)
-  tx = make_optimizer(model, parts.params, learning_rate=1e-4, steps=1000, warmup_steps=0,
-                             end_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=0.0, grad_accum=1)
-  train_step = make_train_step(parts.graphdef, tx)
-  carry = [parts.params, tx.init(parts.params), parts.rng]
+  train_step, carry, frozen = bench._jlora_train_step(model)
   ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, SHAPES[shape]["vocab_size"])
   inputs = dict(tokens=ids, attention_mask=jnp.ones_like(ids), loss_mask=jnp.ones_like(ids))
 
   start = time.perf_counter()
-  compiled = train_step.lower(carry[0], carry[1], carry[2], parts.frozen, inputs).compile()
+  compiled = train_step.lower(*carry, frozen, inputs).compile()
   compile_s = time.perf_counter() - start
   hlo = compiled.as_text()
 
-  def step():
-    carry[0], carry[1], carry[2], loss, _ = compiled(carry[0], carry[1], carry[2], parts.frozen, inputs)
-    return loss
-
+  step = bench._step_fn(compiled, carry, frozen, inputs)
   start = time.perf_counter()
   loss = float(step())
   first = time.perf_counter() - start
+  to_first_step = time.perf_counter() - start_process  # model built, compiled (or loaded), one step
   for _ in range(warmup):
     jax.block_until_ready(step())
   times = []
@@ -170,7 +171,7 @@ def worker(shape: str, row: str, batch: int, seq: int, steps: int, warmup: int) 
   return dict(suite="quant", shape=shape, base=row, batch=batch, seq=seq, first_step_s=first, step_s=step_s,
               tokens_per_s=batch * seq / step_s, peak_bytes=stats.get("peak_bytes_in_use", 0),
               first_loss=loss, device=jax.devices()[0].device_kind, compile_s=compile_s,
-              fp8_gemms=hlo.count("__cublas$lt$matmul$f8"), **sizes)
+              fp8_gemms=hlo.count("__cublas$lt$matmul$f8"), compile_cache=cache, to_first_step_s=to_first_step, **sizes)
 
 
 def run(out: str, steps: int = 5, warmup: int = 1, timeout: float = 300.0, shapes=tuple(SHAPES),

@@ -74,7 +74,7 @@ WLORA = [
     new_code_cell('MODEL = "byte-stories"  # or a hub id / local checkpoint dir\nSTEPS = 100\nSEQ_LEN = 128\nOUTPUT_DIR = "runs/wlora"',
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP),
-    new_code_cell('import json\nfrom jlora.train._data import EMBEDDED_CORPUS, read_records\n\n'
+    new_code_cell('import json\nfrom jlora.train import EMBEDDED_CORPUS, read_records\n\n'
                   'records = [r for r, _ in read_records(EMBEDDED_CORPUS)]\n'
                   'Path(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)\n'
                   'parts = {"stories": [r for r in records if "text" in r],\n'
@@ -120,7 +120,7 @@ SHARDING = [
                   '    "batch_size": batch, "data.seq_len": SEQ_LEN, "steps": STEPS, "samples": 0,\n'
                   '    "eval_every": max(STEPS // 2, 1), "output_dir": OUTPUT_DIR, "overwrite": True,\n'
                   '})\nresult = jlora.train(cfg)\nresult.eval_losses'),
-    new_code_cell("from jlora.train._sharding import make_mesh, param_spec\nfrom flax import nnx\n\n"
+    new_code_cell("from jlora.train import make_mesh, param_spec\nfrom flax import nnx\n\n"
                   "mesh = make_mesh((jax.device_count() // (FSDP * TENSOR), FSDP, TENSOR))\n"
                   "for path, v in list(nnx.to_flat_state(nnx.state(result.model, nnx.Param)))[:8]:\n"
                   "    print('.'.join(map(str, path)), v[...].shape, param_spec(path, v[...].shape, mesh))"),

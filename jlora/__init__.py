@@ -11,13 +11,13 @@ The user API, by concern:
 * quantized bases (``jlora.quant``): NF4 / int8 / fp8 frozen kernels under adapters;
 * training (``jlora.train``): the job and its optimizer helpers.
 
-``jlora.train`` is the training *function*; import the package's other names
-with ``from jlora.train import ...``.
+``jlora.train`` is the training package, and calling it runs the job:
+``jlora.train(cfg)``; its other names come with ``from jlora.train import ...``.
 """
 
-from jlora._api import get_peft_model
+from jlora import train
+from jlora.io import from_pretrained, get_peft_model, hotswap_adapter, load_peft, save_peft, save_pretrained
 from jlora.kinds import VeraConfig
-from jlora.io import from_pretrained, hotswap_adapter, load_peft, save_peft, save_pretrained
 from jlora.models import generate
 from jlora.nn import (
     ADAPTER_STATE,
@@ -55,6 +55,6 @@ from jlora.nn import (
     unscale_layer,
 )
 from jlora.quant import dequantize, merge_and_unload, quantize
-from jlora.train import TrainConfig, adapter_optimizer, train, trainable_mask
+from jlora.train import TrainConfig, adapter_optimizer, trainable_mask
 
 __version__ = "0.1.0"

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
   except CliError as e:
     print(f"jlora: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints and says how to resume)
+    print(f"jlora: interrupted by SIGINT; {args.command} stopped before it finished (its files are written whole "
+          "or not at all).", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import math
 
+import optax
 import pytest
 from flax import nnx
 
@@ -151,3 +152,40 @@ class NoLayers(nnx.Module):
 def test_get_peft_model_on_a_module_without_lora_layers_says_so():
   with pytest.raises(ValueError, match="NoLayers has no layers that can take LoRA"):
     jlora.get_peft_model(NoLayers(), jlora.LoraConfig(r=2, target_modules="all-linear"))
+
+
+# ---- add_weighted_adapter's density and seed ------------------------------------------
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "ties", "magnitude_prune"])
+def test_an_int_density_is_taken_as_a_float(method):
+  model = with_adapters("a", "b")
+  jlora.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "mix", method, density=0)
+  assert "mix" in jlora.peft_config(model)
+
+
+@pytest.mark.parametrize("density", ["0.5", True, math.nan])
+def test_a_density_that_is_not_a_number_is_refused_by_name(density):
+  model = with_adapters("a", "b")
+  with pytest.raises(ValueError, match=r"density in \[0, 1\].*got"):
+    jlora.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "mix", "dare_linear", density=density)
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, None, True])
+def test_a_seed_that_is_not_an_int_is_refused_by_name(seed):
+  model = with_adapters("a", "b")
+  with pytest.raises(ValueError, match=rf"seed must be an int, got {seed!r}"):
+    jlora.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "mix", "dare_linear", density=0.5, seed=seed)
+
+
+# ---- adapter_optimizer -----------------------------------------------------------------
+
+@pytest.mark.parametrize("tx", ["adam", None, optax.adam])
+def test_an_optimizer_that_is_not_an_optax_transformation_is_named(tx):
+  with pytest.raises(TypeError, match=r"tx must be an optax GradientTransformation.*optax\.adamw"):
+    jlora.adapter_optimizer(with_adapters("a"), tx)
+
+
+@pytest.mark.parametrize("ratio", [math.inf, math.nan])
+def test_a_non_finite_loraplus_ratio_is_refused(ratio):
+  with pytest.raises(ValueError, match=r"loraplus_lr_ratio must be a positive number \(PEFT suggests 16\) and finite, got"):
+    jlora.adapter_optimizer(with_adapters("a"), optax.adam(1e-3), loraplus_lr_ratio=ratio)

@@ -121,3 +121,67 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
   step = int(line.split(" at step ")[1].split("/")[0])
   assert f"stopped by {sig.name} at step {step}/100000" in line and "again to resume" in line
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [str(step)]
+
+
+def _signal_at_step(monkeypatch, step: int, again_during_save: bool = False):
+  """Deliver SIGINT to this process once step ``step`` is logged, and (``again_during_save``) a second
+  SIGINT while that step's checkpoint is being saved: what two quick Ctrl-Cs do, at fixed points."""
+  from jlora.train import _checkpoint, _train
+
+  class SignallingMetrics(_train.Metrics):
+    def log(self, record):
+      super().log(record)
+      if record.get("step") == step and "loss" in record:
+        signal.raise_signal(signal.SIGINT)
+
+  save = _checkpoint.Checkpointer.save
+
+  def save_then_signal(self, at, state, meta):
+    save(self, at, state, meta)
+    if again_during_save and at == step:
+      signal.raise_signal(signal.SIGINT)
+
+  monkeypatch.setattr(_train, "Metrics", SignallingMetrics)
+  monkeypatch.setattr(_checkpoint.Checkpointer, "save", save_then_signal)
+
+
+def test_a_second_sigint_during_the_save_waits_for_it_and_says_so(tmp_path, monkeypatch, capsys):
+  from jlora.train import TrainingInterrupted
+
+  _signal_at_step(monkeypatch, 2, again_during_save=True)
+  job = tiny_job(tmp_path / "run", **{"checkpoint.every": 100, "checkpoint.async_save": True})
+  try:
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 2/12"):
+      train(job, model=CausalLM(), tokenizer=ByteTokenizer())
+  except KeyboardInterrupt:
+    pytest.fail("the second SIGINT broke off the save")
+  assert "SIGINT again: stopping once the checkpoint of this step is written" in capsys.readouterr().err
+  checkpoints = tmp_path / "run" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["2"]  # complete, no *.orbax-checkpoint-tmp
+
+
+def test_a_resumed_job_says_from_which_step(tmp_path, monkeypatch, capsys):
+  from jlora.train import TrainingInterrupted
+
+  job = tiny_job(tmp_path / "run", **{"checkpoint.every": 100})
+  with monkeypatch.context() as patch:
+    _signal_at_step(patch, 3)
+    with pytest.raises(TrainingInterrupted):
+      train(job, model=CausalLM(), tokenizer=ByteTokenizer())
+  capsys.readouterr()
+  train(job, model=CausalLM(), tokenizer=ByteTokenizer())
+  assert "jlora: resuming from step 3 of 12" in capsys.readouterr().err
+
+
+def test_an_interrupt_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
+  from jlora.cli import main
+  from jlora.train import _model
+
+  def interrupted_loading(cfg):
+    raise KeyboardInterrupt
+
+  _model._load_builtin_presets()
+  monkeypatch.setitem(_model._PRESETS, "interrupted", interrupted_loading)
+  assert main(["train", "--set", "model.name=interrupted", "--set", f"output_dir={tmp_path / 'run'}"]) == 130
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and err.startswith("jlora: interrupted") and "Traceback" not in err

@@ -101,6 +101,12 @@ def test_generate_refuses_a_tokenizer_larger_than_the_vocabulary(llama, capsys):
   assert "258" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_generate_refuses_a_temperature_that_is_not_finite_and_non_negative(temperature, capsys):
+  assert main(["generate", "tiny", "--prompt", "hi", "--temperature", temperature]) == 1
+  assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- inspect
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 import jlora
 import torch_oracle as oracle
+from jlora import testing
 from tests import hf_doubles
 
 MODULES = ("lin", "emb", "conv")
@@ -203,10 +204,9 @@ def test_wlora_over_dora_upstreams_is_refused():
 
 
 def test_train_config_builds_a_dora_adapter():
-  from jlora.train._config import ConfigError, load_config
-  from jlora.train._model import adapter_config
-  assert adapter_config(load_config(None, ["adapter.use_dora=true"]).adapter).use_dora
-  with pytest.raises(ConfigError, match="adapter.use_dora=true needs adapter.kind=lora"):
+  from jlora.train import ConfigError, load_config
+  assert load_config(None, ["adapter.use_dora=true"]).adapter.use_dora
+  with pytest.raises(ConfigError, match="adapter \\(kind moslora\\): MoSLoRA with use_dora=True is not supported"):
     load_config(None, ["adapter.use_dora=true", "adapter.kind=moslora"])
 
 
@@ -216,3 +216,20 @@ def test_fused_lora_matmul_modes_leave_dora_exact(mode):
   jlora.nn.set_lora_matmul(model, mode)
   expected, got = oracle.outputs(root, model, "lin")
   np.testing.assert_allclose(got, expected, atol=TOL)
+
+
+# ---- under a quantized base: the column norm is over the dequantized kernel, as in PEFT --------------
+
+@pytest.mark.parametrize("fmt,options", [("int8", {}), ("fp8", {}), ("nf4", {"block_size": 4})])
+def test_dora_on_a_quantized_base_matches_the_float_model_up_to_the_rounding(fmt, options):
+  ids = testing.token_ids()
+  model = testing.TinyLM()
+  plain = np.asarray(model(ids))
+  jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True))
+  testing.randomize_adapters(model, scale=0.5)
+  adapted = np.asarray(model(ids))
+  rounding = np.abs(np.asarray(jlora.quantize(testing.TinyLM(), fmt, **options)(ids)) - plain).max()
+  jlora.quantize(model, fmt, **options)
+  quantized = np.asarray(model(ids))
+  assert np.abs(adapted - plain).max() > 10 * rounding  # the DoRA effect is far above the rounding
+  np.testing.assert_allclose(quantized, adapted, atol=3 * rounding + 1e-6)

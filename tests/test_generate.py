@@ -106,6 +106,13 @@ def test_bad_arguments_name_the_problem(tmp_path):
     jlora.generate(model, np.zeros((1, 3), np.int32), 2, attention_mask=np.ones((1, 4)))
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_not_finite_and_non_negative_is_refused(tmp_path, temperature):
+  _, model = load("gpt2", tmp_path)
+  with pytest.raises(ValueError, match=rf"temperature must be a finite number >= 0.*got {temperature}"):
+    jlora.generate(model, np.zeros((1, 3), np.int32), 2, temperature=temperature)
+
+
 def test_generation_ignores_lora_dropout(tmp_path):
   _, model = load("llama", tmp_path)
   model = jlora.get_peft_model(model, jlora.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5))
@@ -115,3 +122,23 @@ def test_generation_ignores_lora_dropout(tmp_path):
   model.eval()
   greedy = np.asarray(model(jnp.asarray(out)))[:, ids.shape[1] - 1:-1].argmax(-1)
   np.testing.assert_array_equal(out[:, ids.shape[1]:], greedy)
+
+
+def test_decoding_without_the_cache_gives_the_cached_tokens():
+  from attention_doubles import tiny_llama
+
+  model = tiny_llama()
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 50, (1, 5)), jnp.int32)
+  cached = jlora.generate(model, ids, 6)
+  np.testing.assert_array_equal(jlora.generate(model, ids, 6, use_cache=False), cached)
+
+
+def test_a_model_of_your_own_decodes_by_rerunning_its_forward_pass():
+  from train_doubles import CausalLM
+
+  model = CausalLM()
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 258, (1, 4)), jnp.int32)
+  want = ids
+  for _ in range(3):
+    want = jnp.concatenate([want, jnp.argmax(model(want)[:, -1:], axis=-1).astype(jnp.int32)], axis=1)
+  np.testing.assert_array_equal(jlora.generate(model, ids, 3), want)

@@ -83,7 +83,10 @@ def test_record_slots_of_packed_rows_raise_the_plan_above_the_measured_gpu_peak(
     ("gpu", "auto", 8, 8), ("gpu", "cudnn", 16, 16), ("gpu", "auto", 32, 0), ("gpu", "auto", None, 0),
     ("gpu", "xla", 8, 0), ("tpu", "auto", 8, 0)])
 def test_only_cudnn_packed_layout_jobs_plan_record_slots(backend, attention, max_segments, slots):
-  model = types.SimpleNamespace(attention=attention, max_segments=max_segments)
+  from attention_doubles import tiny_llama
+
+  model = tiny_llama()
+  model.attention, model.max_segments = attention, max_segments
   assert cudnn_packed_slots(model, backend) == slots
 
 
@@ -182,3 +185,54 @@ def test_train_with_fsdp_auto_prints_the_plan_and_what_it_picked(tmp_path, capsy
   out = capsys.readouterr().out
   assert "memory plan per device (mesh data=1 fsdp=1 tensor=1" in out
   assert "picked mesh.fsdp=1, model.remat=matmuls" in out
+
+
+H100 = 80 * GiB
+HEADLINE = dict(rows_per_device=8, seq_len=2048, fused_attention=True)
+
+
+def test_auto_scan_unroll_unrolls_fully_where_the_unrolled_plan_fits_with_margin():
+  from jlora.train import choose_scan_unroll
+  from jlora.train._memory_fit import UNROLL_MARGIN
+  unrolled = plan_memory(TINYLLAMA, scan_unroll=22, **HEADLINE).total
+  assert choose_scan_unroll(TINYLLAMA, capacity=H100, **HEADLINE) == 22
+  assert choose_scan_unroll(TINYLLAMA, capacity=int(unrolled / UNROLL_MARGIN) + 1, **HEADLINE) == 22
+  assert choose_scan_unroll(TINYLLAMA, capacity=int(unrolled / UNROLL_MARGIN) - 1, **HEADLINE) == 1
+
+
+def test_auto_scan_unroll_stays_rolled_where_only_the_rolled_plan_fits():
+  from jlora.train import choose_scan_unroll
+  capacity = 24 * GiB  # TinyLlama 8x2048: ~19.7 GiB rolled, ~30 GiB unrolled
+  assert plan_memory(TINYLLAMA, capacity=capacity, **HEADLINE).fits
+  assert not plan_memory(TINYLLAMA, capacity=capacity, scan_unroll=22, **HEADLINE).fits
+  assert choose_scan_unroll(TINYLLAMA, capacity=capacity, **HEADLINE) == 1
+
+
+@pytest.mark.parametrize("capacity, mesh", [(None, (1, 1, 1)), (H100, (1, 2, 1))])
+def test_auto_scan_unroll_stays_rolled_without_a_known_capacity_or_under_fsdp(capacity, mesh):
+  from jlora.train import choose_scan_unroll
+  assert choose_scan_unroll(TINYLLAMA, capacity=capacity, mesh=mesh, **HEADLINE) == 1
+
+
+def test_auto_scan_unroll_of_the_3b_shape_on_an_h100_unrolls():
+  from jlora.train import choose_scan_unroll
+  assert choose_scan_unroll(LLAMA_3B, capacity=H100, rows_per_device=2, seq_len=4096, fused_attention=True) == 28
+
+
+@pytest.mark.parametrize("capacity_gib, backend, unroll", [(1024.0, "gpu", "layers"), (0.0, "cpu", 1),
+                                                           (1e-3, "gpu", 1)])
+def test_a_jobs_auto_scan_unroll_follows_its_plan(capacity_gib, backend, unroll):
+  from jlora.train._memory_fit import job_scan_unroll
+  from jlora.train._model import load_model
+  from jlora.train._config import ModelConfig as TrainModelConfig
+  model, _ = load_model(TrainModelConfig(name="tiny"))
+  want = model.config.num_hidden_layers if unroll == "layers" else unroll
+  assert job_scan_unroll(model, batch_size=8, seq_len=128, mesh=(1, 1, 1), remat="matmuls", r=8,
+                         targets=TARGETS, capacity_gib=capacity_gib, backend=backend) == want
+
+
+def test_train_with_auto_scan_unroll_plans_rolled_where_the_unrolled_step_does_not_fit(tmp_path):
+  cfg = TrainConfig().replace(**{"output_dir": str(tmp_path / "run"), "mesh.device_memory_gib": 0.001,
+                                 "progress": False})
+  with pytest.raises(MemoryPlanError, match="scan_unroll=1,"):
+    train(cfg)

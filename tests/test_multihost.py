@@ -4,7 +4,7 @@ Each process is started like a real launch (``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) with 2 simulated CPU devices, so
 the job's mesh has 4 devices over 2 processes; the reference is the same job
 in one process on one device (the same global batch). The 2-process job is
-SIGKILLed (both processes) after a checkpoint, restarted, and finished.
+SIGKILLed (both processes) once a checkpoint is on disk (the job blocks there), restarted, and finished.
 Tolerance: per-step losses within 1e-5 of the reference (the sharded job sums
 its reductions in another order).
 """
@@ -15,34 +15,34 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from jlora.train import LaunchError
 from jlora.train._distributed import launch_settings
+from train_doubles import wait_until_blocked
 
 TESTS = Path(__file__).parent
 STEPS, BATCH = 8, 8
 OVERRIDES = {"checkpoint.every": 2, "eval_every": 4, "adapter.lora_dropout": 0.1}
+KILL_AT = 4  # both processes are killed once step 4's checkpoint is on disk: steps 5-8 run after the resume
 JOB = """
-import json, sys, time
+import json, sys
 from jlora.train import initialize_distributed
 initialize_distributed()  # before the model is built
 sys.path.insert(0, {tests!r})
 from jlora.train import _data, _train as t
-put, batch_at = t._sharding.put_batch, _data.BatchStream.batch_at
+batch_at = _data.BatchStream.batch_at
 rows_seen = set()
-def slow_put(*args, **kwargs):
-  time.sleep({delay})  # slow enough to be killed mid-run; the numbers do not change
-  return put(*args, **kwargs)
 def counting_batch_at(self, index):
   batch = batch_at(self, index)
   rows_seen.add(len(batch["tokens"]))
   return batch
-t._sharding.put_batch, _data.BatchStream.batch_at = slow_put, counting_batch_at
-from train_doubles import run_tiny_job
+_data.BatchStream.batch_at = counting_batch_at
+from train_doubles import block_after_checkpoint, run_tiny_job
+if {kill_at}:
+  block_after_checkpoint({kill_at}, {marker!r})  # the kill point: after this checkpoint is on disk
 import jax
 r = run_tiny_job({out!r}, steps={steps}, batch_size={batch}, **{overrides!r})
 print("RESULT" + json.dumps({{"process": jax.process_index(), "processes": jax.process_count(),
@@ -57,8 +57,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(out: Path, processes: int, devices: int, delay: float = 0.0) -> list[subprocess.Popen]:
-  code = JOB.format(tests=str(TESTS), out=str(out), steps=STEPS, batch=BATCH, delay=delay, overrides=OVERRIDES)
+def _launch(out: Path, processes: int, devices: int, kill_at: int = 0) -> list[subprocess.Popen]:
+  code = JOB.format(tests=str(TESTS), out=str(out), steps=STEPS, batch=BATCH, kill_at=kill_at,
+                    marker=str(out) + ".blocked", overrides=OVERRIDES)
   port = _free_port()
   procs = []
   for rank in range(processes):
@@ -75,7 +76,7 @@ def _launch(out: Path, processes: int, devices: int, delay: float = 0.0) -> list
 def _results(procs) -> list[dict]:
   out = []
   for p in procs:
-    stdout, stderr = p.communicate(timeout=240)
+    stdout, stderr = p.communicate(timeout=900)  # a guard against a hung job; a busy machine is slow
     assert p.returncode == 0, stderr[-3000:]
     out.append(json.loads([l for l in stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):]))
   return sorted(out, key=lambda r: r["process"])
@@ -89,14 +90,9 @@ def _logged_losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
-  procs = _launch(root / "two", processes=2, devices=2, delay=0.3)
+  procs = _launch(root / "two", processes=2, devices=2, kill_at=KILL_AT)
   reference = _reference(root / "one")  # in this process (one device) while the job runs
-  deadline = time.time() + 120
-  while time.time() < deadline and all(p.poll() is None for p in procs):
-    if (root / "two" / "metrics.jsonl").exists() and len(_logged_losses(root / "two")) >= 3:
-      break
-    time.sleep(0.05)
-  assert all(p.poll() is None for p in procs), "the job ended before it could be killed"
+  wait_until_blocked(procs, str(root / "two") + ".blocked")
   for p in procs:
     p.send_signal(signal.SIGKILL)
   for p in procs:
@@ -120,7 +116,7 @@ def _reference(out: Path) -> dict:
 def test_two_processes_resumed_after_a_kill_equal_one_process(runs):
   reference, resumed, out = runs
   assert [r["processes"] for r in resumed] == [2, 2]
-  assert resumed[0]["resumed_from"] == resumed[1]["resumed_from"] >= 2
+  assert resumed[0]["resumed_from"] == resumed[1]["resumed_from"] == KILL_AT
   assert len(reference["losses"]) == STEPS
   assert _logged_losses(out) == pytest.approx(reference["losses"], abs=1e-5)
   for r in resumed:

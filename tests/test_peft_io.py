@@ -342,7 +342,7 @@ def test_non_lora_peft_type_is_refused(tmp_path):
   adapter, _ = save_peft_adapter(tmp_path, r=2, target_modules=["lin"])
   config = json.loads((adapter / "adapter_config.json").read_text())
   (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-  with pytest.raises(ValueError, match="peft_type='IA3'.*LoRA adapters only"):
+  with pytest.raises(ValueError, match="peft_type='IA3'.*only the PEFT types of its registered adapter kinds: 'LORA'"):
     jlora.load_peft(fresh(), adapter)
 
 

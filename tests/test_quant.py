@@ -279,6 +279,17 @@ def test_unknown_format_is_refused(llama):
     jlora.from_pretrained(llama[0], quantize="int4")
 
 
+def test_unknown_quantize_options_are_named_with_the_valid_ones(llama):
+  with pytest.raises(ValueError, match=r"Unknown quantize_options \['bogus'\]; the options are "
+                                       r"'block_size', 'double_quant', 'targets'"):
+    jlora.from_pretrained(llama[0], quantize="nf4", quantize_options={"bogus": 1})
+
+
+def test_quantize_options_without_a_format_are_refused(llama):
+  with pytest.raises(ValueError, match=r"quantize_options need quantize=.*'nf4'"):
+    jlora.from_pretrained(llama[0], quantize_options={"block_size": 16})
+
+
 def test_block_size_that_does_not_divide_a_layer_is_refused_before_any_change(llama):
   model = load(llama[0])
   with pytest.raises(ValueError, match=r"down_proj: block_size=16 does not divide its input dimension 24; "

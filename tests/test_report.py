@@ -101,7 +101,7 @@ def test_rate_and_eta_leave_out_the_first_steps_compile_time():
   clock = FakeClock()
   progress = Progress(total=10, initial=0, enabled=False, clock=clock)
   clock.now = 30.0  # step 1: compiling
-  assert progress.update(1.0, tokens=100) == 0.0 and progress.eta is None
+  assert progress.update(1.0, tokens=100) is None and progress.eta is None
   for _ in range(4):  # steps 2-5 take 0.5 s each
     clock.now += 0.5
     rate = progress.update(1.0, tokens=100)
@@ -141,3 +141,32 @@ def test_sample_prompts_skip_a_record_cut_by_the_row_start():
 def test_sample_prompts_of_records_longer_than_a_row_are_row_openings():
   held_out = _held_out([{"text": "Once there was a very long story " * 6}], seq_len=64)
   assert sample_prompts(ByteTokenizer(), held_out, 1) == ["Once there w"]
+
+
+@pytest.fixture(scope="module")
+def short_job(tmp_path_factory):
+  from train_doubles import run_tiny_job
+
+  return run_tiny_job(tmp_path_factory.mktemp("short") / "run", steps=3, eval_every=3)
+
+
+def test_each_step_logs_lr_grad_norm_and_both_token_counts(short_job):
+  import optax
+
+  steps = [r for r in short_job.history if "loss" in r]
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-2, warmup_steps=2, decay_steps=3, end_value=3e-3)
+  assert [r["lr"] for r in steps] == pytest.approx([float(schedule(s)) for s in range(3)])
+  assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+  # the Q/A records' prompts are masked: fewer trained tokens than processed ones, all within the batch
+  assert all(0 < r["trained_tokens"] < r["tokens"] <= 4 * 32 for r in steps)
+
+
+def test_tokens_per_second_starts_at_step_two(short_job):
+  steps = [r for r in short_job.history if "loss" in r]
+  assert "tokens_per_s" not in steps[0] and all(r["tokens_per_s"] > 0 for r in steps[1:])
+
+
+def test_tensorboard_shows_the_learning_rate_grad_norm_and_token_counts(short_job):
+  events = _events(short_job.output_dir / "tensorboard")
+  for tag in ("lr", "grad_norm", "tokens", "trained_tokens"):
+    assert [s for s, _ in events[tag]] == [1, 2, 3], tag

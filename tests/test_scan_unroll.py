@@ -93,3 +93,16 @@ def test_train_config_scan_unroll_reaches_the_model():
 def test_train_config_rejects_a_scan_unroll_below_one():
   with pytest.raises(ConfigError, match=r"model\.scan_unroll must be >= 1, got 0"):
     load_config(None, ["model.scan_unroll=0"])
+
+
+def test_train_config_scan_unroll_defaults_to_auto_and_takes_auto_or_a_number():
+  assert TrainModelConfig().scan_unroll == "auto"
+  assert load_config(None, ["model.scan_unroll=auto"]).model.scan_unroll == "auto"
+  assert load_config(None, ["model.scan_unroll=4"]).model.scan_unroll == 4
+  with pytest.raises(ConfigError, match="model.scan_unroll"):
+    load_config(None, ["model.scan_unroll=most"])
+
+
+def test_an_auto_scan_unroll_loads_rolled_until_the_job_plans_it():
+  model, _ = load_model(TrainModelConfig(name="tiny"))
+  assert model.scan_unroll == 1

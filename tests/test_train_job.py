@@ -156,3 +156,12 @@ def test_the_model_makes_room_for_the_most_records_a_packed_row_holds(tmp_path):
   result = train(cfg, tokenizer=ByteTokenizer())
   rows = _prepare_data(cfg, ByteTokenizer())
   assert result.model.max_segments == max(segment_bound(r.segment_ids) for r in rows) >= 2
+
+
+def test_the_train_step_compiles_once(tmp_path, caplog):
+  import logging
+
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    run_tiny_job(tmp_path / "run", steps=3, eval_every=3)
+  compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step) ")]
+  assert len(compiles) == 1

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 import jlora
-from jlora.train._config import ModelConfig
+from jlora.train import ModelSection
 from jlora.train._data import pack
 from jlora.train._model import load_model
 from jlora.train._steps import make_eval_step, masked_nll, split_model
@@ -21,7 +21,7 @@ def right_padded_batch():
 
 
 def test_eval_step_loss_equals_the_loss_under_the_padding_mask():
-  model, _ = load_model(ModelConfig(name="tiny", dtype="float32"))
+  model, _ = load_model(ModelSection(name="tiny", dtype="float32"))
   jlora.get_peft_model(model, jlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
   batch = right_padded_batch()
   assert int(batch["attention_mask"].sum()) < batch["attention_mask"].size  # the batch really pads
@@ -50,7 +50,7 @@ def test_masked_nll_is_the_mean_free_sum_of_next_token_cross_entropy():
 
 
 def test_every_remat_policy_gives_the_same_gradients():
-  model, _ = load_model(ModelConfig(name="tiny", dtype="float32"))
+  model, _ = load_model(ModelSection(name="tiny", dtype="float32"))
   jlora.get_peft_model(model, jlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
   batch = right_padded_batch()
 

@@ -4,6 +4,7 @@ both ways on a tiny Llama and GPT-2 (logits in float32), merge / unmerge, and wh
 from __future__ import annotations
 
 import copy
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +117,19 @@ def test_save_projection_false_is_refused():
 def test_vera_on_an_embedding_is_refused():
   with pytest.raises(ValueError, match="VeRA adapts Linear layers only"):
     jlora.get_peft_model(jlora.testing.TinyLM(), VeraConfig(r=2, target_modules=["embed_tokens"]))
+
+
+def test_scanned_layers_left_out_get_no_update_and_round_trip(tmp_path):
+  model = jlora.testing.TinyScannedLM()
+  jlora.get_peft_model(model, VeraConfig(r=3, target_modules=["q_proj", "down_proj"], layers_to_transform=[1],
+                                         layers_pattern="layers"))
+  rng = np.random.RandomState(0)
+  for _, layer in jlora.lora_layers(model):
+    for variable in (layer.adapters["default"].vera_lambda_d, layer.adapters["default"].vera_lambda_b):
+      variable[...] = jnp.asarray(rng.randn(*variable.shape), jnp.float32)
+  ids = jlora.testing.token_ids()
+  jlora.save_peft(model, tmp_path / "v")
+  saved = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+  assert saved["target_modules"] == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+  loaded = jlora.load_peft(jlora.testing.TinyScannedLM(), tmp_path / "v")
+  np.testing.assert_allclose(np.asarray(loaded(ids)), np.asarray(model(ids)), atol=1e-6)

@@ -97,7 +97,9 @@ def tiny_job(output_dir, **overrides):
 
   base = {"output_dir": str(output_dir), "steps": 12, "batch_size": 4, "eval_every": 6, "eval_batches": 2,
           "checkpoint.every": 4, "checkpoint.async_save": False, "data.seq_len": 32, "progress": False,
-          "samples": 0, "optim.learning_rate": 3e-2, "optim.warmup_steps": 2, "adapter.r": 4}
+          "samples": 0, "optim.learning_rate": 3e-2, "optim.warmup_steps": 2}
+  if overrides.get("adapter.kind", "lora") != "wlora":  # WLoRA has no rank of its own
+    base["adapter.r"] = 4
   base.update(overrides)
   return TrainConfig().replace(**base)
 
@@ -107,3 +109,43 @@ def run_tiny_job(output_dir, **overrides):
   from jlora.train import ByteTokenizer, train
 
   return train(tiny_job(output_dir, **overrides), model=CausalLM(), tokenizer=ByteTokenizer())
+
+
+def block_after_checkpoint(step: int, marker: str, wait: bool = True) -> None:
+  """Make this process's jobs stop dead after saving checkpoint ``step``: a kill point that does not
+  depend on timing.
+
+  The save of ``step`` is started (and, with ``wait``, finished on disk); then
+  the job writes ``<marker>.<process index>`` and blocks until it is killed.
+  """
+  import threading
+  from pathlib import Path
+
+  from jlora.train import _checkpoint
+
+  save = _checkpoint.Checkpointer.save
+
+  def save_then_block(self, at, state, meta):
+    save(self, at, state, meta)
+    if at == step:
+      if wait:
+        self.wait()
+      Path(f"{marker}.{jax.process_index()}").write_text(str(at))
+      threading.Event().wait()
+
+  _checkpoint.Checkpointer.save = save_then_block
+
+
+def wait_until_blocked(procs, marker: str, guard_s: float = 600) -> None:
+  """Wait for every process of ``procs`` to reach ``block_after_checkpoint``'s point (``guard_s`` only
+  turns a hung job into a failure; the point itself is set by the job's step, not by time)."""
+  import time
+  from pathlib import Path
+
+  paths = [Path(f"{marker}.{i}") for i in range(len(procs))]
+  give_up = time.monotonic() + guard_s
+  while not all(p.exists() for p in paths):
+    ended = [p for p in procs if p.poll() is not None]
+    assert not ended, f"the job ended before it reached the kill point: {ended[0].communicate()[1][-3000:]}"
+    assert time.monotonic() < give_up, "the job did not reach the kill point"
+    time.sleep(0.05)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from jlora.train import TOKENIZER_FILES, has_tokenizer
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -17,22 +18,53 @@ def describe(doc: str) -> str:
   return doc.split("\n\n")[1].replace("``", "")
 
 
-def load_base(name: str, dtype: str = "float32"):
-  """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
-  from jlora.train._config import ModelConfig
-  from jlora.train._model import load_model, presets
+def _check_base_name(name: str) -> None:
+  from jlora.train import presets
 
   if name not in presets() and not Path(name).expanduser().is_dir():
     raise CliError(f"{name!r} is neither a model preset ({', '.join(presets())}) nor a local checkpoint "
                    "directory; pass a directory holding config.json and model.safetensors.")
+
+
+def load_base(name: str, dtype: str = "float32"):
+  """``(model, checkpoint dir or None)`` for a preset name (``byte-stories``) or a local HF checkpoint dir."""
+  from jlora.train import ModelSection, load_model
+
+  _check_base_name(name)
   try:
-    return load_model(ModelConfig(name=name, dtype=dtype, remat="none"))
+    return load_model(ModelSection(name=name, dtype=dtype, remat="none"))
   except ValueError as e:
     raise CliError(str(e)) from None
 
 
-def has_tokenizer(directory: str | Path | None) -> bool:
-  return directory is not None and any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+def abstract_base(name: str):
+  """``(model, checkpoint dir or None)`` like ``load_base``, built abstractly: config and shapes, no weights.
+
+  What the arguments are checked against before the base (minutes for a large model) is loaded.
+  """
+  from flax import nnx
+
+  from jlora.io import abstract_model
+  from jlora.train import ModelSection, load_model, presets
+
+  _check_base_name(name)
+  try:
+    if name in presets():
+      return nnx.eval_shape(lambda: load_model(ModelSection(name=name, remat="none"))[0]), None
+    return abstract_model(name), name
+  except ValueError as e:
+    raise CliError(str(e)) from None
+
+
+def check_adapters(directories, base) -> None:
+  """CliError naming the first adapter directory that cannot go on ``base`` (``jlora.io.check_adapter``)."""
+  from jlora.io import check_adapter
+
+  for directory in directories:
+    try:
+      check_adapter(directory, base)
+    except ValueError as e:
+      raise CliError(str(e)) from None
 
 
 def tokenizer_for(model, model_dir: str | None, spec: str = ""):
@@ -42,11 +74,12 @@ def tokenizer_for(model, model_dir: str | None, spec: str = ""):
   258 byte ids (the shipped base and models merged from it), use the byte
   tokenizer.
   """
-  from jlora.train._model import check_tokenizer_fits
-  from jlora.train._tokenizer import ByteTokenizer, load_tokenizer
+  from jlora.train import ByteTokenizer, check_tokenizer_fits, load_tokenizer
 
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   tokenizer = None
+  if spec and spec != "bytes" and not Path(spec).expanduser().is_dir():
+    raise CliError(f"--tokenizer {spec!r} is not a directory; pass a local tokenizer directory or 'bytes'.")
   try:
     if spec:
       tokenizer = load_tokenizer(spec, None)

@@ -62,7 +62,7 @@ def read_bin(path: Path) -> dict:
 
 
 def run(args) -> int:
-  from jlora.io import _safetensors
+  from jlora.io import write_safetensors
 
   src = Path(args.adapter).expanduser()
   source = src / BIN if src.is_dir() else src
@@ -76,7 +76,7 @@ def run(args) -> int:
     raise CliError(f"--out {out_dir} is a file; pass a directory.")
   tensors = read_bin(source)
   out_dir.mkdir(parents=True, exist_ok=True)
-  _safetensors.write(tensors, target)  # temp file, then rename
+  write_safetensors(tensors, target)  # temp file, then rename
   config = source.parent / CONFIG
   if out_dir != source.parent and config.is_file() and not (out_dir / CONFIG).exists():
     tmp = out_dir / f".{CONFIG}.tmp"

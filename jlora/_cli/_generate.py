@@ -10,7 +10,9 @@ Greedy by default; ``--temperature`` and ``--top-p`` sample.
 
 from __future__ import annotations
 
-from jlora._cli._common import DTYPES, CliError, describe, load_base, tokenizer_for
+import math
+
+from jlora._cli._common import DTYPES, CliError, abstract_base, check_adapters, describe, load_base, tokenizer_for
 
 
 def add_parser(sub) -> None:
@@ -32,14 +34,21 @@ def add_parser(sub) -> None:
 def run(args) -> int:
   from jlora.io import load_peft
   from jlora.nn import set_adapter
-  from jlora.train._report import continue_prompts
+  from jlora.train import continue_prompts, enable_compile_cache
 
   if args.max_new_tokens < 1:
     raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
-  if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
-    raise CliError(f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}.")
-  model, model_dir = load_base(args.model, args.dtype)
-  tokenizer = tokenizer_for(model, model_dir, args.tokenizer)
+  if not 0.0 <= args.temperature < math.inf:
+    raise CliError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}.")
+  if not 0.0 < args.top_p <= 1.0:
+    raise CliError(f"need 0 < --top-p <= 1, got {args.top_p}.")
+  base, model_dir = abstract_base(args.model)  # every argument is checked before the weights are loaded
+  tokenizer = tokenizer_for(base, model_dir, args.tokenizer)
+  if any(not tokenizer.encode(p) for p in args.prompt):
+    raise CliError("--prompt is empty; pass some text to continue.")
+  check_adapters(args.adapter, base)
+  enable_compile_cache()  # a second generation of the same shapes loads its programs (GPU/TPU)
+  model, _ = load_base(args.model, args.dtype)
   names = [f"adapter{i}" for i in range(len(args.adapter))]
   for name, directory in zip(names, args.adapter):
     try:
@@ -49,8 +58,6 @@ def run(args) -> int:
   if names:
     set_adapter(model, names)
   model.eval()
-  if any(not tokenizer.encode(p) for p in args.prompt):
-    raise CliError("--prompt is empty; pass some text to continue.")
   texts = continue_prompts(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                            args.seed)
   for i, (prompt, text) in enumerate(zip(args.prompt, texts)):

@@ -29,16 +29,15 @@ def add_parser(sub) -> None:
 
 
 def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-  """``name -> (shape, dtype)`` from a safetensors header (no tensor data is read)."""
-  from jlora.io import _safetensors
+  """``name -> (shape, dtype)`` of every tensor in a safetensors file (checked for corruption as loading does)."""
+  from jlora.io import describe_safetensors
 
-  return {k: (tuple(v.shape), _safetensors.NAMES[v.dtype]) for k, v in _safetensors.read(path).items()}
+  return describe_safetensors(path)
 
 
 def summarize(directory: str | Path) -> dict:
   """The facts ``jlora inspect`` prints, as a dict."""
-  from jlora.io._peft_config import CONFIG_NAME, read_json
-  from jlora.io._peft_load import WEIGHTS_NAME
+  from jlora.io import CONFIG_NAME, WEIGHTS_NAME, read_json
 
   path = Path(directory).expanduser()
   if not path.is_dir():
@@ -86,7 +85,7 @@ def summarize(directory: str | Path) -> dict:
 
 def _kind(raw: dict, config_file: Path):
   """``(kind, None)`` of the registered kind that reads this config, else ``(None, why not)``."""
-  from jlora.io._peft_config import from_peft_dict
+  from jlora.io import from_peft_dict
   from jlora.nn import kind_for_config
 
   try:
@@ -107,15 +106,14 @@ def _verdicts(path: Path, kind, config_problem: str | None, tensors: dict, peft_
   """Who loads the adapter, from the validation ``load_peft`` runs (``read_adapter``) and the kind's
   PEFT format: stock PEFT loads what jlora reads in a stock format; a config jlora has no kind for
   is not judged for PEFT, unless its tensors are another type's (then neither loads it)."""
-  from jlora.io._peft_check import FACTOR_SUFFIXES
-  from jlora.io._peft_load import read_adapter
+  from jlora.io import LORA_FACTOR_SUFFIXES, read_adapter
 
   if not tensors:
     problem = config_problem or "convert the .bin first (`jlora convert`)"
     return {"jlora_loads": False, "jlora_problem": problem, "stock_peft_loads": None,
             "stock_peft_problems": ["not judged: no safetensors weights"]}
   if kind is None:
-    lora_keys = sorted(k for k in tensors if any(k.endswith("." + s) for s in FACTOR_SUFFIXES))
+    lora_keys = sorted(k for k in tensors if any(k.endswith("." + s) for s in LORA_FACTOR_SUFFIXES))
     if lora_keys:
       why = f"peft_type {peft_type!r} but LoRA factors such as {lora_keys[0]}: the config does not match the weights"
       return {"jlora_loads": False, "jlora_problem": config_problem, "stock_peft_loads": False,
@@ -129,7 +127,7 @@ def _verdicts(path: Path, kind, config_problem: str | None, tensors: dict, peft_
             "stock_peft_problems": [str(e)]}
   problems = []
   if not kind.peft.stock_peft:
-    own = sorted(n for n in kind.peft.tensors.values() if n is not None and n not in FACTOR_SUFFIXES)
+    own = sorted(n for n in kind.peft.tensors.values() if n is not None and n not in LORA_FACTOR_SUFFIXES)
     problems.append(f"{kind.name} fork format: stock PEFT ignores its {', '.join(own)} tensors, which "
                     "changes the outputs")
   return {"jlora_loads": True, "jlora_problem": None, "stock_peft_loads": not problems,

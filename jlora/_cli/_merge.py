@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from jlora._cli._common import DTYPES, TOKENIZER_FILES, CliError, describe, load_base, refuse_non_empty
+from jlora._cli._common import (
+    DTYPES, TOKENIZER_FILES, CliError, abstract_base, check_adapters, describe, load_base, refuse_non_empty)
+from jlora.io import fresh_dir
 
 EXTRA_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "generation_config.json")
 
@@ -45,10 +46,11 @@ def run(args) -> int:
   from flax import nnx
 
   from jlora.io import load_peft, save_pretrained
-  from jlora.nn import merge_and_unload
+  from jlora.quant import merge_and_unload
 
   out = Path(args.out).expanduser()
   refuse_non_empty(out, "OUT_DIR")
+  check_adapters([args.adapter], abstract_base(args.base)[0])
   model, base_dir = load_base(args.base, "float32")
   try:
     load_peft(model, args.adapter)
@@ -59,7 +61,7 @@ def run(args) -> int:
   cast = jax.tree.map(lambda x: x.astype(getattr(jnp, dtype)), nnx.state(merged, nnx.Param))
   nnx.update(merged, cast)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+  tmp = fresh_dir(out.parent, f".{out.name}.", ".tmp")
   try:  # written whole beside OUT_DIR, then renamed: never a half-written checkpoint
     save_pretrained(merged, tmp)
     for name in EXTRA_FILES if base_dir else ():

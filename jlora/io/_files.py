@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -31,3 +32,19 @@ def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
         f"Cannot write {what} to {str(path)!r}: permission denied"
         f"{f' on {e.filename!r}' if e.filename else ''}. Choose a destination you can write to, or make "
         "it writable (e.g. chmod u+w).") from None
+
+
+def fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
+  """A new, empty directory ``parent/<prefix><random><suffix>`` with the umask's permissions.
+
+  ``os.mkdir`` applies the umask (typically 755, like PEFT's and
+  transformers' output directories); ``tempfile.mkdtemp`` would make it 700,
+  and the directory keeps that mode once renamed into place.
+  """
+  while True:
+    path = Path(parent) / f"{prefix}{uuid.uuid4().hex[:8]}{suffix}"
+    try:
+      path.mkdir()
+      return path
+    except FileExistsError:
+      continue

@@ -28,8 +28,7 @@ from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, writing
 from jlora.io._placement import ParamSource, check_mesh, place, sharding_for
 from jlora.models import Family, FamilyConfig, family_for, family_of
-from jlora.nn import LoraLayer
-from jlora.nn._targets import STACK_ATTR
+from jlora.nn import STACK_ATTR, LoraLayer
 from jlora.quant import LoadQuantizer, QuantizedWeight
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -140,7 +139,10 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
 
   Args:
     model_dir: directory with ``config.json`` and safetensors weights.
-    dtype: computation dtype of activations.
+    dtype: computation dtype of activations; ``bfloat16`` by default, whatever
+      the checkpoint's ``torch_dtype`` (a float32 checkpoint loads as bfloat16:
+      pass ``jnp.float32`` to keep it), so a model's memory does not depend on
+      how it was saved.
     param_dtype: dtype of the parameters (default: ``dtype``); each block is
       converted as it is read.
     mesh: a ``(data, fsdp, tensor)`` mesh (``make_mesh`` of ``jlora.train``): every
@@ -169,7 +171,7 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
   param_dtype = param_dtype or dtype
   cls = family.model_class
   abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  quantizer = LoadQuantizer(abstract, quantize, **(quantize_options or {})) if quantize else None
+  quantizer = LoadQuantizer.for_options(abstract, quantize, quantize_options)
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   for source in param_sources(model_dir, abstract, family):

@@ -17,6 +17,8 @@ from jlora.nn import AdapterKind, kind_for_config
 # PEFT's LoRA factor names -> (role, the axis of the rank in PEFT's layout).
 FACTOR_SUFFIXES = {"lora_A.weight": ("A", 0), "lora_embedding_A": ("A", 0),
                    "lora_B.weight": ("B", 1), "lora_embedding_B": ("B", 1)}
+LORA_FACTOR_SUFFIXES = tuple(FACTOR_SUFFIXES)
+"""The names PEFT gives LoRA factors after ``<module>.``."""
 
 EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")  # PEFT saves these whole
 

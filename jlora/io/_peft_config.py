@@ -39,11 +39,14 @@ def peft_format_for(raw: dict, path: Path) -> PeftFormat:
   for fmt in sorted(formats, key=lambda f: f.matches is None):
     if fmt.matches is None or fmt.matches(raw):
       return fmt
-  kinds = [k for k in registered_kinds().values() if k.peft is not None]
-  types = ", ".join(repr(t) for t in dict.fromkeys(k.peft.peft_type for k in kinds))
+  loadable = {}
+  for kind in registered_kinds().values():
+    if kind.peft is not None:
+      loadable.setdefault(kind.peft.peft_type, []).append(kind.name)
+  known = "; ".join(f"{t!r} ({', '.join(names)})" for t, names in loadable.items())
   raise ValueError(
-      f"{path}: peft_type={peft_type!r}, but jlora loads {', '.join(k.name for k in kinds)} adapters only "
-      f"(peft_type {types}); register a kind for it with jlora.register_adapter_kind.")
+      f"{path}: peft_type={peft_type!r}, but jlora loads only the PEFT types of its registered adapter "
+      f"kinds: {known}; register a kind for it with jlora.register_adapter_kind.")
 
 
 def from_peft_dict(raw: dict, path: Path):

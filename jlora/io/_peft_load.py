@@ -30,7 +30,7 @@ from jlora.io._peft_check import check_tensors
 from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
 from jlora.nn import (
     AdapterKind, LoraConfig, LoraLayer, PeftFormat, add_adapter, candidates, delete_adapter,
-    hotswap_factors, kind_of, lora_layer_type, lora_layers, module_copies, peft_config, rewrites_base, set_adapter)
+    SWAPPABLE_ROLES, hotswap_factors, kind_for_config, kind_of, lora_layer_type, lora_layers, module_copies, peft_config, rewrites_base, set_adapter)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _CONVERT = (
@@ -321,9 +321,11 @@ def hotswap_adapter(model: nnx.Module, adapter_dir: str | os.PathLike,
   """
   path = Path(adapter_dir).expanduser()
   config, tensors = read_adapter(path)
-  if config.modules_to_save or getattr(config, "mixer_init", None) is not None:
-    raise ValueError(f"{path}: hot-swap replaces LoRA / DoRA factors only; this adapter also has "
-                     "modules_to_save copies or a MoSLoRA mixer. Load it with jlora.load_peft instead.")
+  roles = set(kind_for_config(config).roles.values())
+  if config.modules_to_save or not {"A", "B"} <= roles <= SWAPPABLE_ROLES:
+    raise ValueError(f"{path}: hot-swap replaces LoRA / DoRA factors only; this adapter is "
+                     f"{kind_for_config(config).name} or also has modules_to_save copies. Load it with "
+                     "jlora.load_peft instead.")
   kinds = {}
   for _, layer in lora_layers(model):
     if adapter_name in layer.adapters:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -27,7 +26,7 @@ from flax import nnx
 
 from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
-from jlora.io._files import check_directory_path, writing
+from jlora.io._files import check_directory_path, fresh_dir, writing
 from jlora.io._hf import source_of
 from jlora.io._peft_config import CONFIG_NAME
 from jlora.io._peft_load import WEIGHTS_NAME, peft_format, read_adapter
@@ -217,13 +216,13 @@ def _check_target(out: Path) -> None:
 def _write_dir(out: Path, tensors: dict, config: dict) -> None:
   with writing(out, "the adapter"):
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = fresh_dir(out.parent, f".{out.name}.", ".tmp")
     old = None
     try:
       _safetensors.write(tensors, tmp / WEIGHTS_NAME)
       _safetensors.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", tmp / CONFIG_NAME)
       if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = fresh_dir(out.parent, f".{out.name}.", ".old")
         os.replace(out, old / "adapter")
         try:
           os.replace(tmp, out)

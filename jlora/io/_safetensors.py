@@ -74,6 +74,11 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return tensors
 
 
+def describe(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``name -> (shape, safetensors dtype name such as "BF16")`` of every tensor in ``path``, checked as ``read`` checks it."""
+  return {name: (tuple(array.shape), NAMES[array.dtype]) for name, array in read(path).items()}
+
+
 def write(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:
   """Write ``tensors`` to ``path`` atomically (temp file, then rename)."""
   path = Path(path)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.nn import AdapterModule, LoraBuffer, LoraParam, LoraRngKey, PeftFormat, check_peft_fields
+from jlora.nn import AdapterModule, LoraBuffer, LoraParam, PeftFormat, check_peft_fields
 from jlora.nn import register_adapter_kind
 
 PREFIX = "base_model."
@@ -115,7 +115,7 @@ class VeraConfig:
 
 
 class VeraAdapter(AdapterModule):
-  """One layer's VeRA adapter (shapes in the module doc; ``live [*stack]`` is 0 where
+  """One layer's VeRA adapter (shapes in the module doc; ``scaling [*stack]`` is 1, or 0 where
   ``layers_to_transform`` leaves a stacked layer out)."""
 
   def __init__(self, vera_A, vera_B, lambda_d, lambda_b, live, *, dropout: float = 0.0, dropout_key=None):
@@ -123,47 +123,28 @@ class VeraAdapter(AdapterModule):
     self.vera_B = LoraBuffer(jnp.asarray(vera_B, jnp.float32))
     self.vera_lambda_d = LoraParam(jnp.asarray(lambda_d, jnp.float32))
     self.vera_lambda_b = LoraParam(jnp.asarray(lambda_b, jnp.float32))
-    self.live = LoraBuffer(jnp.asarray(live, jnp.float32))
-    self.dropout_rate = float(dropout)
-    self.deterministic = False
-    if dropout > 0.0:
-      stack = self.live.shape
-      keys = jax.random.split(dropout_key, stack) if stack else dropout_key
-      self.dropout_key = LoraRngKey(jax.random.key_data(keys))
-      self.dropout_count = LoraRngKey(jnp.zeros(stack, jnp.uint32))
-    else:
-      self.dropout_key = self.dropout_count = None
+    self.scaling = LoraBuffer(jnp.asarray(live, jnp.float32))
+    self.init_dropout(dropout, dropout_key, self.scaling.shape)
 
   @property
   def rank(self) -> int:
     return self.vera_A.shape[-1]
 
   def live_ranks(self) -> np.ndarray:
-    return np.where(np.ravel(np.asarray(self.live[...])) != 0, self.rank, 0).astype(np.int64)
-
-  def dropout_active(self) -> bool:
-    return self.dropout_key is not None and not self.deterministic
-
-  def _dropout(self, x):
-    if not self.dropout_active():
-      return x
-    key = jax.random.fold_in(jax.random.wrap_key_data(self.dropout_key[...]), self.dropout_count[...])
-    self.dropout_count[...] = self.dropout_count[...] + 1
-    keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
-    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
+    return np.where(np.ravel(np.asarray(self.scaling[...])) != 0, self.rank, 0).astype(np.int64)
 
   def delta(self, ops, x, dtype, *, dropout: bool = True):
     if dropout:
-      x = self._dropout(x)
+      x = self.apply_dropout(x)
     h = ops.project_in(x, self.vera_A[...].astype(dtype)) * self.vera_lambda_d[...].astype(dtype)
     y = ops.project_out(h, self.vera_B[...].astype(dtype)) * self.vera_lambda_b[...].astype(dtype)
-    return y * self.live[...].astype(dtype)
+    return y * self.scaling[...].astype(dtype)
 
   def lora_factors(self, ops):
     """``A' = A·diag(λ_d)`` ``[*stack, in, r]``, ``B' = diag(λ_b)``-scaled B ``[*stack, r, out]``."""
     a = self.vera_A[...] * self.vera_lambda_d[...][..., None, :]
     b = self.vera_B[...] * self.vera_lambda_b[...][..., None, :]
-    return a, b, self.live[...]
+    return a, b, self.scaling[...]
 
 
 def projections(key: int, r: int, max_in: int, max_out: int) -> tuple[jax.Array, jax.Array]:

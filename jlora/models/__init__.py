@@ -8,7 +8,8 @@ checkpoints (``from_pretrained`` / ``save_pretrained``) lives in
 reverse.
 """
 
-from jlora.models._attention import ATTENTION, check_attention, cudnn_packed_layout, target_backend
+from jlora.models._attention import (ATTENTION, AttentionMask, attend, check_attention, cudnn_packed_layout,
+                                     target_backend)
 from jlora.models._cache import KVCache
 from jlora.models._config import FamilyConfig, LayerAttention, LlamaConfig, ModelConfig
 from jlora.models._decoder import LLAMA, CausalLM, scan_layers, stacked
@@ -20,14 +21,15 @@ from jlora.models._language_model import LanguageModel, check_scan_unroll
 from jlora.models._remat import REMAT_POLICIES, check_remat, placed
 from jlora.models._sharding import (AXES, LOGICAL_TO_MESH, logical_rules, make_mesh, param_spec, replicated,
                                     shard_state, state_shardings)
+from jlora.models._token_ids import check_token_ids
 
 SUPPORTED = supported_model_types()
 """The ``model_type`` values of the built-in families (``supported_model_types()`` also lists registered ones)."""
 
-__all__ = ["ATTENTION", "AXES", "CausalLM", "Family", "FamilyConfig", "GPT2", "Gpt2Config", "Gpt2LMHeadModel",
-           "KVCache", "LLAMA", "LOGICAL_TO_MESH", "LanguageModel", "LayerAttention", "LlamaConfig", "ModelConfig", "REMAT_POLICIES",
-           "SUPPORTED", "check_attention", "check_remat", "check_scan_unroll", "cudnn_packed_layout", "families",
-           "family_for", "family_of", "from_hf_config", "generate", "logical_rules", "make_mesh", "model_class",
-           "param_spec", "placed", "replicated", "shard_state", "state_shardings",
-           "register_family", "sample_token", "scan_layers", "sharding_rules", "stacked", "supported_model_types",
-           "target_backend"]
+__all__ = ["ATTENTION", "AXES", "AttentionMask", "CausalLM", "Family", "FamilyConfig", "GPT2", "Gpt2Config",
+           "Gpt2LMHeadModel", "KVCache", "LLAMA", "LOGICAL_TO_MESH", "LanguageModel", "LayerAttention", "LlamaConfig",
+           "ModelConfig", "REMAT_POLICIES", "SUPPORTED", "attend", "check_attention", "check_remat",
+           "check_scan_unroll", "check_token_ids", "cudnn_packed_layout", "families", "family_for", "family_of", "from_hf_config",
+           "generate", "logical_rules", "make_mesh", "model_class", "param_spec", "placed", "register_family",
+           "replicated", "sample_token", "scan_layers", "shard_state", "sharding_rules", "stacked", "state_shardings",
+           "supported_model_types", "target_backend"]

@@ -18,6 +18,7 @@ from flax import nnx
 from jlora.models._attention import check_attention
 from jlora.models._config import FamilyConfig
 from jlora.models._remat import check_remat
+from jlora.models._token_ids import check_token_ids
 
 
 def check_scan_unroll(unroll: int) -> int:
@@ -66,12 +67,14 @@ class LanguageModel(nnx.Module, abc.ABC):
     self.attention = check_attention(attention)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, segment_ids=None):
+    check_token_ids(input_ids, self.config.vocab_size)
     h, new_cache = self._hidden(input_ids, attention_mask, positions, cache, segment_ids)
     logits = self.head(h)
     return logits if cache is None else (logits, new_cache)
 
   def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
     """Final hidden states ``[B, T, hidden]`` (after the last norm), without the output head."""
+    check_token_ids(input_ids, self.config.vocab_size)
     return self._hidden(input_ids, attention_mask, positions, None, segment_ids)[0]
 
   @abc.abstractmethod

@@ -122,9 +122,32 @@ class AdapterModule(nnx.Module):
     """The inverse of ``merge``."""
     return kernel - self.delta_weight(layer)
 
+  def init_dropout(self, rate: float, key: jax.Array | None, stack: tuple[int, ...]) -> None:
+    """Input dropout at ``rate`` for an adapter over ``stack`` layers: one PRNG key and call counter
+    per stacked layer (``LoraRngKey``); none at rate 0."""
+    self.dropout_rate = float(rate)
+    self.deterministic = False
+    if rate > 0.0:
+      keys = jax.random.split(key, stack) if stack else key
+      self.dropout_key = LoraRngKey(jax.random.key_data(keys))
+      self.dropout_count = LoraRngKey(jnp.zeros(stack, jnp.uint32))
+    else:
+      self.dropout_key = self.dropout_count = None
+
   def dropout_active(self) -> bool:
     """Whether the adapter applies dropout to its input in this call."""
-    return False
+    return getattr(self, "dropout_key", None) is not None and not self.deterministic
+
+  def apply_dropout(self, x: jax.Array) -> jax.Array:
+    """``x`` with ``init_dropout``'s dropout applied (unstacked call); ``x`` itself when inactive."""
+    if not self.dropout_active():
+      return x
+    key = jax.random.fold_in(jax.random.wrap_key_data(self.dropout_key[...]), self.dropout_count[...])
+    self.dropout_count[...] = self.dropout_count[...] + 1
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
+
+  _dropout = apply_dropout  # the name subclasses used before
 
   def check(self, layer: LayerOps, name: str) -> None:
     """Raise if the adapter does not fit ``layer`` (called when it is added)."""
@@ -169,15 +192,7 @@ class LoraAdapter(AdapterModule):
     self.lora_mixer = param_type(mixer) if mixer is not None else None
     self.scaling = LoraBuffer(jnp.asarray(scaling, jnp.float32))
     self.rank_mask = LoraBuffer(rank_mask) if rank_mask is not None else None
-    self.dropout_rate = float(dropout)
-    self.deterministic = False
-    if dropout > 0.0:
-      stack = self.scaling.shape
-      keys = jax.random.split(dropout_key, stack) if stack else dropout_key
-      self.dropout_key = LoraRngKey(jax.random.key_data(keys))
-      self.dropout_count = LoraRngKey(jnp.zeros(stack, jnp.uint32))
-    else:
-      self.dropout_key = self.dropout_count = None
+    self.init_dropout(dropout, dropout_key, self.scaling.shape)
 
   @property
   def rank(self) -> int:
@@ -188,9 +203,6 @@ class LoraAdapter(AdapterModule):
     if self.rank_mask is None:
       return np.full(size, self.rank, np.int64)
     return np.asarray(self.rank_mask[...]).reshape(size, -1).sum(-1).astype(np.int64)
-
-  def dropout_active(self) -> bool:
-    return self.dropout_key is not None and not self.deterministic
 
   def check(self, layer: LayerOps, name: str) -> None:
     rank = self.lora_A.shape[-1]
@@ -203,18 +215,10 @@ class LoraAdapter(AdapterModule):
           f"for rank {rank}."
       )
 
-  def _dropout(self, x: jax.Array) -> jax.Array:
-    if self.dropout_key is None or self.deterministic:
-      return x
-    key = jax.random.fold_in(jax.random.wrap_key_data(self.dropout_key[...]), self.dropout_count[...])
-    self.dropout_count[...] = self.dropout_count[...] + 1
-    keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
-    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
-
   def delta(self, ops: LayerOps, x: jax.Array, dtype, *, dropout: bool = True) -> jax.Array:
     """The adapter's additive output for input ``x`` (unstacked call)."""
     if dropout:
-      x = self._dropout(x)
+      x = self.apply_dropout(x)
     h = ops.project_in(x, self.lora_A[...].astype(dtype))
     if self.rank_mask is not None:
       h = h * self.rank_mask[...].astype(dtype)

@@ -24,16 +24,16 @@ from jlora.nn._registry import register_lora_layer
 class LoraLinear(LoraLayer):
   """``nnx.Linear`` (kernel ``[in, out]``): A ``[in, r]``, B ``[r, out]``.
 
-  Its forward pass goes through ``lora_matmul`` (merged on the fly above a
+  Its forward pass goes through ``lora_matmul`` (stacked or merged on the fly above a
   token threshold, low-rank backward) unless ``matmul_mode`` is ``"plain"``
   or the call needs the generic path (dropout, per-sample routing, a custom
   ``dot_general``). ``set_lora_matmul`` sets the mode for a whole model.
   """
 
   matmul_mode: str = "plain"
-  """``"auto"`` | ``"fused"`` | ``"plain"`` (``jlora.nn._fused.MATMUL_MODES``); ``set_lora_matmul``
-  opts a model in. The fused modes change float rounding (one rounding of ``W + A·B`` to the
-  compute dtype), not the math."""
+  """``"plain"`` | ``"exact"`` | ``"auto"`` | ``"fused"`` (``jlora.nn.MATMUL_MODES``); ``set_lora_matmul``
+  opts a model in. ``"exact"`` and ``"plain"`` compute the same sum; ``"auto"`` and ``"fused"``
+  round ``W + A·B`` to the compute dtype once (an update below W's spacing is lost)."""
   shared_input: bool = True
   """Whether ``lora_projections`` may fuse this layer with siblings reading the same input."""
 

@@ -64,13 +64,13 @@ class DoraAdapter(LoraAdapter):
     dtype = y.dtype
     bias = getattr(layer.base_layer, "bias", None)
     dropped = self.dropout_key is not None and not self.deterministic
-    xd = self._dropout(x) if dropped else x
+    xd = self.apply_dropout(x) if dropped else x
     lora = self.delta(layer, xd, dtype, dropout=False)
     # Without dropout the base output is already there; with it, PEFT recomputes x_dropped·W.
     base = layer.base_layer(xd, *args, **kwargs) if dropped else y
     if bias is not None:
       base = base - bias[...].astype(dtype)
-    scale = self.output_scale(layer, layer.kernel()[...]).astype(dtype)
+    scale = self.output_scale(layer, layer.dense_kernel()).astype(dtype)
     return (scale - 1) * base + scale * lora
 
   dora_delta = output_delta
@@ -96,9 +96,10 @@ def new_dora_adapter(layer: LayerOps, a: jax.Array, b: jax.Array, scaling: jax.A
   go to ``LoraAdapter``.
   """
   stack = layer.stack_shape
-  adapter = DoraAdapter(a, b, scaling, jnp.zeros(stack + layer.kernel().shape[-1:]), **kwargs)
+  kernel = layer.dense_kernel()
+  adapter = DoraAdapter(a, b, scaling, jnp.zeros(stack + kernel.shape[-1:]), **kwargs)
   delta = 0.0 if rewrites_base else adapter.delta_weight(layer)
-  weight = jnp.asarray(layer.kernel()[...], jnp.float32) + delta
+  weight = jnp.asarray(kernel, jnp.float32) + delta
   adapter.lora_magnitude_vector[...] = column_norm(weight, len(stack))
   return adapter
 

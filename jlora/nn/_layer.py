@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlora.nn._adapters import AdapterModule
+from jlora.nn._new_adapters import new_lora_adapter
 from jlora.nn._routing import routed_delta
 from jlora.nn._variables import LoraBuffer
 
@@ -125,9 +126,18 @@ class LoraLayer(nnx.Module):
   def kernel(self) -> nnx.Variable:
     return self.base_kernel(self.base_layer)
 
+  def dense_kernel(self) -> jax.Array:
+    """The base kernel as the layer computes with it (a quantized layer's dequantized), ``[*stack, *kernel]``."""
+    return self.kernel()[...]
+
   @property
   def stack_shape(self) -> tuple[int, ...]:
     return self.stack_shape_of(self.base_layer)
+
+  def new_lora_adapter(self, key, ranks, scalings, **kwargs) -> AdapterModule:
+    """Deprecated: a fresh LoRA / MoSLoRA / DoRA adapter for this layer (kinds build adapters now,
+    see ``jlora.register_adapter_kind``); ``kwargs`` as ``init_lora_weights``, ``mixer_init``, ...."""
+    return new_lora_adapter(self, key, ranks, scalings, **kwargs)
 
   def supports_dropout(self) -> bool:
     """Dropout applies to real-valued inputs; embeddings take ids."""

@@ -24,13 +24,16 @@ from jlora.nn._layer import LoraLayer
 def set_lora_matmul(model: nnx.Module, mode: str = "auto", *, shared_input: bool = True) -> None:
   """Choose how every ``LoraLinear`` of ``model`` computes (before jitting its forward pass).
 
-  The default is ``"plain"``; ``"auto"`` is the fast setting for training and
-  long prompts.
+  Layers start with ``"plain"``; ``"auto"`` is the fast setting for training
+  and long prompts, ``"exact"`` the fused form that rounds least
+  (``jlora.nn.lora_matmul``).
 
   Args:
-    mode: ``"auto"`` (merge on the fly above a token threshold, low-rank
-      backward), ``"fused"`` (always merge on the fly) or ``"plain"``
-      (``x@W + s·(x@A)@B`` under plain autodiff).
+    mode: ``"exact"`` (``[x | x·A]·[W ; B]`` as one matmul above a token
+      threshold, low-rank backward), ``"auto"`` (merge ``W + A·B`` on the fly
+      above the threshold: rounds the update into W's dtype), ``"fused"``
+      (always merge on the fly) or ``"plain"`` (``x@W + s·(x@A)@B`` under
+      plain autodiff).
     shared_input: let ``lora_projections`` fuse sibling projections of one input.
   """
   check_matmul_mode(mode)

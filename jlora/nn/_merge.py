@@ -67,8 +67,18 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
   return model
 
 
-def unload(model: nnx.Module) -> nnx.Module:
-  """Remove every LoRA layer without merging: the base model comes back."""
+def unload(model: nnx.Module, *, merge: bool = False, adapter_names: Sequence[str] | None = None,
+           safe_merge: bool = False) -> nnx.Module:
+  """Remove every LoRA layer: the base model comes back (returns the same model object).
+
+  ``merge=True`` first merges ``adapter_names`` (default: the active adapters),
+  so the plain model's outputs equal the adapted model's; that is
+  ``jlora.merge_and_unload``, which also takes quantized models. ``safe_merge``: as in ``merge_adapter``.
+  """
+  if merge:
+    return merge_and_unload(model, adapter_names, safe_merge=safe_merge)
+  if adapter_names is not None:
+    raise ValueError("unload(adapter_names=...) only applies with merge=True; unload() removes every adapter.")
   for path, layer in list(lora_layers(model)):
     layer.unmerge()
     replace_module(model, path, layer.base_layer)

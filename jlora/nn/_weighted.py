@@ -71,9 +71,12 @@ def add_weighted_adapter(
     raise ValueError(f"Need one weight per adapter: got {len(adapters)} adapters, {len(weights)} weights.")
   if combination_type not in COMBINATIONS:
     raise ValueError(f"Unknown combination_type {combination_type!r}; use one of {COMBINATIONS}.")
-  if combination_type.removesuffix("_svd") in _NEEDS_DENSITY and (
-      density is None or not 0.0 <= density <= 1.0):
-    raise ValueError(f"combination_type={combination_type!r} needs density in [0, 1], got {density!r}.")
+  if combination_type.removesuffix("_svd") in _NEEDS_DENSITY:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 <= density <= 1.0:
+      raise ValueError(f"combination_type={combination_type!r} needs density in [0, 1], got {density!r}.")
+    density = float(density)
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    raise ValueError(f"seed must be an int, got {seed!r}.")
   if majority_sign_method not in ("total", "frequency"):
     raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
   if len(adapters) == 1:

@@ -26,7 +26,8 @@ With adapters (``fp8_lora_matmuls``), each kernel also has a low-rank pair
 ``(A_i [in, r_i], B_i [r_i, out_i])`` (scaling folded into A) and the same
 custom backward does the adapters' work the low-rank way for the whole group:
 ``h = x @ [A_1 | A_2 | ...]`` once, ``y_i += h_i @ B_i``; backward
-``dh = [dy_1 B_1ᵀ | ...]``, ``dA = xᵀ dh`` (one matmul), ``dB_i = h_iᵀ dy_i``, and
+``dh = [dy_1 B_1ᵀ | ...]``, ``dA = xᵀ dh`` (one matmul), ``dB_i = h_iᵀ dy_i``
+(``jlora.nn.low_rank_grads``, shared with the bf16 fused matmul), and
 ``dx`` gets ``dh @ [A_1 | ...]ᵀ`` added to the fp8 GEMM's output in one pass,
 where plain autodiff writes and sums one ``dx`` per adapter.
 
@@ -44,6 +45,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jlora.nn import low_rank_grads
 from jlora.quant._formats import FP8_MAX
 
 E5M2_MAX = float(jnp.finfo(jnp.float8_e5m2).max)
@@ -150,22 +152,10 @@ def _lora_forward(x, kernels, a_parts, b_parts, dtype, backward):
 def _lora_backward(dtype, backward, residuals, dys):
   x, kernels, a_parts, b_parts, h = residuals
   dx, _ = _backward(dtype, backward, kernels, dys)
-  dys = [dy.astype(dtype) for dy in dys]
-  dh = _cat([dot(dy, b.astype(dtype), 1, dtype) for dy, b in zip(dys, b_parts)])
-  a = _cat([a.astype(dtype) for a in a_parts])
-  lead = tuple(range(x.ndim - 1))
-  da = jax.lax.dot_general(x, dh, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-  da_parts, db_parts, start = [], [], 0
-  for a_i, b_i, dy in zip(a_parts, b_parts, dys):
-    rank = b_i.shape[0]
-    da_parts.append(da[:, start:start + rank].astype(a_i.dtype))
-    h_i = h[..., start:start + rank]
-    db_parts.append(jax.lax.dot_general(h_i, dy, ((lead, lead), ((), ())),
-                                        preferred_element_type=jnp.float32).astype(b_i.dtype))
-    start += rank
-  if a.shape[-1]:
-    dx = (dx.astype(jnp.float32) + dot(dh, a, 1, dtype)).astype(x.dtype)
-  return dx, None, tuple(da_parts), tuple(db_parts)
+  dh, da_parts, db_parts = low_rank_grads(x, h, [dy.astype(dtype) for dy in dys], a_parts, b_parts, dtype)
+  if dh.shape[-1]:
+    dx = (dx.astype(jnp.float32) + dot(dh, _cat([a.astype(dtype) for a in a_parts]), 1, dtype)).astype(x.dtype)
+  return dx, None, da_parts, db_parts
 
 
 fp8_lora_matmuls.defvjp(_lora_forward, _lora_backward)

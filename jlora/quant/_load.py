@@ -20,6 +20,9 @@ from jlora.quant import _formats
 from jlora.quant._linear import QuantizedLinear
 from jlora.quant._model import _install, plan
 
+# The keyword options of ``jlora.quantize`` a loader passes on.
+OPTIONS = ("block_size", "double_quant", "targets")
+
 
 class LoadQuantizer:
   """Per-tensor quantization hook for a loader (see the module doc).
@@ -35,6 +38,25 @@ class LoadQuantizer:
     chosen = plan(abstract_model, format, block_size=block_size, double_quant=double_quant, targets=targets)
     self._specs = {tuple(cand.path) + ("kernel",): spec for cand, spec in chosen}
     self._arrays: dict[tuple, dict] = {}
+
+  @classmethod
+  def for_options(cls, abstract_model: nnx.Module, format: str | None,
+                  options: dict | None) -> LoadQuantizer | None:
+    """The quantizer for a loader's ``quantize`` / ``quantize_options`` (None: no quantization).
+
+    Unknown option names, and options without a format, are refused here, before any tensor is read.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+      raise ValueError(f"Unknown quantize_options {unknown}; the options are "
+                       f"{', '.join(map(repr, OPTIONS))} (as for jlora.quantize).")
+    if format is None:
+      if options:
+        raise ValueError(f"quantize_options need quantize=<format> ({', '.join(map(repr, _formats.FORMATS))}); "
+                         f"got quantize=None with {options}.")
+      return None
+    return cls(abstract_model, format, **options)
 
   def take(self, path: tuple, value: np.ndarray) -> bool:
     """Quantize ``value`` (a kernel ``[*stack, in, out]``) if ``path`` is one to quantize."""

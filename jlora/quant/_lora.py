@@ -29,6 +29,10 @@ class QuantizedLoraLinear(LoraLinear):
   def base_kernel(cls, base):
     return base.qkernel
 
+  def dense_kernel(self):
+    """The dequantized kernel (float32): DoRA's column norm is over it, as PEFT's on a quantized base."""
+    return self.base_layer.dequantized_kernel(jnp.float32)
+
   @classmethod
   def shared_projections(cls, layers, x):
     if any(isinstance(l, LoraLayer) and not isinstance(l, QuantizedLoraLinear) for l in layers):

@@ -13,8 +13,8 @@ from typing import Sequence
 from flax import nnx
 
 from jlora.nn import (
-    Candidate, LoraLayer, ModulesToSaveWrapper, candidates, lora_layer_type, lora_layers, name_matches, output_head_name, replace_module)
-from jlora.nn import merge_and_unload as _merge_and_unload_plain
+    Candidate, LoraLayer, ModulesToSaveWrapper, candidates, lora_layer_type, lora_layers, name_matches, output_head_name,
+    replace_module, unload)
 from jlora.quant import _formats
 from jlora.quant._formats import QuantSpec
 from jlora.quant._linear import QuantizedLinear
@@ -114,7 +114,7 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
                      requantize: bool = False, safe_merge: bool = False) -> nnx.Module:
   """Merge adapters (default: the active ones), remove every LoRA layer; returns the same model.
 
-  On a plain model this is ``jlora.nn.merge_and_unload``. Quantized layers
+  On a plain model this is ``jlora.nn.unload(model, merge=True)``. Quantized layers
   are first dequantized to their original ``param_dtype`` (e.g. bfloat16), the
   adapters merged into those kernels, and the result is a plain model in that
   dtype. Its outputs match the adapted quantized model's up to the dtype's
@@ -131,7 +131,7 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
   """
   specs = {cand.path: layer.spec for cand, layer in quantized_layers(model)}
   dequantize(model)
-  _merge_and_unload_plain(model, adapter_names, safe_merge=safe_merge)
+  unload(model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
   if requantize:
     for cand in candidates(model):
       if cand.path in specs and isinstance(cand.base, nnx.Linear):

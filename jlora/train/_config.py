@@ -16,9 +16,11 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from jlora._deprecation import deprecated_names
 from jlora.train._config_parse import ConfigError, from_dict, merge_overrides, parse_overrides, read_mapping, to_plain
 from jlora.train._config_sections import (  # noqa: F401  (the sections are re-exported)
-    DEMO_TARGETS, AdapterConfig, CheckpointConfig, DataConfig, MeshConfig, ModelConfig, OptimConfig, ReportConfig)
+    DEMO_TARGETS, CheckpointSection, DataSection, MeshSection, ModelSection, OptimSection, ReportSection,
+    adapter_field, adapter_kind, adapter_section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,10 @@ class TrainConfig:
   (``byte-stories``) the embedded Q/A records, about 2 minutes on 2 CPU cores.
 
   Attributes:
+    adapter: the adapter kind's own config (``jlora.LoraConfig``,
+      ``MoSLoraConfig`` or ``WLoraConfig``; ``adapter_section(kind, ...)``
+      builds one over the job's defaults); in YAML ``adapter: {kind: lora,
+      r: 16, ...}`` with every field of that config as a key.
     steps: optimizer steps (each is ``optim.grad_accum`` micro-batches).
     batch_size: sequences per micro-batch (global, over all devices).
     eval_every: held-out evaluation every N steps (and at the end).
@@ -39,15 +45,19 @@ class TrainConfig:
     save_merged: also write the merged model in HF format (``jlora.save_pretrained``).
     overwrite: start afresh in an ``output_dir`` that holds a different run.
     progress: show a progress bar.
+    compile_cache: where compiled steps and GPU autotuning results are kept
+      for the next start (``jlora.train.enable_compile_cache``): ``"auto"``
+      (default) a per-device-kind directory under ``~/.cache/jlora/compile``
+      on a GPU or TPU, nothing on CPU; a directory path; ``"none"`` (off).
   """
 
-  model: ModelConfig = ModelConfig()
-  adapter: AdapterConfig = AdapterConfig()
-  data: DataConfig = DataConfig()
-  optim: OptimConfig = OptimConfig()
-  mesh: MeshConfig = MeshConfig()
-  checkpoint: CheckpointConfig = CheckpointConfig()
-  report: ReportConfig = ReportConfig()
+  model: ModelSection = ModelSection()
+  adapter: Any = adapter_field()
+  data: DataSection = DataSection()
+  optim: OptimSection = OptimSection()
+  mesh: MeshSection = MeshSection()
+  checkpoint: CheckpointSection = CheckpointSection()
+  report: ReportSection = ReportSection()
   output_dir: str = "jlora-run"
   steps: int = 300
   batch_size: int = 8
@@ -60,17 +70,32 @@ class TrainConfig:
   overwrite: bool = False
   progress: bool = True
   seed: int = 0
+  compile_cache: str = "auto"
 
   def __post_init__(self):
     _check_values(self)
 
   def to_dict(self) -> dict:
-    """Nested plain dict (YAML/JSON-ready; tuples become lists)."""
-    return to_plain(dataclasses.asdict(self))
+    """Nested plain dict (YAML/JSON-ready; tuples become lists; the adapter as ``{kind, <fields>}``)."""
+    plain = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if "plain" in f.metadata:
+        plain[f.name] = f.metadata["plain"](value)
+      else:
+        plain[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return to_plain(plain)
 
   def replace(self, **overrides: Any) -> "TrainConfig":
-    """A copy with dotted-key overrides: ``cfg.replace(**{"optim.learning_rate": 1e-3})``."""
-    return from_dict(merge_overrides(self.to_dict(), {k: v for k, v in overrides.items()}, flat=True), TrainConfig)
+    """A copy with dotted-key overrides: ``cfg.replace(**{"optim.learning_rate": 1e-3})``.
+
+    Another ``adapter.kind`` starts the adapter section afresh from that kind's
+    defaults (the other adapter keys given here apply on top).
+    """
+    values = self.to_dict()
+    if overrides.get("adapter.kind", values["adapter"]["kind"]) != values["adapter"]["kind"]:
+      values["adapter"] = {}
+    return from_dict(merge_overrides(values, overrides, flat=True), TrainConfig)
 
 
 def _non_finite(obj, prefix: str = "") -> list[tuple[str, float]]:
@@ -89,53 +114,77 @@ def _check_values(cfg: TrainConfig) -> None:
   for key, value in _non_finite(cfg):
     raise ConfigError(f"{key} must be a finite number, got {value}; set it to a real value "
                       f"(default: {_default(key)}).")
-  positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
-              "log_every": cfg.log_every, "data.seq_len": cfg.data.seq_len, "adapter.r": cfg.adapter.r,
-              "optim.grad_accum": cfg.optim.grad_accum, "checkpoint.every": cfg.checkpoint.every,
-              "checkpoint.keep": cfg.checkpoint.keep, "model.scan_unroll": cfg.model.scan_unroll}
-  for key, value in positive.items():
-    if value < 1:
-      raise ConfigError(f"{key} must be >= 1, got {value}.")
-  for key, value in {"eval_batches": cfg.eval_batches, "samples": cfg.samples,
-                     "loss_chunk_tokens": cfg.loss_chunk_tokens,
-                     "optim.warmup_steps": cfg.optim.warmup_steps}.items():
-    if value < 0:
-      raise ConfigError(f"{key} must be >= 0, got {value}.")
-  if not 0.0 <= cfg.data.eval_fraction < 1.0:
-    raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}.")
-  if cfg.optim.learning_rate <= 0:
-    raise ConfigError(f"optim.learning_rate must be > 0, got {cfg.optim.learning_rate}.")
-  if cfg.optim.loraplus_lr_ratio is not None and cfg.optim.loraplus_lr_ratio <= 0:
-    raise ConfigError(f"optim.loraplus_lr_ratio must be > 0 (PEFT suggests 16) or null (off), got "
-                      f"{cfg.optim.loraplus_lr_ratio}.")
-  if cfg.optim.loraplus_lr_embedding <= 0:
-    raise ConfigError(f"optim.loraplus_lr_embedding must be > 0, got {cfg.optim.loraplus_lr_embedding}.")
-  for axis in ("tensor",):
-    if getattr(cfg.mesh, axis) < 1:
-      raise ConfigError(f"mesh.{axis} must be >= 1, got {getattr(cfg.mesh, axis)}.")
-  if cfg.mesh.fsdp < 1 and cfg.mesh.fsdp != -1:
-    raise ConfigError(f"mesh.fsdp must be >= 1 or -1 (the smallest that fits), got {cfg.mesh.fsdp}.")
-  if cfg.mesh.device_memory_gib < 0:
-    raise ConfigError(f"mesh.device_memory_gib must be >= 0 (0: read it from the device), got "
-                      f"{cfg.mesh.device_memory_gib}.")
-  if cfg.mesh.data < 1 and cfg.mesh.data != -1:
-    raise ConfigError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {cfg.mesh.data}.")
-  if cfg.adapter.use_dora and cfg.adapter.kind != "lora":
-    raise ConfigError(f"adapter.use_dora=true needs adapter.kind=lora (got {cfg.adapter.kind!r}); "
-                      "DoRA does not combine with MoSLoRA or WLoRA.")
-  if cfg.adapter.kind == "wlora" and not cfg.adapter.upstream_loras:
-    raise ConfigError("adapter.kind=wlora needs adapter.upstream_loras: a list of PEFT adapter directories.")
+  for key, allowed in RANGES.items():
+    value = _value(cfg, key)
+    if isinstance(value, (int, float)) and not _within(value, allowed):  # None / "auto": not a number to check
+      raise ConfigError(f"{key} must be {allowed}{_RANGE_NOTES.get(key, '')}, got {value}.")
+  adapter_kind(cfg.adapter)  # a kind config given in code: one the job knows
+
+
+# The allowed values of every numeric field outside the adapter section (whose values jlora's adapter configs
+# check: LoraConfig and the rest). The text is the message's.
+RANGES = {
+    "steps": ">= 1", "batch_size": ">= 1", "eval_every": ">= 1", "eval_batches": ">= 0", "log_every": ">= 1",
+    "loss_chunk_tokens": ">= 0", "samples": ">= 0", "seed": ">= 0",
+    "model.seed": ">= 0", "model.scan_unroll": ">= 1",
+    "data.seq_len": ">= 2", "data.eval_fraction": "in [0, 1)", "data.seed": ">= 0",
+    "optim.learning_rate": "> 0", "optim.warmup_steps": ">= 0", "optim.end_lr_ratio": "in [0, 1]",
+    "optim.weight_decay": ">= 0", "optim.b1": "in [0, 1)", "optim.b2": "in [0, 1)", "optim.grad_clip": ">= 0",
+    "optim.grad_accum": ">= 1", "optim.loraplus_lr_ratio": "> 0", "optim.loraplus_lr_embedding": "> 0",
+    "mesh.data": ">= 1 or -1", "mesh.fsdp": ">= 1 or -1", "mesh.tensor": ">= 1", "mesh.device_memory_gib": ">= 0",
+    "checkpoint.every": ">= 1", "checkpoint.keep": ">= 1",
+}
+_RANGE_NOTES = {
+    "data.seq_len": " (a token and the next one it predicts)",
+    "optim.end_lr_ratio": " (the final learning rate over the peak)",
+    "optim.grad_clip": " (0 turns clipping off)",
+    "optim.loraplus_lr_ratio": " (PEFT suggests 16) or null (off)",
+    "mesh.data": " (-1: all remaining devices)",
+    "mesh.fsdp": " (-1: the smallest that fits)",
+    "mesh.device_memory_gib": " (0: read it from the device)",
+}
+
+
+def _value(cfg: TrainConfig, key: str):
+  for name in key.split("."):
+    cfg = getattr(cfg, name)
+  return cfg
+
+
+def _within(value: float, allowed: str) -> bool:
+  """Whether ``value`` is in a range written as in ``RANGES``: ``>= a``, ``> a``, ``in [a, b)`` / ``[a, b]``, ``... or v``."""
+  allowed, _, alternative = allowed.partition(" or ")
+  if alternative and value == float(alternative):
+    return True
+  if allowed.startswith("in "):
+    low, high = (float(x) for x in allowed[4:-1].split(","))
+    return low <= value and (value <= high if allowed.endswith("]") else value < high)
+  op, bound = allowed.split()
+  return value >= float(bound) if op == ">=" else value > float(bound)
 
 
 def _default(key: str):
-  node = TrainConfig.__dataclass_fields__
-  *sections, leaf = key.split(".")
-  for section in sections:
-    node = type(node[section].default).__dataclass_fields__
-  return node[leaf].default
+  node = TrainConfig()
+  for part in key.split("."):
+    node = getattr(node, part)
+  return node
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
   """``TrainConfig`` from an optional YAML file plus ``"a.b=value"`` overrides."""
   values = {} if path is None else read_mapping(path)
   return from_dict(merge_overrides(values, parse_overrides(overrides), flat=True), TrainConfig)
+
+
+# The sections' names before they were ``*Section`` (``ModelConfig`` is the architecture in jlora.models).
+RENAMED = {
+    "ModelConfig": ("jlora.train.ModelSection", ModelSection),
+    "AdapterConfig": ("jlora.train.adapter_section (the section is the adapter kind's own config)",
+                      adapter_section),
+    "DataConfig": ("jlora.train.DataSection", DataSection),
+    "OptimConfig": ("jlora.train.OptimSection", OptimSection),
+    "MeshConfig": ("jlora.train.MeshSection", MeshSection),
+    "CheckpointConfig": ("jlora.train.CheckpointSection", CheckpointSection),
+    "ReportConfig": ("jlora.train.ReportSection", ReportSection),
+}
+__getattr__ = deprecated_names(__name__, RENAMED)

@@ -2,12 +2,15 @@
 
 ``from_dict`` builds a frozen config dataclass (sections nested as
 dataclasses) from plain values, coercing each against its field's type hint
-(int -> float widening, list -> tuple, ``Literal`` choices, unions) and
-raising ``ConfigError`` naming the first unknown key or ill-typed value.
+(int -> float widening, list -> tuple, ``Literal`` choices, unions, mappings)
+and raising ``ConfigError`` naming the first unknown key or ill-typed value.
+A field whose metadata holds ``"parse"`` is read by that function instead
+(the adapter section, whose class depends on its ``kind``).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -36,7 +39,9 @@ def from_dict(values: Mapping[str, Any], cls: type, prefix: str = ""):
   for name, value in values.items():
     hint = hints[name]
     key = prefix + name
-    if dataclasses.is_dataclass(hint):
+    if "parse" in fields[name].metadata:
+      kwargs[name] = fields[name].metadata["parse"](value, key + ".")
+    elif dataclasses.is_dataclass(hint):
       kwargs[name] = from_dict(value, hint, key + ".")
     else:
       kwargs[name] = _coerce(value, hint, key)
@@ -70,7 +75,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
 
 def to_plain(x):
   """``x`` with its dicts copied and its tuples and lists made lists, at every depth (YAML/JSON-ready)."""
-  if isinstance(x, dict):
+  if isinstance(x, Mapping):
     return {k: to_plain(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [to_plain(v) for v in x]
@@ -113,10 +118,15 @@ def _coerce(value, hint, key: str):
     if value in typing.get_args(hint) and type(value) is type(typing.get_args(hint)[0]):
       return value
     raise ConfigError(f"{key} must be one of {list(typing.get_args(hint))}, got {value!r}.")
-  if origin is tuple:
+  if origin in (tuple, collections.abc.Sequence):
     if isinstance(value, (list, tuple)):
       (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
       return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}.")
+  if origin is collections.abc.Mapping:
+    if isinstance(value, Mapping):
+      key_hint, item = typing.get_args(hint)
+      return {_coerce(k, key_hint, key): _coerce(v, item, f"{key}[{k!r}]") for k, v in value.items()}
     raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}.")
   if hint is type(None):
     if value is None:
@@ -145,8 +155,10 @@ def _describe(hint) -> str:
   origin = typing.get_origin(hint)
   if origin in (Union, types.UnionType):
     return " or ".join(_describe(a) for a in typing.get_args(hint))
-  if origin is tuple:
+  if origin in (tuple, collections.abc.Sequence):
     return f"a list of {_describe(typing.get_args(hint)[0])}"
+  if origin is collections.abc.Mapping:
+    return f"a mapping of {_describe(typing.get_args(hint)[0])} to {_describe(typing.get_args(hint)[1])}"
   if origin is Literal:
     return f"one of {list(typing.get_args(hint))}"
   return {type(None): "null", bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(hint, str(hint))

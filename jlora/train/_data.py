@@ -1,19 +1,23 @@
-"""Training data: read records, tokenize with a loss mask, pack, shuffle, batch.
+"""Training data: read records, tokenize with a loss mask, fit to seq_len, pack, shuffle, batch.
 
 Records come from ``.jsonl`` / ``.json`` / ``.txt`` / ``.parquet`` files or a
 ``datasets`` directory (``save_to_disk``; needs the optional ``datasets``
 package). A record is one of
 
 - text: ``{"text": ...}`` (``data.text_field``); every token is trained;
-- instruction: ``{"prompt": ..., "completion": ...}``; prompt tokens are masked
-  out of the loss;
-- chat: ``{"messages": [{"role": ..., "content": ...}, ...]}``; only
-  ``assistant`` turns are trained.
+- instruction: ``{"prompt": ..., "completion": ...}`` or Alpaca's
+  ``{"instruction": ..., "input": ..., "output": ...}`` (in Alpaca's prompt);
+  prompt tokens are masked out of the loss;
+- chat: ``{"messages": [{"role": ..., "content": ...}, ...]}`` or ShareGPT's
+  ``{"conversations": [{"from": ..., "value": ...}, ...]}``; roles ``system``,
+  ``user`` / ``human``, ``assistant`` / ``gpt`` / ``model``; rendered by the
+  tokenizer's chat template when it has one, and only assistant turns are trained.
 
-Each record becomes ids ending in EOS plus a 0/1 loss mask over the same
-positions. Packing concatenates records and cuts the stream into rows of
-``seq_len`` (the last row padded), with segment ids that keep the records
-apart; without packing each record is one row.
+Each record becomes ids (the tokenizer's BOS first, if it adds one; EOS last)
+plus a 0/1 loss mask over the same positions. Records longer than ``seq_len``
+are truncated, dropped or split (``fit_records``). Packing fills rows of
+``seq_len`` with whole records in order (the last row padded), with segment ids
+that keep the records apart; without packing each record is one row.
 Batches are drawn with ``grain``: a seeded permutation per epoch, random access
 by batch index, so the iterator's whole state is one integer (checkpointed).
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
@@ -136,50 +140,108 @@ def _read_saved_dataset(path: Path) -> list[tuple[Any, str]]:
 
 # ---------------------------------------------------------------------------- encoding
 
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "model": "assistant"}  # the role names datasets use -> the chat template's
+FORMATS = ("text: {\"text\": ...} (data.text_field)", "instruction: {\"prompt\": ..., \"completion\": ...}",
+           "Alpaca: {\"instruction\": ..., \"input\": ... (optional), \"output\": ...}",
+           "chat: {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}",
+           "ShareGPT: {\"conversations\": [{\"from\": ..., \"value\": ...}, ...]}")
+ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
 
 def record_kind(record: Any, fmt: str, text_field: str) -> str:
+  """``"text"``, ``"instruction"`` or ``"chat"``: ``fmt`` itself unless ``"auto"``; ``""`` when no format fits."""
   if fmt != "auto":
     return fmt
   if isinstance(record, dict):
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:
       return "chat"
-    if "prompt" in record and "completion" in record:
+    if ("prompt" in record and "completion" in record) or ("instruction" in record and "output" in record):
       return "instruction"
-  return "text"
+    if text_field in record:
+      return "text"
+  return ""
 
 
 def encode_record(record: Any, where: str, tokenizer, fmt: str = "auto",
                   text_field: str = "text") -> tuple[list[int], list[int]]:
-  """``(ids, loss_mask)`` for one record, EOS appended (and trained)."""
+  """``(ids, loss_mask)`` for one record: the tokenizer's BOS first (given, not trained), EOS last (trained).
+
+  Chat records use the tokenizer's chat template when it has one (it writes
+  any BOS itself), else jlora's ``<|role|>`` lines.
+  """
   if not isinstance(record, dict):
     raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}.")
   kind = record_kind(record, fmt, text_field)
+  bos = list(getattr(tokenizer, "bos_ids", []))
   if kind == "text":
     text = _field(record, text_field, where, f"(a text record; set data.text_field if it is named otherwise)")
     ids = tokenizer.encode(text)
-    return ids + [tokenizer.eos_id], [1] * (len(ids) + 1)
+    return bos + ids + [tokenizer.eos_id], [0] * len(bos) + [1] * (len(ids) + 1)
   if kind == "instruction":
-    prompt = tokenizer.encode(_field(record, "prompt", where, "(an instruction record)"))
-    answer = tokenizer.encode(_field(record, "completion", where, "(an instruction record)"))
-    return prompt + answer + [tokenizer.eos_id], [0] * len(prompt) + [1] * (len(answer) + 1)
-  return _encode_chat(record, where, tokenizer)
+    prompt_text, answer_text = _instruction(record, where)
+    prompt, answer = tokenizer.encode(prompt_text), tokenizer.encode(answer_text)
+    return bos + prompt + answer + [tokenizer.eos_id], [0] * (len(bos) + len(prompt)) + [1] * (len(answer) + 1)
+  if kind == "chat":
+    return _encode_chat(_messages(record, where), where, tokenizer, bos)
+  have = ", ".join(sorted(map(str, record))) or "none"
+  raise DataError(f"{where}: no field {text_field!r} (data.text_field) nor the fields of another format; the "
+                  f"record has fields: {have}. The formats are: " + "; ".join(FORMATS)
+                  + ". Rename the fields, or set data.format / data.text_field.")
 
 
-def _encode_chat(record: dict, where: str, tokenizer) -> tuple[list[int], list[int]]:
-  messages = record.get("messages")
-  if not isinstance(messages, list) or not messages:
-    raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
-  ids, mask = [], []
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-      raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'.")
+def _instruction(record: dict, where: str) -> tuple[str, str]:
+  """``(prompt, answer)`` of an instruction record: ``prompt``/``completion``, or Alpaca's fields in its prompt."""
+  if "instruction" in record and "prompt" not in record:
+    instruction = _field(record, "instruction", where, "(an Alpaca record)")
+    context = record.get("input") or ""
+    if not isinstance(context, str):
+      raise DataError(f"{where}: Alpaca field 'input' must be a string, got {type(context).__name__}.")
+    prompt = ALPACA_PROMPT.format(
+        context=", paired with an input that provides further context" if context else "",
+        instruction=instruction, input=f"### Input:\n{context}\n\n" if context else "")
+    return prompt, _field(record, "output", where, "(an Alpaca record)")
+  return (_field(record, "prompt", where, "(an instruction record)"),
+          _field(record, "completion", where, "(an instruction record)"))
+
+
+def _messages(record: dict, where: str) -> list[dict[str, str]]:
+  """The record's turns as ``[{"role", "content"}]`` with standard roles (ShareGPT's ``from``/``value`` too)."""
+  sharegpt = "messages" not in record
+  key, role_key, text_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
+  turns = record.get(key)
+  if not isinstance(turns, list) or not turns:
+    raise DataError(f"{where}: {key!r} must be a non-empty list of {{{role_key}, {text_key}}} objects.")
+  out = []
+  for i, m in enumerate(turns):
+    if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
+      raise DataError(f"{where}: {key}[{i}] must be an object with string {role_key!r} and {text_key!r}.")
+    role = ROLES.get(m[role_key])
+    if role is None:
+      raise DataError(f"{where}: {key}[{i}] has the unknown role {m[role_key]!r}; the accepted roles are "
+                      f"{', '.join(sorted(ROLES))} (human = user; gpt, model = assistant).")
+    out.append({"role": role, "content": m[text_key]})
+  if not any(m["role"] == "assistant" for m in out):
+    raise DataError(f"{where}: the conversation has no assistant turn, so nothing to train on.")
+  return out
+
+
+def _encode_chat(messages: list[dict[str, str]], where: str, tokenizer, bos: list[int]):
+  if getattr(tokenizer, "chat_template", None):
+    try:
+      ids, mask = tokenizer.encode_chat(messages)
+    except ValueError as e:
+      raise DataError(f"{where}: {e}; give the records as prompt/completion instead.") from None
+    if not ids or ids[-1] != tokenizer.eos_id:
+      ids, mask = ids + [tokenizer.eos_id], mask + [1]
+    return ids, mask
+  ids, mask = list(bos), [0] * len(bos)
+  for m in messages:
     header = tokenizer.encode(f"<|{m['role']}|>\n")
     body = tokenizer.encode(m["content"] + "\n")
-    trained = int(m["role"] == "assistant")
     ids += header + body
-    mask += [0] * len(header) + [trained] * len(body)
-  if not any(mask):
-    raise DataError(f"{where}: the conversation has no assistant turn, so nothing to train on.")
+    mask += [0] * len(header) + [int(m["role"] == "assistant")] * len(body)
   return ids + [tokenizer.eos_id], mask + [1]
 
 
@@ -191,18 +253,85 @@ def _field(record: dict, name: str, where: str, what: str) -> str:
   return value
 
 
+# ---------------------------------------------------------------------------- records longer than seq_len
+
+TRUNCATIONS = ("drop", "truncate", "split")
+
+
+def fit_records(examples: list[tuple[list[int], list[int]]], seq_len: int, truncation: str = "truncate",
+                source: str = "the data") -> tuple[list[tuple[list[int], list[int]]], list[str]]:
+  """``(examples no longer than seq_len, sentences saying what was cut)`` for records over ``seq_len`` tokens.
+
+  ``truncate`` keeps the prompt (the tokens before the first trained one) and
+  cuts the answer's tail; a prompt that alone fills ``seq_len`` loses its head
+  instead, keeping its last ``max(seq_len // 2, seq_len - answer)`` tokens, so
+  the answer still trains after its prompt's end. ``drop`` leaves such
+  records out; ``split`` cuts them into pieces of ``seq_len`` (a later piece
+  trains without its prompt; pieces without a trained token are counted).
+  Raises DataError when no record keeps a trained token.
+  """
+  if truncation not in TRUNCATIONS:
+    raise DataError(f"data.truncation={truncation!r}; use one of {', '.join(TRUNCATIONS)}.")
+  out, said, tails, heads, untrained = [], [], 0, 0, 0
+  long = sum(len(ids) > seq_len for ids, _ in examples)
+  for ids, mask in examples:
+    if len(ids) <= seq_len:
+      out.append((ids, mask))
+    elif truncation == "split":
+      pieces = [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+      untrained += sum(not any(m) for _, m in pieces)
+      out += pieces
+    elif truncation == "truncate":
+      first = mask.index(1) if 1 in mask else len(mask)
+      if first < seq_len:
+        tails += 1
+        out.append((ids[:seq_len], mask[:seq_len]))
+      else:
+        heads += 1
+        keep = max(seq_len // 2, seq_len - (len(ids) - first))
+        out.append((ids[first - keep:first - keep + seq_len], mask[first - keep:first - keep + seq_len]))
+  total = len(examples)
+  if long and truncation == "truncate":
+    said.append(f"{source}: {long} of {total} records are longer than data.seq_len={seq_len} tokens: "
+                f"{tails} had the answer's tail cut, {heads} the prompt's head (their prompt alone filled "
+                "the sequence).")
+  elif long and truncation == "drop":
+    said.append(f"{source}: dropped {long} of {total} records longer than data.seq_len={seq_len} tokens.")
+  elif long:
+    said.append(f"{source}: split {long} of {total} records longer than data.seq_len={seq_len} tokens into "
+                f"pieces; {untrained} pieces have no trained token (prompt only).")
+  if not any(any(m) for _, m in out):
+    raise DataError(f"{source}: no record keeps a trained token within data.seq_len={seq_len} tokens "
+                    f"(data.truncation={truncation}, {long} of {total} records are longer), so there is nothing "
+                    "to learn; raise data.seq_len, shorten the prompts, or set data.truncation=truncate (keeps "
+                    "each answer, cutting the prompt's head).")
+  return out, said
+
+
 # ---------------------------------------------------------------------------- packing
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
-         packing: bool = True) -> Rows:
-  """Rows of ``seq_len`` tokens: one stream cut into rows (packing) or one record per row.
+         packing: bool = True, whole: bool = False) -> Rows:
+  """Rows of ``seq_len`` tokens: records packed into rows, or one record per row.
 
   Each record keeps its own segment id, so a packed row's records never see
-  (or predict) each other; a record cut by a row boundary continues in the
+  (or predict) each other. ``whole`` packs records in order without cutting
+  any (a record that does not fit the row's rest starts the next row; each
+  must be at most ``seq_len`` long, see ``fit_records``); else one stream is
+  cut into full rows, and a record cut by a row boundary continues in the
   next row as a fresh segment.
   """
-  if packing:
+  if packing and whole:
+    chunks, row = [], []
+    for e in examples:
+      if sum(len(ids) for ids, _ in row) + len(e[0]) > seq_len and row:
+        chunks.append(_joined(row))
+        row = []
+      row.append(e)
+    if row:
+      chunks.append(_joined(row))
+  elif packing:
     ids = np.fromiter((t for e, _ in examples for t in e), np.int32)
     mask = np.fromiter((m for _, ms in examples for m in ms), np.int32)
     record = np.repeat(np.arange(len(examples), dtype=np.int32), [len(e) for e, _ in examples])
@@ -224,6 +353,13 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
   return Rows(tokens, loss_mask, attention, segments)
 
 
+def _joined(records: list[tuple[list[int], list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One row's ``(ids, loss mask, record index)`` of whole records."""
+  return (np.asarray([t for ids, _ in records for t in ids], np.int32),
+          np.asarray([m for _, ms in records for m in ms], np.int32),
+          np.repeat(np.arange(len(records), dtype=np.int32), [len(ids) for ids, _ in records]))
+
+
 def segment_bound(segment_ids: np.ndarray) -> int:
   """Records per row to make room for: the most runs of equal ids in a row of ``segment_ids [N, T]``.
 
@@ -238,13 +374,21 @@ def segment_bound(segment_ids: np.ndarray) -> int:
 
 
 def load_rows(path: str | Path, tokenizer, seq_len: int, fmt: str = "auto", text_field: str = "text",
-              packing: bool = True) -> Rows:
-  """Read, validate and pack one data source (every record checked before any compute)."""
+              packing: bool = True, truncation: str = "truncate", say: Callable[[str], None] | None = None) -> Rows:
+  """Read, validate and pack one data source (every record checked before any compute).
+
+  Records longer than ``seq_len`` are handled by ``truncation``
+  (``fit_records``); ``say`` gets one sentence on what was cut, if anything.
+  Packed rows keep every record whole unless ``truncation="split"``.
+  """
   records = read_records(path)
   if not records:
     raise DataError(f"{path} holds no records.")
   examples = [encode_record(r, where, tokenizer, fmt, text_field) for r, where in records]
-  return pack(examples, seq_len, tokenizer.pad_id, packing)
+  examples, said = fit_records(examples, seq_len, truncation, str(path))
+  for sentence in said:
+    (say or print)(sentence)
+  return pack(examples, seq_len, tokenizer.pad_id, packing, whole=truncation != "split")
 
 
 def check_vocab(rows: Rows, vocab_size: int, source: str) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora.nn._variables import LoraRngKey
+from jlora.nn import LoraRngKey
 
 
 def shifted_targets(tokens: jax.Array, loss_mask: jax.Array,

@@ -226,3 +226,39 @@ def plan_job(model, *, devices: int, batch_size: int, seq_len: int, mesh: tuple[
                      capacity=_capacity(capacity_gib, backend), **kwargs)
   check_fits(plan, suggestions(plan, arch, devices, batch_size, **kwargs))
   return plan
+
+
+UNROLL_MARGIN = 0.85
+"""``scan_unroll="auto"`` unrolls only where the unrolled plan stays below this share of the device:
+the unrolled step's memory is the plan's least certain figure (``jlora.train._memory.UNROLLED_KEPT``)."""
+
+
+def choose_scan_unroll(arch: Arch, *, capacity: int | None, mesh: tuple[int, int, int] = (1, 1, 1),
+                       remat: str = "matmuls", rows_per_device: int = 8, **plan_kwargs) -> int:
+  """``scan_unroll="auto"``: the layer count (no loop) if its plan fits within ``UNROLL_MARGIN`` of
+  ``capacity``, else 1 (a rolled loop).
+
+  Only the full unroll is a candidate: a partial one keeps the rolled loop's
+  speed (the loop still stacks every layer's residuals) at more memory
+  (bench/NOTES.md, entry 23). Rolled where the capacity is unknown (CPU: the
+  unrolled compile is longer and nothing is gained) and under FSDP, whose
+  per-layer weight gathers a loop keeps one at a time.
+  """
+  layers = arch.num_hidden_layers
+  if capacity is None or mesh[1] > 1 or layers < 2:
+    return 1
+  plan = plan_memory(arch, mesh=mesh, remat=remat, rows_per_device=rows_per_device, capacity=capacity,
+                     **dict(plan_kwargs, scan_unroll=layers))
+  return layers if plan.total <= UNROLL_MARGIN * capacity else 1
+
+
+def job_scan_unroll(model, *, batch_size: int, seq_len: int, mesh: tuple[int, int, int], remat: str, r: int,
+                    targets, capacity_gib: float = 0.0, backend: str = "cpu") -> int:
+  """``choose_scan_unroll`` for a ``jlora.train`` job's model on ``mesh`` (1 for a model the plan cannot size)."""
+  sizes = model_sizes(model)
+  if sizes is None:
+    return 1
+  data, fsdp, _ = mesh
+  kwargs = _plan_kwargs(sizes, seq_len, r, targets, backend, 1, cudnn_packed_slots(model, backend))
+  return choose_scan_unroll(sizes["arch"], capacity=_capacity(capacity_gib, backend), mesh=mesh, remat=remat,
+                            rows_per_device=batch_size // (data * fsdp), **kwargs)

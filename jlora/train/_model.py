@@ -14,17 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jlora.io import from_pretrained
+from jlora.io import from_pretrained, get_peft_model
 from jlora.models import LanguageModel, check_attention
-from jlora.io._inject_dirs import get_peft_model
-from jlora.nn import LoraConfig, MoSLoraConfig, WLoraConfig
 from jlora.quant import quantize
-from jlora.train._config import AdapterConfig, ModelConfig
+from jlora.train._config import ModelSection
 from jlora.train._presets import preset, presets, register_preset  # noqa: F401  (re-exported)
-from jlora.train._tokenizer import load_tokenizer
 
 
-def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
+def load_model(cfg: ModelSection, mesh: Mesh | None = None):
   """``(model, model_dir or None)`` for a preset name or a local checkpoint directory.
 
   With a ``mesh`` a checkpoint is read shard by shard straight onto the
@@ -34,7 +31,8 @@ def load_model(cfg: ModelConfig, mesh: Mesh | None = None):
   model, model_dir = _base_model(cfg, mesh)
   if isinstance(model, LanguageModel):
     model.remat = cfg.remat
-    model.scan_unroll = cfg.scan_unroll
+    # "auto": rolled until the job's memory plan picks (jlora.train._memory_fit.job_scan_unroll)
+    model.scan_unroll = 1 if cfg.scan_unroll == "auto" else cfg.scan_unroll
   set_attention(model, cfg.attention)
   return model, model_dir
 
@@ -51,7 +49,7 @@ def set_attention(model: nnx.Module, attention: str) -> None:
     model.attention = attention
 
 
-def _base_model(cfg: ModelConfig, mesh: Mesh | None):
+def _base_model(cfg: ModelSection, mesh: Mesh | None):
   factory = preset(cfg.name)
   if factory is not None:
     model = factory(cfg)
@@ -63,10 +61,6 @@ def _base_model(cfg: ModelConfig, mesh: Mesh | None):
   raise ValueError(
       f"model.name={cfg.name!r} is neither a preset ({', '.join(presets())}) nor a local "
       "checkpoint directory; download the model first (e.g. huggingface-cli download) and pass its path.")
-
-
-def tokenizer_for(spec: str, model_dir: str | None):
-  return load_tokenizer(spec, model_dir)
 
 
 def max_length(model: nnx.Module) -> int | None:
@@ -94,18 +88,7 @@ def check_tokenizer_fits(tokenizer, model: nnx.Module, fix: str) -> None:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}; {fix}")
 
 
-def adapter_config(cfg: AdapterConfig):
-  """The ``jlora`` adapter config for the job's ``adapter`` section."""
-  target = cfg.target_modules if isinstance(cfg.target_modules, str) else tuple(cfg.target_modules)
-  common = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=cfg.lora_dropout,
-                use_rslora=cfg.use_rslora, seed=cfg.seed)
-  if cfg.kind == "lora":
-    return LoraConfig(use_dora=cfg.use_dora, **common)
-  if cfg.kind == "moslora":
-    return MoSLoraConfig(mixer_init=cfg.mixer_init, **common)
-  return WLoraConfig(upstream_loras=tuple(cfg.upstream_loras), seed=cfg.seed)
-
-
-def add_adapter(model: nnx.Module, cfg: AdapterConfig, name: str = "default") -> nnx.Module:
-  """Inject the configured adapter (WLoRA upstream directories are loaded too, as ``jlora.get_peft_model`` does)."""
-  return get_peft_model(model, adapter_config(cfg), adapter_name=name)
+def add_adapter(model: nnx.Module, config, name: str = "default") -> nnx.Module:
+  """Inject the job's adapter (its kind's config; WLoRA upstream directories are loaded too, as
+  ``jlora.get_peft_model`` does)."""
+  return get_peft_model(model, config, adapter_name=name)

@@ -15,6 +15,8 @@ schedules included).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 from flax import nnx
@@ -94,6 +96,8 @@ def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation,
       ``loraplus_lr_embedding`` (PEFT's default 1e-6) on the same schedule.
     loraplus_lr_embedding: the learning rate of embedding adapters under LoRA+.
   """
+  if not (hasattr(tx, "init") and hasattr(tx, "update")):
+    raise TypeError(f"tx must be an optax GradientTransformation such as optax.adamw(1e-4), got {tx!r}.")
   mask = trainable_mask(model, params)
   frozen = jax.tree.map(lambda m: not m, mask)
   parts = [optax.masked(tx, mask)]
@@ -105,8 +109,8 @@ def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation,
 
 
 def _loraplus_scales(model, params, mask, ratio, learning_rate, lr_embedding) -> list:
-  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
-    raise ValueError(f"loraplus_lr_ratio must be a positive number (PEFT suggests 16), got {ratio!r}.")
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+    raise ValueError(f"loraplus_lr_ratio must be a positive number (PEFT suggests 16) and finite, got {ratio!r}.")
   groups = loraplus_groups(model, params)
   in_group = lambda name: jax.tree.map(lambda g, m: g == name and m, groups, mask)
   parts = [optax.masked(optax.scale(float(ratio)), in_group("B"))]

@@ -24,12 +24,12 @@ from flax import nnx
 
 from jlora.io import from_pretrained
 from jlora.models import CausalLM, LlamaConfig
-from jlora.train._config import ModelConfig
+from jlora.train._config import ModelSection
 
-_PRESETS: dict[str, Callable[[ModelConfig], nnx.Module]] = {}
+_PRESETS: dict[str, Callable[[ModelSection], nnx.Module]] = {}
 
 
-def register_preset(name: str, factory: Callable[[ModelConfig], nnx.Module]) -> None:
+def register_preset(name: str, factory: Callable[[ModelSection], nnx.Module]) -> None:
   """Make ``model.name = name`` build ``factory(model_config)`` (a model with random weights).
 
   Registering a built-in name (``"tiny"``) replaces it.
@@ -41,7 +41,7 @@ def presets() -> list[str]:
   return sorted(_PRESETS)
 
 
-def preset(name: str) -> Callable[[ModelConfig], nnx.Module] | None:
+def preset(name: str) -> Callable[[ModelSection], nnx.Module] | None:
   """The factory registered as ``name``, if any."""
   return _PRESETS.get(name)
 
@@ -52,11 +52,11 @@ TINY = dict(model_type="llama", vocab_size=258, hidden_size=64, intermediate_siz
             rope=(("rope_theta", 10000.0), ("rope_type", "default")))
 
 
-def _tiny(cfg: ModelConfig):
+def _tiny(cfg: ModelSection):
   return CausalLM(LlamaConfig(**TINY), dtype=getattr(jnp, cfg.dtype), rngs=nnx.Rngs(cfg.seed))
 
 
-def _byte_stories(cfg: ModelConfig):
+def _byte_stories(cfg: ModelSection):
   if not (BASE_DIR / "model.safetensors").is_file():
     raise ValueError(f"The shipped base model is missing from {BASE_DIR}; reinstall jlora, or recreate it "
                      "with `python scripts/train_base.py` from a jlora checkout.")

@@ -147,11 +147,11 @@ class Progress:
     self._tokens = 0
     self.eta: float | None = None  # seconds left; None until a step after the first has run
 
-  def update(self, loss: float, tokens: int, eval_loss: float | None = None) -> float:
-    """Advance one step; returns tokens/s since the first step ended (0.0 on the first step)."""
+  def update(self, loss: float, tokens: int, eval_loss: float | None = None) -> float | None:
+    """Advance one step; returns tokens/s since the first step ended (None on the first step: no rate yet)."""
     self._step += 1
     now = self._clock()
-    rate = 0.0
+    rate = None
     if self._t0 is None:
       self._t0 = now
     else:
@@ -251,49 +251,41 @@ def write_samples(path: Path, prompts: list[str], base: list[str], adapted: list
 
 
 def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, seq_len: int) -> list[str]:
-  """Greedy continuations of ``prompts``: ``jlora.models.generate`` for ``jlora.models`` models, else a fixed-shape loop.
+  """Greedy continuations of ``prompts`` by ``jlora.models.generate``.
 
-  The fallback recomputes the whole window per token (no KV cache): fine
-  for the few short samples a run writes.
+  A ``jlora.models`` model continues them as one batch through its KV cache;
+  a model of your own (or a failed batch) continues each prompt alone
+  without a cache, cut to fit ``seq_len`` with the new tokens.
   """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
   from jlora.models import LanguageModel
 
   model.eval()
-  if isinstance(model, LanguageModel):
-    try:
-      return [p + c for p, c in zip(prompts, continue_prompts(model, tokenizer, prompts, max_new_tokens))]
-    except (ValueError, TypeError) as e:  # keep the run's outputs; the loop below needs only the forward
-      print(f"jlora.generate failed ({str(e).splitlines()[0]}); sampling without a KV cache.")
-    finally:
-      model.train()
-    model.eval()
-  graphdef, state = nnx.split(model)
+  try:
+    if isinstance(model, LanguageModel):
+      try:
+        return [p + c for p, c in zip(prompts, continue_prompts(model, tokenizer, prompts, max_new_tokens))]
+      except (ValueError, TypeError) as e:  # keep the run's outputs; one prompt at a time needs only the forward
+        print(f"jlora.generate failed ({str(e).splitlines()[0]}); sampling one prompt at a time.")
+    return [p + _continue_one(model, tokenizer, p, max_new_tokens, seq_len) for p in prompts]
+  finally:
+    model.train()
 
-  @jax.jit
-  def next_token(state, ids, mask, last):
-    logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
-    return jnp.argmax(logits[jnp.arange(ids.shape[0]), last], axis=-1)
 
-  out = []
-  for prompt in prompts:
-    ids = tokenizer.encode(prompt)[-(seq_len - max_new_tokens):]
-    new = []
-    for _ in range(max_new_tokens):
-      window = np.full((1, seq_len), tokenizer.pad_id, np.int32)
-      window[0, :len(ids)] = ids
-      mask = (np.arange(seq_len) < len(ids)).astype(np.int32)[None]
-      token = int(next_token(state, window, mask, jnp.asarray([len(ids) - 1]))[0])
-      if token == tokenizer.eos_id:
-        break
-      ids.append(token)
-      new.append(token)
-    out.append(prompt + tokenizer.decode(new))
-  model.train()
-  return out
+def _continue_one(model, tokenizer, prompt: str, max_new_tokens: int, seq_len: int) -> str:
+  """The greedy continuation of one prompt (its last ``seq_len - max_new_tokens`` ids), cut at EOS."""
+  import jax.numpy as jnp
+
+  from jlora.models import generate
+
+  ids = (list(getattr(tokenizer, "bos_ids", [])) + tokenizer.encode(prompt))[-(seq_len - max_new_tokens):]
+  tokens = generate(model, jnp.asarray([ids], jnp.int32), max_new_tokens, eos_token_id=tokenizer.eos_id,
+                    use_cache=False)
+  return _decode_until_eos(tokenizer, np.asarray(tokens)[0, len(ids):])
+
+
+def _decode_until_eos(tokenizer, row) -> str:
+  new = [int(t) for t in row]
+  return tokenizer.decode(new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new)
 
 
 def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
@@ -306,7 +298,8 @@ def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
   from jlora.models import generate
 
-  encoded = [tokenizer.encode(p) for p in prompts]
+  bos = list(getattr(tokenizer, "bos_ids", []))  # what training records start with
+  encoded = [bos + tokenizer.encode(p) for p in prompts]
   width = max(len(ids) for ids in encoded)
   ids = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(encoded), width), np.int32)
@@ -314,8 +307,4 @@ def continue_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     ids[row, width - len(e):], mask[row, width - len(e):] = e, 1
   tokens = generate(model, jnp.asarray(ids), max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     attention_mask=jnp.asarray(mask), eos_token_id=tokenizer.eos_id)
-  out = []
-  for row in np.asarray(tokens)[:, width:]:
-    new = [int(t) for t in row]
-    out.append(tokenizer.decode(new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new))
-  return out
+  return [_decode_until_eos(tokenizer, row) for row in np.asarray(tokens)[:, width:]]

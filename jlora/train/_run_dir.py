@@ -17,7 +17,7 @@ OUTPUTS = (RUN_FILE, "checkpoints", "adapter", "merged", "metrics.jsonl", "loss_
 # Keys that may change between a run and its resumption: they do not change the numbers.
 _FREE_KEYS = {"output_dir", "overwrite", "progress", "samples", "save_merged", "log_every",
               "checkpoint.async_save", "report.tensorboard", "report.wandb", "report.wandb_project",
-              "report.wandb_name"}
+              "report.wandb_name", "compile_cache", "model.scan_unroll"}
 
 
 class OutputDirError(ValueError):

@@ -144,3 +144,31 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, global_size: int | None 
 
   return {k: jax.make_array_from_callback((global_size,) + v.shape[1:], sharding, lambda idx, v=v: local(v, idx))
           for k, v in batch.items()}
+
+
+def init_on_mesh(init, params):
+  """``init(params)`` (e.g. an optimizer's ``tx.init``) placed where the train step will return it.
+
+  A leaf whose path ends with a parameter's path, and has its shape (Adam's
+  moments, accumulated gradients), takes that parameter's sharding; any other
+  leaf (step counters) is replicated over the parameters' mesh. Placed so
+  before the first step, the jitted step sees the same input shardings at
+  every step and compiles once (left uncommitted, the counters would come
+  back committed to the mesh after step 1 and trigger a second compile).
+  """
+  keys = lambda path: tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  by_path = {keys(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  mesh = next((x.sharding.mesh for x in by_path.values() if isinstance(x.sharding, NamedSharding)), None)
+  if mesh is None:  # not on a mesh: nothing to commit to
+    return jax.jit(init)(params)
+
+  def sharding(path, leaf):
+    path = keys(path)
+    for start in range(len(path)):
+      param = by_path.get(path[start:])
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated(mesh)
+
+  shardings = jax.tree_util.tree_map_with_path(sharding, jax.eval_shape(init, params))
+  return jax.jit(init, out_shardings=shardings)(params)

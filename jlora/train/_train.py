@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from jlora.nn import disable_adapters, set_lora_matmul
 from jlora.train import _data, _distributed, _memory_fit, _sharding, _steps
 from jlora.train._checkpoint import Checkpointer
 from jlora.train._config import TrainConfig
-from jlora.train._model import (add_adapter, check_tokenizer_fits, load_model, max_length, set_attention,
-                                tokenizer_for, vocab_size)
+from jlora.train._compile_cache import enable_compile_cache
+from jlora.train._config_sections import planned_adapter
+from jlora.train._model import add_adapter, check_tokenizer_fits, load_model, max_length, set_attention, vocab_size
 from jlora.train._report import (
     Metrics, Progress, check_report, greedy_samples, open_sinks, plot_losses, sample_prompts, write_samples)
 from jlora.train._run_dir import check_output_dir, claim_output_dir
+from jlora.train._tokenizer import load_tokenizer
 from jlora.train._export import export_adapter
 
 
@@ -49,11 +52,14 @@ class TrainingInterrupted(KeyboardInterrupt):
 class _StopSignals:
   """While active, SIGINT/SIGTERM only set ``signum``; the loop then checkpoints and stops.
 
-  A second signal gets the previous handler (a second Ctrl-C interrupts at once).
+  A second signal says the job is stopping once the checkpoint is written
+  (breaking off the save would lose the step); a third gets the previous
+  handler (Ctrl-C: KeyboardInterrupt, after which the job still waits for
+  the save as it closes; SIGTERM: the process ends at once).
   """
 
   def __init__(self):
-    self.signum, self._previous = None, {}
+    self.signum, self._previous, self._repeats = None, {}, 0
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -62,9 +68,17 @@ class _StopSignals:
     return self
 
   def _handle(self, signum, frame):
-    self.signum = signum
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    if self.signum is None:
+      self.signum = signum
+      return
+    self._repeats += 1
+    name = signal.Signals(signum).name
+    if self._repeats == 1:
+      print(f"jlora: {name} again: stopping once the checkpoint of this step is written.", file=sys.stderr,
+            flush=True)
+      return
+    self.__exit__()
+    signal.raise_signal(signum)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -112,8 +126,9 @@ class TrainResult:
 
 def _prepare_data(cfg: TrainConfig, tokenizer):
   path = cfg.data.path or str(_data.EMBEDDED_QA)
+  say = print if jax.process_index() == 0 else (lambda sentence: None)
   load = lambda p: _data.load_rows(p, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field,
-                                   cfg.data.packing)
+                                   cfg.data.packing, cfg.data.truncation, say)
   rows = load(path)
   if cfg.data.eval_path:
     return rows, load(cfg.data.eval_path)
@@ -132,12 +147,14 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   if not isinstance(cfg, TrainConfig):
     raise TypeError(f"train() takes a jlora.TrainConfig, got {type(cfg).__name__}.")
   _sharding.initialize_distributed()
+  enable_compile_cache(cfg.compile_cache)  # before the first compile
   out = Path(cfg.output_dir)
   config_dict = cfg.to_dict()
   decision = check_output_dir(out, config_dict, cfg.overwrite)
   check_report(cfg.report)
   check_attention(cfg.model.attention, for_backend=True)  # before any weights are read
   model_dir, remat, picked = None, "", ""
+  given = model is not None  # a model built in code keeps its own scan_unroll
   if cfg.mesh.fsdp == -1:
     model, model_dir, mesh_shape, remat, picked = _auto_mesh(cfg, model)
   else:
@@ -149,7 +166,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     set_attention(model, cfg.model.attention)
   if remat and isinstance(model, LanguageModel):
     model.remat = remat
-  tokenizer = tokenizer or tokenizer_for(cfg.data.tokenizer, model_dir)
+  tokenizer = tokenizer or load_tokenizer(cfg.data.tokenizer, model_dir)
   limit = max_length(model)
   if limit is not None and cfg.data.seq_len > limit:
     raise ValueError(f"data.seq_len={cfg.data.seq_len} is over the model's maximum of {limit} positions; "
@@ -167,7 +184,12 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
   held_out = _data.eval_batches(eval_rows, cfg.batch_size, cfg.eval_batches) if len(eval_rows) else []
 
   add_adapter(model, cfg.adapter)
-  set_lora_matmul(model, cfg.model.lora_matmul, shared_input=False)
+  set_lora_matmul(model, _lora_matmul(cfg.model.lora_matmul, mesh_shape), shared_input=False)
+  if cfg.model.scan_unroll == "auto" and not given and isinstance(model, LanguageModel):
+    r, targets = planned_adapter(cfg.adapter)
+    model.scan_unroll = _memory_fit.job_scan_unroll(
+        model, batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape, remat=model.remat, r=r,
+        targets=targets, capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend())
   _plan_memory(cfg, model, mesh_shape, picked)
   _distributed.barrier("jlora:checked-output-dir")  # every process decided before process 0 writes
   if jax.process_index() == 0:
@@ -181,7 +203,7 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
       end_lr_ratio=o.end_lr_ratio, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip,
       grad_accum=o.grad_accum, loraplus_lr_ratio=o.loraplus_lr_ratio,
       loraplus_lr_embedding=o.loraplus_lr_embedding)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = _sharding.init_on_mesh(tx.init, params)  # committed to the mesh: the step compiles once
 
   ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
   start = ckpt.latest_step() if decision == "resume" else None
@@ -190,9 +212,13 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
     stream.restore(meta["data"])
   step = start or 0
   primary = jax.process_index() == 0  # writes the reports
+  if start is not None and primary:
+    print(f"jlora: resuming from step {start} of {cfg.steps} ({ckpt.directory / str(start)})", file=sys.stderr,
+          flush=True)
   metrics = Metrics(out / "metrics.jsonl", step if start is not None else -1, write=primary,
                     sinks=open_sinks(cfg.report, out, config_dict, start) if primary else ())
-  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens, mesh=mesh)
+  train_step = _steps.make_train_step(graphdef, tx, cfg.loss_chunk_tokens, mesh=mesh, stats=True)
+  schedule = _steps.lr_schedule(o.learning_rate, cfg.steps, o.warmup_steps, o.end_lr_ratio)
   put = lambda rows: _sharding.put_batch(rows, mesh, cfg.batch_size)
   eval_step = _steps.make_eval_step(graphdef, cfg.loss_chunk_tokens, mesh=mesh)
 
@@ -210,12 +236,12 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
       loss0 = evaluate()
       metrics.log({"step": 0, "eval_loss": loss0, "eval_ppl": math.exp(min(loss0, 50))})
     while step < cfg.steps:
-      micro_losses, tokens = [], 0
+      micro_losses, counts = [], []
       for _ in range(o.grad_accum):
         batch = put(next(stream))
-        params, opt_state, rng, loss, count = train_step(params, opt_state, rng, frozen, batch)
+        params, opt_state, rng, loss, stats = train_step(params, opt_state, rng, frozen, batch)
         micro_losses.append(loss)
-        tokens += int(count)
+        counts.append(stats)
       step += 1
       loss = float(np.mean([float(x) for x in micro_losses]))
       if not math.isfinite(loss):
@@ -226,12 +252,17 @@ def train(cfg: TrainConfig = TrainConfig(), *, model: nnx.Module | None = None, 
             f"{f'step {last}' if last is not None else 'none'} in {ckpt.directory} (kept). Lower "
             "optim.learning_rate or raise optim.warmup_steps, or check the data for bad records, "
             "and start again with a new output_dir (or overwrite=true).")
-      record = {"step": step, "loss": loss, "tokens": tokens}
+      tokens = sum(int(c["tokens"]) for c in counts)
+      record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),  # the rate this update used
+                "grad_norm": float(np.mean([float(c["grad_norm"]) for c in counts])),  # mean over micro-batches
+                "tokens": tokens, "trained_tokens": sum(int(c["trained_tokens"]) for c in counts)}
       eval_loss = None
       if held_out and (step % cfg.eval_every == 0 or step == cfg.steps):
         eval_loss = evaluate()
         record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-      record["tokens_per_s"] = progress.update(loss, tokens, eval_loss)
+      rate = progress.update(loss, tokens, eval_loss)  # None on a run's first (compiling) step
+      if rate is not None:
+        record["tokens_per_s"] = rate
       metrics.log(record)
       if primary and not cfg.progress and (step % cfg.log_every == 0 or eval_loss is not None):
         progress.write(f"step {step}: loss {loss:.4f}" + (f", held-out {eval_loss:.4f}" if eval_loss else ""))
@@ -275,22 +306,30 @@ def _auto_mesh(cfg: TrainConfig, model: nnx.Module | None):
     sizes = _memory_fit.model_sizes(model)
   m, remat, said = cfg.mesh, "", ""
   shape = (m.data, 1, m.tensor)
+  r, targets = planned_adapter(cfg.adapter)
   if sizes is not None:
     shape, remat, said = _memory_fit.auto_mesh(
         sizes, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, data=m.data,
-        tensor=m.tensor, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
-        capacity_gib=m.device_memory_gib, backend=jax.default_backend(), scan_unroll=cfg.model.scan_unroll)
+        tensor=m.tensor, r=r, targets=targets, capacity_gib=m.device_memory_gib, backend=jax.default_backend(),
+        scan_unroll=1 if cfg.model.scan_unroll == "auto" else cfg.model.scan_unroll)
   return model, model_dir, _sharding.resolve_mesh_shape(*shape, cfg.batch_size), remat, said
+
+
+def _lora_matmul(mode: str, mesh_shape: tuple[int, int, int]) -> str:
+  """``mode``, except ``"exact"`` under tensor parallelism, which computes the same sum as ``"plain"``:
+  the stacked matmul pads and concatenates along the row-parallel kernels' split axis."""
+  return "plain" if mode == "exact" and mesh_shape[2] > 1 else mode
 
 
 def _plan_memory(cfg: TrainConfig, model: nnx.Module, mesh_shape: tuple[int, int, int], picked: str) -> None:
   """Print the per-device memory plan (and what ``mesh.fsdp=-1`` picked); refuse what won't fit."""
   ours = isinstance(model, LanguageModel)
+  r, targets = planned_adapter(cfg.adapter)
   plan = _memory_fit.plan_job(
       model, devices=jax.device_count(), batch_size=cfg.batch_size, seq_len=cfg.data.seq_len, mesh=mesh_shape,
-      remat=model.remat if ours else cfg.model.remat, r=cfg.adapter.r, targets=cfg.adapter.target_modules,
+      remat=model.remat if ours else cfg.model.remat, r=r, targets=targets,
       capacity_gib=cfg.mesh.device_memory_gib, backend=jax.default_backend(),
-      scan_unroll=model.scan_unroll if ours else cfg.model.scan_unroll)
+      scan_unroll=model.scan_unroll if ours else 1)
   if plan is not None and jax.process_index() == 0:
     print(plan.describe() + (f"\n  {picked}" if picked else ""), flush=True)
 
