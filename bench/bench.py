@@ -48,6 +48,18 @@ SHAPES = {
     "tiny": dict(layers=2, hf=dict(  # smoke runs on CPU
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    # Gemma-2-2B: 26 layers alternating 4096-token windows and global attention, soft-caps on, tied 256k vocab.
+    "gemma2_2b": dict(layers=26, model_type="gemma2", hf=dict(
+        hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        vocab_size=256000, max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0)),
+    # Phi-3-mini (4k): fused qkv_proj / gate_up_proj, one 2047-token window on every layer.
+    "phi3_mini": dict(layers=32, model_type="phi3", targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                      hf=dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
+                              num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                              original_max_position_embeddings=4096, rms_norm_eps=1e-5, sliding_window=2047,
+                              tie_word_embeddings=False, pad_token_id=32000)),
     "wide70b": dict(layers=48, hf=dict(  # 70B-class width; initialised sharded, no checkpoint
         hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
         head_dim=128, vocab_size=128256)),
@@ -75,10 +87,11 @@ def make_checkpoint(path: str, shape: str, layers: int) -> None:
     return
   import torch
   import transformers
-  config = transformers.LlamaConfig(num_hidden_layers=layers, torch_dtype="bfloat16", **SHAPES[shape]["hf"])
+  config = transformers.AutoConfig.for_model(SHAPES[shape].get("model_type", "llama"), num_hidden_layers=layers,
+                                             torch_dtype="bfloat16", **SHAPES[shape]["hf"])
   torch.manual_seed(0)
   with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
   model.save_pretrained(path, safe_serialization=True)
   del model
   if torch.cuda.is_available():
@@ -469,6 +482,8 @@ def _time_jax(fn, args) -> dict:
 # ------------------------------------------------------------ orchestration
 
 def worker(args) -> None:
+  global TARGETS
+  TARGETS = SHAPES[args.shape].get("targets", TARGETS)  # Phi-3's fused projections
   if args.framework == "jlora":
     run = {"train": run_jlora_train, "forward": run_jlora_forward, "scaling": run_jlora_scaling,
            "mixed": run_jlora_mixed, "attention": run_jlora_attention}[args.task]
@@ -608,6 +623,12 @@ SUITES = {
   # difference from cuDNN), then training steps; TinyLlama (head_dim 64), Llama-3.2-3B (head_dim 128).
   "tokamax": lambda b: _attention_suite("tinyllama", 8, 2048),
   "tokamax3b": lambda b: _attention_suite("llama3b", 2, 4096),
+  # Gemma-2-2B (soft-capped attention: tokamax on GPU) and Phi-3-mini at 4x4096, LoRA r=16 on every linear
+  # layer, beside PEFT + torch.compile: tokens/s, MFU, peak memory, first step.
+  "gemma2": lambda b: [dict(framework="jlora", shape="gemma2_2b", batch=4, seq=4096, **AUTO)]
+                      + [dict(framework="peft-compile", shape="gemma2_2b", batch=4, seq=4096, timeout=420)],
+  "phi3": lambda b: [dict(framework="jlora", shape="phi3_mini", batch=4, seq=4096, **AUTO)]
+                    + [dict(framework="peft-compile", shape="phi3_mini", batch=4, seq=4096, timeout=420)],
   "compile": lambda b: [dict(framework="jlora", task="train", batch=1, seq=2048, layers=n, **FUSED)
                           for n in (11, 22)],
 }

@@ -24,6 +24,26 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**_COMMON, sliding_window=3, tie_word_embeddings=False),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=False),
     "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=8, tie_word_embeddings=True),
+    "qwen2_sliding": lambda: transformers.Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=3,
+                                                      max_window_layers=1, tie_word_embeddings=False),
+    "llama_linear_rope": lambda: transformers.LlamaConfig(**_COMMON, rope_scaling=dict(rope_type="linear", factor=4.0)),
+    "llama_yarn_rope": lambda: transformers.LlamaConfig(
+        **_COMMON, rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+    "llama_dynamic_rope": lambda: transformers.LlamaConfig(
+        **{**_COMMON, "max_position_embeddings": 4}, rope_scaling=dict(rope_type="dynamic", factor=2.0)),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_COMMON, head_dim=8, query_pre_attn_scalar=6, sliding_window=3, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=True),
+    "gemma2_untied": lambda: transformers.Gemma2Config(
+        **{**_COMMON, "num_hidden_layers": 3}, head_dim=8, sliding_window=4, tie_word_embeddings=False),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **{**_COMMON, "num_hidden_layers": 3}, head_dim=8, query_pre_attn_scalar=8, sliding_window=3,
+        sliding_window_pattern=2, rope_theta=1e6, rope_local_base_freq=1e4, final_logit_softcapping=3.0,
+        rope_scaling=dict(rope_type="linear", factor=8.0), tie_word_embeddings=True),
+    "phi3": lambda: transformers.Phi3Config(
+        **{**_COMMON, "max_position_embeddings": 16, "hidden_size": 32}, original_max_position_embeddings=4,
+        sliding_window=5, partial_rotary_factor=0.5, tie_word_embeddings=False, pad_token_id=0,
+        rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.3], long_factor=[2.0, 3.5])),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4,
                                             n_positions=64, bos_token_id=0, eos_token_id=0),
 }

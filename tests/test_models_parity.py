@@ -114,7 +114,7 @@ def test_randomized_lora_changes_logits_and_merge_and_unload_keeps_them(tmp_path
 
 
 def test_unknown_model_type_lists_supported_ones():
-  with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3, gpt2"):
+  with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, gpt2"):
     jlora.models.from_hf_config(type("C", (), {"model_type": "bert"})())
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jlora
+from jlora.train import make_optimizer, make_train_step, split_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,3 +150,20 @@ def wait_until_blocked(procs, marker: str, guard_s: float = 600) -> None:
     assert not ended, f"the job ended before it reached the kill point: {ended[0].communicate()[1][-3000:]}"
     assert time.monotonic() < give_up, "the job did not reach the kill point"
     time.sleep(0.05)
+
+
+def lora_train_steps(model, tokens, steps: int = 4):
+  """``steps`` jitted train steps (AdamW, lr 1e-2) of ``model``'s adapters on ``tokens [B, T]``.
+
+  Returns ``(trained params, losses)``; ``nnx.update(model, params)`` applies them.
+  """
+  graphdef, params, rng, frozen = split_model(model)
+  tx = make_optimizer(model, params, learning_rate=1e-2, steps=10, warmup_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0, grad_accum=1)
+  step = make_train_step(graphdef, tx, loss_chunk_tokens=8)
+  batch = dict(tokens=tokens, loss_mask=jnp.ones_like(tokens), segment_ids=jnp.zeros_like(tokens))
+  state, losses = [params, tx.init(params), rng], []
+  for _ in range(steps):
+    state[0], state[1], state[2], loss, _ = step(*state, frozen, batch)
+    losses.append(float(loss))
+  return state[0], losses

@@ -266,6 +266,7 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, overwrite: bo
     value = np.asarray(jax.device_get(flat[path][...]))
     for i, name in enumerate(names):
       tensors[name] = _hf_layout(value[i] if is_stacked else value, transpose)
+  tensors = family.write_checkpoint_names(tensors)
   dtypes = {str(v.dtype) for v in tensors.values()}
   hf = config.hf_dict()
   if len(dtypes) == 1:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -108,15 +109,18 @@ class AttentionMask:
     segment_ids: ``[B, T]`` int of packed rows (queries see keys of their
       own segment only; padding is a segment of its own), or None.
     sliding_window: a query sees at most this many keys back (itself included).
+    soft_cap: attention logits become ``cap * tanh(logits / cap)`` (Gemma 2), or None.
+    rope_table: which of the model's rope tables the layer rotates with.
     implementation: one of ``ATTENTION``.
     max_segments: the most runs of equal ``segment_ids`` a row holds
       (trailing padding counts as one), or None when unknown; picks cuDNN's
       packed layout (see ``cudnn_packed_layout``), which is sized by it. A
       row with more runs makes that path return NaN, never a silently wrong
       mask. The other kernels need no bound.
-    layer_windows: when layers differ, the small static table of their
-      distinct windows (``sliding_window`` is then unused), else ``()``.
-    layer_kinds: each layer's entry of ``layer_windows`` (static, one per layer).
+    layer_table: when layers differ, the small static table of their
+      distinct ``LayerAttention`` settings (``sliding_window``, ``soft_cap``
+      and ``rope_table`` are then unused), else ``()``.
+    layer_kinds: each layer's entry of ``layer_table`` (static, one per layer).
     layer: the entry of the layer being run (a traced int32 scalar that
       ``scan_layers`` scans alongside the layer weights), else None.
   """
@@ -126,14 +130,29 @@ class AttentionMask:
   sliding_window: int | None = struct.field(pytree_node=False, default=None)
   implementation: str = struct.field(pytree_node=False, default="auto")
   max_segments: int | None = struct.field(pytree_node=False, default=None)
-  layer_windows: tuple[int | None, ...] = struct.field(pytree_node=False, default=())
+  soft_cap: float | None = struct.field(pytree_node=False, default=None)
+  rope_table: int = struct.field(pytree_node=False, default=0)
+  layer_table: tuple[LayerAttention, ...] = struct.field(pytree_node=False, default=())
   layer_kinds: tuple[int, ...] = struct.field(pytree_node=False, default=())
   layer: jax.Array | None = None
 
+  @property
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """The window of each entry of ``layer_table``."""
+    return tuple(entry.sliding_window for entry in self.layer_table)
+
   def entry(self, kind: int) -> "AttentionMask":
-    """The one-setting mask of entry ``kind`` of ``layer_windows``."""
+    """The one-setting mask of entry ``kind`` of ``layer_table``."""
+    setting = self.layer_table[kind]
     return self.replace(dense=None if self.dense is None else self.dense[kind],
-                        sliding_window=self.layer_windows[kind], layer_windows=(), layer_kinds=(), layer=None)
+                        sliding_window=setting.sliding_window, soft_cap=setting.logit_soft_cap,
+                        rope_table=setting.rope_table, layer_table=(), layer_kinds=(), layer=None)
+
+  def rope_index(self) -> int | jax.Array:
+    """The rope table of the layer being run (a traced scalar under per-layer settings)."""
+    if not self.layer_table:
+      return self.rope_table
+    return jnp.asarray([entry.rope_table for entry in self.layer_table], jnp.int32)[self.layer]
 
 
 def attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: int,
@@ -167,13 +186,14 @@ def causal_mask(length: int, segment_ids: jax.Array | None, sliding_window: int 
 
 
 def _layer_table(layers: Sequence[LayerAttention], window_limit: int | None
-                 ) -> tuple[tuple[int | None, ...], tuple[int, ...]]:
-  """``(distinct windows, each layer's index into them)``; windows of at least ``window_limit`` become None."""
-  windows = [layer.sliding_window for layer in layers]
+                 ) -> tuple[tuple[LayerAttention, ...], tuple[int, ...]]:
+  """``(distinct settings, each layer's index into them)``; windows of at least ``window_limit`` become None."""
   if window_limit is not None:
-    windows = [None if w is not None and w >= window_limit else w for w in windows]
-  table = tuple(dict.fromkeys(windows))
-  return table, tuple(table.index(w) for w in windows)
+    layers = [dataclasses.replace(layer, sliding_window=None)
+              if layer.sliding_window is not None and layer.sliding_window >= window_limit else layer
+              for layer in layers]
+  table = tuple(dict.fromkeys(layers))
+  return table, tuple(table.index(layer) for layer in layers)
 
 
 def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, layers: Sequence[LayerAttention],
@@ -190,8 +210,9 @@ def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, la
                      "generate one record per row instead.")
   table, kinds = _layer_table(layers, length if cache is None else None)
   single = len(table) <= 1
-  per_layer = dict(sliding_window=table[0] if single and table else None,
-                   layer_windows=() if single else table, layer_kinds=() if single else kinds)
+  only = table[0] if single and table else LayerAttention()
+  per_layer = dict(sliding_window=only.sliding_window, soft_cap=only.logit_soft_cap, rope_table=only.rope_table,
+                   layer_table=() if single else table, layer_kinds=() if single else kinds)
   if attention_mask_2d is None and cache is None:
     return AttentionMask(segment_ids=segment_ids, implementation=implementation, max_segments=max_segments,
                          **per_layer)
@@ -202,7 +223,7 @@ def build_mask(attention_mask_2d, cache, key_valid, query_slots, segment_ids, la
       visible &= segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     return visible
 
-  masks = dense(per_layer["sliding_window"]) if single else jnp.stack([dense(w) for w in table])
+  masks = dense(only.sliding_window) if single else jnp.stack([dense(e.sliding_window) for e in table])
   return AttentionMask(dense=masks, implementation=implementation, **per_layer)
 
 
@@ -210,14 +231,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
            scale: float | None = None) -> jax.Array:
   """``q [B, T, H, D]``, ``k, v [B, S, K, D]`` → ``[B, T, H, D]`` (K divides H: GQA).
 
-  With per-layer settings (``mask.layer_windows``) the layer's entry is
+  With per-layer settings (``mask.layer_table``) the layer's entry is
   selected inside the traced program: each distinct setting is traced once.
   """
-  if mask.layer_windows:
+  if mask.layer_table:
     if mask.layer is None:
       raise ValueError("This AttentionMask holds per-layer settings but no layer; run the layers with scan_layers, "
                        "which gives each layer its entry.")
-    branches = [functools.partial(_attend_one, mask=mask.entry(i), scale=scale) for i in range(len(mask.layer_windows))]
+    branches = [functools.partial(_attend_one, mask=mask.entry(i), scale=scale) for i in range(len(mask.layer_table))]
     return jax.lax.switch(mask.layer, branches, q, k, v)
   return _attend_one(q, k, v, mask, scale)
 
@@ -225,17 +246,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float | None) -> jax.Array:
   """``attend`` under one setting (no per-layer table)."""
   k, v = k.astype(q.dtype), v.astype(q.dtype)
+  cap = mask.soft_cap
   if mask.dense is not None:
+    if cap is not None:
+      return capped_attention(q, k, v, mask.dense, scale, cap)
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=scale)
-  impl = resolve(mask.implementation, q)
+  impl = resolve(mask.implementation, q, cap)
   if impl in ("splash", "splash_interpret"):
     from jlora.models._splash import splash_attention
 
     return splash_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
-                            interpret=impl == "splash_interpret")
+                            interpret=impl == "splash_interpret", soft_cap=cap)
   if impl in ("tokamax", "tokamax_xla"):
     return _tokamax.tokamax_attention(q, k, v, mask.segment_ids, mask.sliding_window, scale,
-                             implementation="mosaic" if impl == "tokamax" else "xla")
+                             implementation="mosaic" if impl == "tokamax" else "xla", soft_cap=cap)
+  if cap is not None:  # resolve allows this only off GPU/TPU (tests, CPU runs)
+    return capped_attention(q, k, v, causal_mask(q.shape[1], mask.segment_ids, mask.sliding_window), scale, cap)
   window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
   if impl == "cudnn":
     if mask.segment_ids is not None:
@@ -258,9 +284,35 @@ def _xla_packed(q, k, v, mask: AttentionMask, scale):
       q, k, v, mask=causal_mask(q.shape[1], mask.segment_ids, mask.sliding_window), scale=scale)
 
 
-def resolve(implementation: str, q: jax.Array) -> str:
-  """The concrete implementation for ``q [B, T, H, D]``: ``"auto"`` picks by backend, others are checked."""
+def capped_attention(q, k, v, mask: jax.Array, scale: float | None, soft_cap: float) -> jax.Array:
+  """Soft-capped attention through materialised logits ``[B, H, T, S]`` (transformers' eager order).
+
+  ``mask [B or 1, 1, T, S]`` bool. Logits ``q·k * scale`` in the input dtype
+  are capped (``cap * tanh(x / cap)``), masked, soft-maxed in float32 and
+  cast back. For short calls (generation, evaluation) and CPU runs; long
+  training rows use a kernel that caps inside (splash, tokamax).
+  """
+  heads, kv_heads, d = q.shape[2], k.shape[2], q.shape[3]
+  scale = d ** -0.5 if scale is None else scale
+  k, v = jnp.repeat(k, heads // kv_heads, axis=2), jnp.repeat(v, heads // kv_heads, axis=2)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k) * jnp.asarray(scale, q.dtype)
+  logits = (jnp.tanh(logits / soft_cap) * soft_cap).astype(q.dtype)
+  logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def resolve(implementation: str, q: jax.Array, soft_cap: float | None = None) -> str:
+  """The concrete implementation for ``q [B, T, H, D]``: ``"auto"`` picks by backend, others are checked.
+
+  Soft-capped logits (``soft_cap``) need a kernel that caps: splash on TPU,
+  tokamax on GPU; cuDNN and XLA's fused attention cannot, and materialised
+  ``[T, T]`` logits run out of memory at long rows, so those are refused on
+  accelerators (the materialised path serves CPU runs).
+  """
   here = backend()
+  if soft_cap is not None:
+    return _capped_implementation(implementation, q, soft_cap, here)
   if implementation != "auto":
     return check_attention(implementation, for_backend=True)
   if here == "tpu" and q.shape[1] % 128 == 0:
@@ -268,6 +320,29 @@ def resolve(implementation: str, q: jax.Array) -> str:
   head_dim = q.shape[-1]
   if here == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0:
     return "cudnn"
+  return "xla"
+
+
+def _capped_implementation(implementation: str, q: jax.Array, soft_cap: float, here: str) -> str:
+  """``resolve`` for soft-capped layers: a kernel that caps, the materialised path on CPU, or one clear refusal."""
+  if implementation != "auto":
+    name = check_attention(implementation, for_backend=True)
+    if name in ("splash", "splash_interpret", "tokamax", "tokamax_xla") or here == "cpu":
+      return name
+    choice = "'splash'" if here == "tpu" else "'tokamax' (" + _tokamax.INSTALL + ")"
+    raise ValueError(f"attention={name!r} cannot soft-cap attention logits (this model caps them at {soft_cap}); "
+                     f"use attention='auto' or {choice}.")
+  if here == "tpu":
+    if q.shape[1] % 128:
+      raise ValueError(f"This model soft-caps attention logits (cap {soft_cap}), which on TPU runs splash "
+                       f"attention; its rows must be a multiple of 128 tokens, got {q.shape[1]}. Set "
+                       "data.seq_len to a multiple of 128.")
+    return "splash"
+  if here == "gpu":
+    if not _tokamax.available():
+      raise ValueError(f"This model soft-caps attention logits (cap {soft_cap}); on GPU that needs tokamax's "
+                       f"attention (cuDNN cannot cap). Run {_tokamax.INSTALL}.")
+    return "tokamax" if _tokamax.kernels_build_here() and q.dtype in (jnp.bfloat16, jnp.float16) else "tokamax_xla"
   return "xla"
 
 

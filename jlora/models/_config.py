@@ -22,15 +22,25 @@ class LayerAttention:
   included); None: global (causal) attention. Layers of one model may differ
   (alternating local and global layers); the scan still compiles one layer
   body, which selects the layer's entry of a small static table.
+
+  ``logit_soft_cap``: attention logits become ``cap * tanh(logits / cap)``
+  (Gemma 2); None: no cap. ``rope_table``: which of the model's rope tables
+  the layer rotates with (Gemma 3's local layers use a second one); 0 for
+  the model's main table.
   """
 
   sliding_window: int | None = None
+  logit_soft_cap: float | None = None
+  rope_table: int = 0
 
   def __post_init__(self):
     window = self.sliding_window
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
       raise ValueError(f"sliding_window={window!r} is not a positive number of keys; use None for global "
                        "attention or a window of at least 1.")
+    cap = self.logit_soft_cap
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+      raise ValueError(f"logit_soft_cap={cap!r} is not a positive number; use None for uncapped attention logits.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +82,8 @@ class LlamaConfig(FamilyConfig):
 
   ``rope`` is a sorted tuple of the rope parameters (``rope_type``,
   ``rope_theta``, ``factor`` ...); ``sliding_window`` (Mistral) applies to
-  every layer.
+  every layer, or (Qwen2/Qwen3's ``use_sliding_window``) to the layers
+  ``layer_types`` marks ``"sliding_attention"``.
   """
 
   attention_bias: bool = False
@@ -81,12 +92,16 @@ class LlamaConfig(FamilyConfig):
   qk_norm: bool = False
   sliding_window: int | None = None
   rope: tuple = ()
+  layer_types: tuple[str, ...] = ()
 
   @property
   def rope_parameters(self) -> dict[str, Any]:
-    return dict(self.rope)
+    """The standard rope dict (``rope_type``, ``rope_theta``, ...); empty ``rope``: default rope, theta 10000."""
+    return {"rope_type": "default", "rope_theta": 10000.0, **dict(self.rope)}
 
   def layer_attention(self) -> tuple[LayerAttention, ...]:
+    if self.layer_types:
+      return tuple(LayerAttention(w) for w in layer_windows(self.layer_types, self.sliding_window))
     return (LayerAttention(self.sliding_window),) * self.num_hidden_layers
 
 
@@ -106,3 +121,30 @@ def hf_get(hf, *names, default=None):
 def hf_json(hf) -> str:
   """The transformers config ``hf`` as the sorted JSON string a config keeps."""
   return json.dumps(hf.to_dict(), sort_keys=True, default=str)
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def layer_windows(layer_types, sliding_window: int | None) -> tuple[int | None, ...]:
+  """Each layer's window: ``sliding_window`` on ``"sliding_attention"`` layers, None (global) on the rest.
+
+  Raises:
+    ValueError: a layer type other than ``LAYER_TYPES``, or sliding layers without a ``sliding_window``.
+  """
+  for kind in layer_types:
+    if kind not in LAYER_TYPES:
+      raise ValueError(f"config.json's layer_types holds {kind!r}; jlora implements {' and '.join(LAYER_TYPES)} "
+                       "layers.")
+  if "sliding_attention" in layer_types and not sliding_window:
+    raise ValueError("config.json's layer_types has sliding_attention layers but sliding_window is not set; "
+                     "set sliding_window in config.json.")
+  return tuple(sliding_window if kind == "sliding_attention" else None for kind in layer_types)
+
+
+def refuse_options(hf, model_type: str, options: dict) -> None:
+  """ValueError naming the first option of ``options`` (``{attribute: fix}``) that ``hf`` sets (truthy)."""
+  for name, fix in options.items():
+    value = getattr(hf, name, None)
+    if value:
+      raise ValueError(f"{model_type} config sets {name}={value!r}, which jlora does not implement; {fix}")

@@ -13,6 +13,7 @@ The family registers itself (``register_family``) at the end of this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -22,11 +23,11 @@ from flax import nnx
 from jlora.models import _cache
 from jlora.models._attention import AttentionMask, RMSNorm, activation, attend, build_mask, segment_positions
 from jlora.models._cache import KVCache
-from jlora.models._config import LlamaConfig, hf_get, hf_json
+from jlora.models._config import LlamaConfig, hf_get, hf_json, layer_windows, refuse_options
 from jlora.models._family import Family, register_family
 from jlora.models._language_model import LanguageModel, check_scan_unroll
 from jlora.models._remat import placement, rematerialized, saved
-from jlora.models._rope import apply_rope, cos_sin, inverse_frequencies
+from jlora.models._rope import apply_rope, check_rope, freeze, rope_cos_sin, rope_parameters
 from jlora.nn import lora_projections, mark_stacked
 
 
@@ -125,9 +126,11 @@ class Mlp(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
-    self.self_attn = Attention(c, dtypes, rngs)
-    self.mlp = Mlp(c, dtypes, rngs)
+  """Pre-norm residual block; a family with other projections passes its own ``attention`` and ``mlp`` classes."""
+
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs, attention: type = Attention, mlp: type = Mlp):
+    self.self_attn = attention(c, dtypes, rngs)
+    self.mlp = mlp(c, dtypes, rngs)
     self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
     self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
 
@@ -138,10 +141,10 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderModel(nnx.Module):
-  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
+  def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs, layer: type = DecoderLayer):
     self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, rngs=rngs,
                                   embedding_init=nnx.initializers.normal(0.02), **dtypes)
-    self.layers = stacked(lambda r: DecoderLayer(c, dtypes, r), c.num_hidden_layers, rngs)
+    self.layers = stacked(lambda r: layer(c, dtypes, r), c.num_hidden_layers, rngs)
     self.norm = RMSNorm(c.hidden_size, c.norm_eps, **dtypes)
 
 
@@ -201,7 +204,12 @@ class CausalLM(LanguageModel):
   ``model.hidden(ids, ...)`` returns the final hidden states ``[B, T, hidden]``
   and ``model.head(h)`` their logits, so a loss can run the output head
   chunk by chunk.
+
+  ``mlp_class`` (a class attribute) is every layer's feed-forward block;
+  subclasses swap it (a sparse mixture of experts).
   """
+
+  mlp_class: type = Mlp
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs | None = None, remat: str = "matmuls", attention: str = "auto",
@@ -209,10 +217,15 @@ class CausalLM(LanguageModel):
     rngs = rngs or nnx.Rngs(0)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     self._settings(config, dtype, remat, attention, scan_unroll)
-    self.model = DecoderModel(config, dtypes, rngs)
+    self.model = DecoderModel(config, dtypes, rngs, self.layer_class())
     if not config.tie_word_embeddings:
       self.lm_head = linear(config.hidden_size, config.vocab_size, False, dtypes, rngs)
-    self.inv_freq = tuple(float(f) for f in inverse_frequencies(config.head_dim, config.rope_parameters))
+
+  @classmethod
+  def layer_class(cls) -> Callable[..., nnx.Module]:
+    """The decoder layer this model stacks: ``DecoderLayer`` with ``mlp_class`` as its feed-forward block
+    (a family with other projections overrides it)."""
+    return functools.partial(DecoderLayer, mlp=cls.mlp_class)
 
   def head(self, h):
     """Logits ``[..., vocab]`` of hidden states ``h [..., hidden]`` (the tied embedding or ``lm_head``)."""
@@ -243,7 +256,8 @@ class CausalLM(LanguageModel):
 
   def _hidden(self, input_ids, attention_mask, positions, cache, segment_ids):
     positions, mask, new_valid, index = prepare(self, input_ids, attention_mask, positions, cache, segment_ids)
-    cos, sin = cos_sin(positions, jnp.asarray(self.inv_freq, jnp.float32))
+    cos, sin = rope_cos_sin(self.config.rope_parameters, positions, head_dim=self.config.head_dim,
+                            max_position_embeddings=self.config.max_position_embeddings)
     h = self.model.embed_tokens(input_ids)
     h, kv = scan_layers(self.model.layers, h, cache, mask, cos, sin, index, remat=self.remat,
                         unroll=self.scan_unroll)
@@ -253,32 +267,34 @@ class CausalLM(LanguageModel):
 def llama_config_from_hf(hf) -> LlamaConfig:
   """The ``LlamaConfig`` of a transformers llama / mistral / qwen2 / qwen3 config.
 
-  Raises ValueError for options the family does not implement (Qwen's
-  sliding window, rope types other than ``default`` and ``llama3``).
+  Every rope type of ``jlora.models._rope.ROPE_TYPES`` is read (with
+  ``partial_rotary_factor``); Qwen's ``use_sliding_window`` slides the layers
+  ``layer_types`` marks (those from ``max_window_layers`` on). Raises
+  ValueError for options the family does not implement.
   """
   model_type = hf.model_type
-  if model_type.startswith("qwen") and getattr(hf, "use_sliding_window", False):
-    raise ValueError(f"{model_type} with use_sliding_window=True is not supported; set it to false in config.json.")
+  refuse_options(hf, model_type, {
+      "attn_logit_softcapping": "remove it from config.json (only Gemma 2 soft-caps attention logits).",
+      "final_logit_softcapping": "remove it from config.json (only Gemma 2 and 3 soft-cap the final logits)."})
   heads = hf.num_attention_heads
-  rope = dict(getattr(hf, "rope_parameters", None) or {})
-  rope.setdefault("rope_type", "default")
-  rope.setdefault("rope_theta", hf_get(hf, "rope_theta", default=10000.0))
-  if rope["rope_type"] not in ("default", "llama3"):
-    raise ValueError(
-        f"rope_type={rope['rope_type']!r} is not supported; jlora implements 'default' and 'llama3'.")
+  head_dim = hf_get(hf, "head_dim", default=hf.hidden_size // heads)
+  rope = rope_parameters(hf.to_dict())
+  check_rope(rope, head_dim, hf.max_position_embeddings)
+  windowed = model_type.startswith("qwen") and getattr(hf, "use_sliding_window", False)
+  layer_types = tuple(getattr(hf, "layer_types", None) or ()) if windowed else ()
+  sliding_window = getattr(hf, "sliding_window", None) if model_type == "mistral" or windowed else None
+  if layer_types:
+    layer_windows(layer_types, sliding_window)
   bias = bool(getattr(hf, "attention_bias", False)) or model_type == "qwen2"
   return LlamaConfig(
       model_type=model_type, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
       intermediate_size=hf.intermediate_size, num_hidden_layers=hf.num_hidden_layers,
       num_attention_heads=heads, num_key_value_heads=hf_get(hf, "num_key_value_heads", default=heads),
-      head_dim=hf_get(hf, "head_dim", default=hf.hidden_size // heads),
-      max_position_embeddings=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
+      head_dim=head_dim, max_position_embeddings=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
       hidden_act=hf.hidden_act, tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", default=False)),
       attention_bias=bias, o_proj_bias=bool(getattr(hf, "attention_bias", False)),
       mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=model_type == "qwen3",
-      sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" else None,
-      rope=tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list)))),
-      hf_json=hf_json(hf))
+      sliding_window=sliding_window, rope=freeze(rope), layer_types=layer_types, hf_json=hf_json(hf))
 
 
 LLAMA = register_family(Family(

@@ -43,7 +43,11 @@ class Family:
       (transposed to Flax's ``[in, out]`` on load); False for GPT-2's ``Conv1D``.
     checkpoint_names: renames a checkpoint's tensors (``{name: tensor}``)
       into the model's parameter names before matching, e.g. GPT-2
-      checkpoints saved without the ``transformer.`` prefix; None: as stored.
+      checkpoints saved without the ``transformer.`` prefix, or per-expert
+      tensors stacked into one; None: as stored.
+    export_names: the reverse of ``checkpoint_names`` for ``save_pretrained``:
+      the model's tensors (``{HF name: array}`` in checkpoint layout) into
+      the tensors the checkpoint holds; None: written as named.
     ignored_tensors: regexes of checkpoint tensors the model does not need
       (buffers, rotary caches); loading skips them instead of refusing.
     sharding_rules: ``(regex, (in, out))`` pairs: a module path matching the
@@ -59,6 +63,7 @@ class Family:
   model_class: type
   transpose_kernels: bool = True
   checkpoint_names: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+  export_names: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
   ignored_tensors: tuple[str, ...] = ()
   sharding_rules: tuple[tuple[str, tuple[str, str]], ...] = ()
   fan_in_fan_out: bool = False
@@ -87,6 +92,10 @@ class Family:
   def read_checkpoint_names(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
     """``tensors`` under the model's parameter names (``checkpoint_names`` applied)."""
     return dict(tensors) if self.checkpoint_names is None else self.checkpoint_names(tensors)
+
+  def write_checkpoint_names(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's ``tensors`` as the checkpoint stores them (``export_names`` applied)."""
+    return dict(tensors) if self.export_names is None else self.export_names(tensors)
 
   def ignores(self, tensor_name: str) -> bool:
     """Whether the checkpoint tensor ``tensor_name`` is one the model does not need."""

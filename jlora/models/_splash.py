@@ -32,7 +32,7 @@ def check_length(length: int) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(length: int, group: int, sliding_window: int | None, interpret: bool):
+def _kernel(length: int, group: int, sliding_window: int | None, interpret: bool, soft_cap: float | None = None):
   """The splash kernel for one ``[group, T, D]`` query block against one ``[T, D]`` key/value head."""
   if sliding_window is None:
     one = mask_lib.CausalMask((length, length))
@@ -44,23 +44,25 @@ def _kernel(length: int, group: int, sliding_window: int | None, interpret: bool
                                 block_kv_dq=block)
   return kernel_lib.make_splash_mqa_single_device(
       mask_lib.MultiHeadMask([one] * group), block_sizes=sizes, residual_checkpoint_name=SAVED,
-      interpret=interpret)
+      attn_logits_soft_cap=soft_cap, interpret=interpret)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                     sliding_window: int | None, scale: float | None, *, interpret: bool = False) -> jax.Array:
+                     sliding_window: int | None, scale: float | None, *, interpret: bool = False,
+                     soft_cap: float | None = None) -> jax.Array:
   """Causal attention ``q [B, T, H, D]``, ``k, v [B, T, K, D]`` → ``[B, T, H, D]``.
 
   ``segment_ids [B, T]`` (or None) keep queries within their segment;
   ``sliding_window`` keeps them within that many keys back (themselves
-  included). ``interpret`` runs the kernel in Pallas interpret mode (any backend).
+  included). ``soft_cap``: the kernel caps the scaled logits at
+  ``cap * tanh(x / cap)`` (Gemma 2), forward and backward. ``interpret`` runs the kernel in Pallas interpret mode (any backend).
   Residuals are named ``SAVED``, so the ``"matmuls"`` remat policy keeps them.
   """
   b, t, heads, d = q.shape
   kv_heads = k.shape[2]
   check_length(t)
   group = heads // kv_heads
-  run = _kernel(t, group, sliding_window, interpret)
+  run = _kernel(t, group, sliding_window, interpret, soft_cap)
   scale = d ** -0.5 if scale is None else scale
   qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)

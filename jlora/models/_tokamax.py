@@ -121,14 +121,15 @@ def key_start(segment_ids: jax.Array | None, sliding_window: int | None, length:
 
 
 def tokamax_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                      sliding_window: int | None, scale: float | None, *, implementation: str = "mosaic"
-                      ) -> jax.Array:
+                      sliding_window: int | None, scale: float | None, *, implementation: str = "mosaic",
+                      soft_cap: float | None = None) -> jax.Array:
   """Causal attention ``q [B, T, H, D]``, ``k, v [B, T, K, D]`` → ``[B, T, H, D]`` through tokamax.
 
   ``segment_ids [B, T]`` keep queries within their run of equal ids;
   ``sliding_window`` keeps them within that many keys back (themselves
   included). ``implementation``: ``"mosaic"`` (the GPU kernels; bf16 or fp16
   inputs) or ``"xla"`` (tokamax's reference; any backend and dtype).
+  ``soft_cap``: logits become ``cap * tanh(logits / cap)`` inside the kernel (Gemma 2).
   """
   base = _modules()
   if implementation == "mosaic" and q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -137,7 +138,7 @@ def tokamax_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
   start = key_start(segment_ids, sliding_window, q.shape[1])
   mask = base.Mask(k_start=None if start is None else start[:, None, :], is_causal=True)
   scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-  return _op(implementation)(q, k, v, mask=mask, logits_scale=scale)
+  return _op(implementation)(q, k, v, mask=mask, logits_scale=scale, logits_soft_cap=soft_cap)
 
 
 def is_tokamax_attention(eqn_params: dict) -> bool:
