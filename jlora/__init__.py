@@ -32,7 +32,9 @@ from jlora.nn import (
     add_weighted_adapter,
     adapter_state,
     delete_adapter,
+    disable_adapter_layers,
     disable_adapters,
+    enable_adapter_layers,
     load_adapter_state,
     lora_layers,
     mark_stacked,
@@ -42,12 +44,15 @@ from jlora.nn import (
     per_sample_adapters,
     register_adapter_kind,
     register_lora_layer,
+    scale_layer,
     set_adapter,
     set_lora_matmul,
+    set_scale,
     split_adapter,
     unload,
     unmerge,
     unmerge_adapter,
+    unscale_layer,
 )
 from jlora.quant import dequantize, merge_and_unload, quantize
 from jlora.train import TrainConfig, adapter_optimizer, trainable_mask

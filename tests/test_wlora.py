@@ -158,3 +158,16 @@ def test_target_modules_can_restrict_single_layers_of_a_stack():
   delta = np.asarray(layer.delta_weight("w"))
   assert np.all(delta[0] == 0) and np.all(delta[2] == 0) and np.any(delta[1] != 0)
   assert "w" not in module_at(model, "model.layers.self_attn.v_proj").adapters
+
+
+def test_an_nnx_trainer_selecting_lora_params_keeps_the_upstreams_frozen():
+  model = wlora_lm()
+  adapter = module_at(model, Q0).adapters["w"]
+  upstream = np.asarray(adapter.upstreams[0].lora_B[...]).copy()
+  logits = np.asarray(adapter.logits[...]).copy()
+  optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.LoRAParam)  # tunix's PeftTrainer does this
+  loss = lambda m: jnp.mean(m(testing.token_ids()) ** 2)
+  grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  optimizer.update(model, grads)
+  np.testing.assert_array_equal(np.asarray(adapter.upstreams[0].lora_B[...]), upstream)
+  assert np.abs(np.asarray(adapter.logits[...]) - logits).max() > 0

@@ -1,9 +1,10 @@
 """``jlora inspect ADAPTER_DIR``: what an adapter directory holds, read from its files alone (no model).
 
-Shows the adapter type (LoRA, or MoSLoRA as the MoSLoRA authors' PEFT fork
-writes it), the targeted modules, the ranks, ``lora_alpha``, the parameter
-count and dtype, and whether stock PEFT and jlora can load it. jlora itself
-writes MoSLoRA and WLoRA adapters as exact plain LoRA, which stock PEFT loads.
+Shows the adapter type (the registered kind that reads it: LoRA, DoRA, VeRA,
+or MoSLoRA as the MoSLoRA authors' PEFT fork writes it), the targeted modules,
+the ranks, ``lora_alpha``, the parameter count and dtype, and whether stock
+PEFT and jlora can load it. Both verdicts come from the checks ``load_peft``
+runs on the files (``read_adapter``) and the kind's PEFT format.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from jlora._cli._common import CliError, describe
 
 FACTORS = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|"
                      r"lora_embedding_A|lora_embedding_B|lora_AB\.weight)$")
-FORK_FIELDS = ("lora_use_mixer",)  # config fields of the MoSLoRA fork that stock PEFT does not know
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,7 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def summarize(directory: str | Path) -> dict:
   """The facts ``jlora inspect`` prints, as a dict."""
-  from jlora.io import CONFIG_NAME, WEIGHTS_NAME, from_peft_dict, read_json
+  from jlora.io import CONFIG_NAME, WEIGHTS_NAME, read_json
 
   path = Path(directory).expanduser()
   if not path.is_dir():
@@ -61,18 +61,12 @@ def summarize(directory: str | Path) -> dict:
   else:
     raise CliError(f"{path} has no {WEIGHTS_NAME}; copy the adapter's weights next to {CONFIG_NAME}.")
   modules: dict[str, dict] = {}
-  unknown = []
   for name, (shape, _) in tensors.items():
     m = FACTORS.match(name)
-    if m is None:
-      unknown.append(name)
-      continue
-    modules.setdefault(m["module"], {})[m["kind"]] = shape
-  mixers = sorted(k for k, v in modules.items() if "lora_AB.weight" in v)
-  fork_fields = [k for k in FORK_FIELDS if raw.get(k)]
-  is_moslora = bool(mixers or fork_fields)
-  info["type"] = ("MoSLoRA (the MoSLoRA authors' PEFT fork format)" if is_moslora
-                  else "LoRA" if info["peft_type"] == "LORA" else info["peft_type"])
+    if m is not None:
+      modules.setdefault(m["module"], {})[m["kind"]] = shape
+  kind, config_problem = _kind(raw, path / CONFIG_NAME)
+  info["type"] = _type_name(kind, info["peft_type"])
   info["target_modules"] = raw.get("target_modules")
   leaves = Counter(k.rsplit(".", 1)[-1] for k in modules)
   info["adapted_modules"] = len(modules)
@@ -85,22 +79,59 @@ def summarize(directory: str | Path) -> dict:
   info["use_rslora"] = bool(raw.get("use_rslora"))
   info["parameters"] = sum(_numel(s) for s, _ in tensors.values())
   info["dtypes"] = sorted({d for _, d in tensors.values()})
-  peft_problems = []
-  if mixers:
-    peft_problems.append(f"{len(mixers)} lora_AB mixer tensors (MoSLoRA) that stock PEFT drops, which "
-                         "changes the outputs")
-  if fork_fields:
-    peft_problems.append(f"fork-only config field(s) {', '.join(fork_fields)}")
-  if unknown:
-    peft_problems.append(f"{len(unknown)} tensor(s) that are no LoRA factor, e.g. {unknown[0]}")
-  info["stock_peft_loads"] = not peft_problems
-  info["stock_peft_problems"] = peft_problems
-  try:
-    from_peft_dict(raw, path / CONFIG_NAME)
-    info["jlora_loads"], info["jlora_problem"] = bool(tensors), None if tensors else "convert the .bin first"
-  except ValueError as e:
-    info["jlora_loads"], info["jlora_problem"] = False, str(e)
+  info.update(_verdicts(path, kind, config_problem, tensors, info["peft_type"]))
   return info
+
+
+def _kind(raw: dict, config_file: Path):
+  """``(kind, None)`` of the registered kind that reads this config, else ``(None, why not)``."""
+  from jlora.io import from_peft_dict
+  from jlora.nn import kind_for_config
+
+  try:
+    return kind_for_config(from_peft_dict(raw, config_file)), None
+  except ValueError as e:
+    return None, str(e)
+
+
+def _type_name(kind, peft_type: str) -> str:
+  if kind is None:
+    return peft_type
+  if not kind.peft.stock_peft:
+    return f"{kind.name} (the {kind.name} authors' PEFT fork format)"
+  return kind.name
+
+
+def _verdicts(path: Path, kind, config_problem: str | None, tensors: dict, peft_type: str) -> dict:
+  """Who loads the adapter, from the validation ``load_peft`` runs (``read_adapter``) and the kind's
+  PEFT format: stock PEFT loads what jlora reads in a stock format; a config jlora has no kind for
+  is not judged for PEFT, unless its tensors are another type's (then neither loads it)."""
+  from jlora.io import LORA_FACTOR_SUFFIXES, read_adapter
+
+  if not tensors:
+    problem = config_problem or "convert the .bin first (`jlora convert`)"
+    return {"jlora_loads": False, "jlora_problem": problem, "stock_peft_loads": None,
+            "stock_peft_problems": ["not judged: no safetensors weights"]}
+  if kind is None:
+    lora_keys = sorted(k for k in tensors if any(k.endswith("." + s) for s in LORA_FACTOR_SUFFIXES))
+    if lora_keys:
+      why = f"peft_type {peft_type!r} but LoRA factors such as {lora_keys[0]}: the config does not match the weights"
+      return {"jlora_loads": False, "jlora_problem": config_problem, "stock_peft_loads": False,
+              "stock_peft_problems": [why]}
+    return {"jlora_loads": False, "jlora_problem": config_problem, "stock_peft_loads": None,
+            "stock_peft_problems": [f"not judged: jlora has no kind for peft_type {peft_type!r}"]}
+  try:
+    read_adapter(path)
+  except ValueError as e:
+    return {"jlora_loads": False, "jlora_problem": str(e), "stock_peft_loads": False,
+            "stock_peft_problems": [str(e)]}
+  problems = []
+  if not kind.peft.stock_peft:
+    own = sorted(n for n in kind.peft.tensors.values() if n is not None and n not in LORA_FACTOR_SUFFIXES)
+    problems.append(f"{kind.name} fork format: stock PEFT ignores its {', '.join(own)} tensors, which "
+                    "changes the outputs")
+  return {"jlora_loads": True, "jlora_problem": None, "stock_peft_loads": not problems,
+          "stock_peft_problems": problems}
 
 
 def _numel(shape) -> int:
@@ -131,9 +162,12 @@ def render(info: dict) -> str:
   ]
   if info["stock_peft_loads"]:
     lines.append("stock PEFT:  loads it (peft.PeftModel.from_pretrained)")
+  elif info["stock_peft_loads"] is None:
+    lines.append("stock PEFT:  " + "; ".join(info["stock_peft_problems"]))
   else:
-    lines.append("stock PEFT:  cannot load it as is: " + "; ".join(info["stock_peft_problems"]) +
-                 ". jlora loads it and `jlora.save_peft` writes it back as plain LoRA (exact).")
+    fix = (". jlora loads it and `jlora.save_peft` writes it in a format stock PEFT loads (exact)"
+           if info["jlora_loads"] else "")
+    lines.append("stock PEFT:  cannot load it as is: " + "; ".join(info["stock_peft_problems"]) + fix + ".")
   lines.append("jlora:       " + ("loads it (jlora.load_peft)" if info["jlora_loads"]
                                   else f"cannot load it: {info['jlora_problem']}"))
   return "\n".join(lines)

@@ -181,7 +181,17 @@ def from_pretrained(model_dir: str | os.PathLike, dtype=jnp.bfloat16, param_dtyp
       flat[source.path].set_value(value)
     del value
   model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-  return quantizer.finish(model) if quantizer is not None else model
+  model = quantizer.finish(model) if quantizer is not None else model
+  setattr(model, SOURCE_ATTR, str(model_dir))
+  return model
+
+
+SOURCE_ATTR = "jlora_name_or_path"
+
+
+def source_of(model: nnx.Module) -> str | None:
+  """The checkpoint directory ``from_pretrained`` loaded ``model`` from (None if it did not)."""
+  return getattr(model, SOURCE_ATTR, None)
 
 
 def param_sources(model_dir: Path, abstract: nnx.Module, family: Family) -> list[ParamSource]:

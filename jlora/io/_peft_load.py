@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
+from jlora.io._peft_check import check_tensors
 from jlora.io._peft_config import CONFIG_NAME, from_peft_dict, read_json
 from jlora.nn import (
     AdapterKind, LoraConfig, LoraLayer, PeftFormat, add_adapter, candidates, delete_adapter,
@@ -40,7 +41,8 @@ _CONVERT = (
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-  """The jlora config and the raw tensors of a PEFT adapter directory."""
+  """The jlora config and the raw tensors of a PEFT adapter directory, checked against each other
+  (``check_tensors``: every tensor one the config's kind has, every factor at the config's rank)."""
   path = Path(adapter_dir).expanduser()
   if path.is_file():
     raise ValueError(f"PEFT adapter path {path} is a file; pass the directory that holds {CONFIG_NAME} and "
@@ -61,7 +63,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
       )
     raise ValueError(f"{path} has no {WEIGHTS_NAME}; copy the adapter's weights file next to "
                      f"{CONFIG_NAME}.")
-  return config, dict(_safetensors.read(weights))
+  tensors = dict(_safetensors.read(weights))
+  check_tensors(config, tensors, weights)
+  return config, tensors
 
 
 def load_peft(model: nnx.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",

@@ -27,6 +27,7 @@ from flax import nnx
 from jlora.io import _peft_layout as layout
 from jlora.io import _safetensors
 from jlora.io._files import check_directory_path, fresh_dir, writing
+from jlora.io._hf import source_of
 from jlora.io._peft_config import CONFIG_NAME
 from jlora.io._peft_load import WEIGHTS_NAME, peft_format, read_adapter
 from jlora.nn import LoraConfig, LoraLayer, kind_for_config, kind_of, lora_layers, module_copies, peft_config
@@ -57,7 +58,8 @@ def layer_factors(layer: LoraLayer, adapter) -> list[tuple[str, np.ndarray, np.n
 
 
 def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str = "default",
-              initial_adapter: str | os.PathLike | None = None) -> Path:
+              initial_adapter: str | os.PathLike | None = None, *,
+              base_model_name_or_path: str | None = None) -> Path:
   """Write adapter ``adapter_name`` as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
   ``PeftModel.from_pretrained(hf_model, out_dir)`` then gives the same
@@ -75,6 +77,10 @@ def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str =
       ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does:
       ``A' = [A | A0]``, ``B' = [B | -B0]`` (rank and alpha doubled), since
       ``W_res + s·A·B = W + s·(A·B - A0·B0)``.
+    base_model_name_or_path: the base checkpoint's directory or hub name, written to the config so
+      ``peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)`` finds it; default: the directory
+      ``jlora.from_pretrained`` loaded ``model`` from (None for a model built otherwise).
+      ``task_type`` is ``CAUSAL_LM`` for a language model of a registered family.
 
   Returns:
     The output directory.
@@ -91,6 +97,7 @@ def save_peft(model: nnx.Module, out_dir: str | os.PathLike, adapter_name: str =
     config, tensors, modules = _to_plain_lora(model, config, tensors, modules, initial_adapter)
   fmt = peft_format(kind_for_config(config))
   peft = fmt.config_to_peft(config, list(modules), modules, _fan_in_fan_out(model, config))
+  peft.update(_identity(model, base_model_name_or_path))
   _write_dir(out, tensors, peft)
   return out
 
@@ -181,6 +188,16 @@ def _to_plain_lora(model, config, tensors: dict, modules: dict, initial) -> tupl
                      modules_to_save=config.modules_to_save,
                      target_modules=config.target_modules)
   return plain, converted, modules
+
+
+def _identity(model: nnx.Module, base_model_name_or_path: str | None) -> dict:
+  """``task_type`` and ``base_model_name_or_path``, which PEFT's ``AutoPeftModel*`` classes need."""
+  if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, (str, os.PathLike)):
+    raise TypeError(f"save_peft: base_model_name_or_path must be a path or a hub name, got "
+                    f"{type(base_model_name_or_path).__name__}.")
+  source = base_model_name_or_path if base_model_name_or_path is not None else source_of(model)
+  return {"task_type": "CAUSAL_LM" if family_of(model) is not None else None,
+          "base_model_name_or_path": None if source is None else os.fspath(source)}
 
 
 def _fan_in_fan_out(model: nnx.Module, config) -> bool:

@@ -70,7 +70,10 @@ class FamilyConfig:
     return (LayerAttention(),) * self.num_hidden_layers
 
   def hf_dict(self) -> dict[str, Any]:
-    return json.loads(self.hf_json)
+    """``config.json``'s fields, with ``tie_word_embeddings`` as the model now has it (untied by merging)."""
+    hf = json.loads(self.hf_json)
+    hf["tie_word_embeddings"] = self.tie_word_embeddings
+    return hf
 
 
 @dataclasses.dataclass(frozen=True)

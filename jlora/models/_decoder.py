@@ -12,6 +12,7 @@ The family registers itself (``register_family``) at the end of this module.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -231,6 +232,27 @@ class CausalLM(LanguageModel):
     if self.config.tie_word_embeddings:
       return base_embed(self.model.embed_tokens).attend(h)
     return self.lm_head(h)
+
+  @property
+  def tied_output_head(self) -> str | None:
+    """The embedding module the output head reads when tied (``model.embed_tokens``), else None."""
+    return "model.embed_tokens" if self.config.tie_word_embeddings else None
+
+  def untie_output_head(self) -> None:
+    """Give a tied model its own ``lm_head``: a copy of the (base) input embedding, so the outputs are
+    unchanged, and ``tie_word_embeddings=False`` from now on (what ``save_pretrained`` writes).
+
+    Adapters call this when the head must differ from the embedding: ``modules_to_save=["lm_head"]``
+    (PEFT copies the tied head) and merging LoRA on ``embed_tokens`` (the head keeps the base table).
+    """
+    if not self.config.tie_word_embeddings:
+      return
+    table = base_embed(self.model.embed_tokens).embedding
+    head = nnx.eval_shape(lambda: nnx.Linear(self.config.hidden_size, self.config.vocab_size, use_bias=False,
+                                             dtype=self.dtype, param_dtype=table.dtype, rngs=nnx.Rngs(0)))
+    head.kernel = nnx.Param(jnp.asarray(table[...]).T)
+    self.lm_head = head
+    self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
 
   def _hidden(self, input_ids, attention_mask, positions, cache, segment_ids):
     positions, mask, new_valid, index = prepare(self, input_ids, attention_mask, positions, cache, segment_ids)

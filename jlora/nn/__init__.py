@@ -40,6 +40,8 @@ from jlora.nn._lora_kinds import DEFAULT_LIKE, check_peft_fields
 from jlora.nn._matmul import lora_projections, set_lora_matmul
 from jlora.nn._modules_to_save import ModuleCopy, ModulesToSaveLayer, ModulesToSaveWrapper
 from jlora.nn._merge import merge, merge_adapter, unload, unmerge, unmerge_adapter
+from jlora.nn._scale import (
+    disable_adapter_layers, enable_adapter_layers, scale_layer, set_scale, unscale_layer)
 from jlora.nn._registry import lora_layer_type, register_lora_layer, registered_types, unregister_lora_layer
 from jlora.nn._state import ADAPTER_STATE, adapter_state, load_adapter_state, split_adapter
 from jlora.nn._targets import STACK_ATTR, Candidate, candidates, mark_stacked, name_matches, output_head_name

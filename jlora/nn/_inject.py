@@ -121,6 +121,9 @@ def _install(model: nnx.Module, adapter_name: str, config, kind: AdapterKind) ->
     for layer, adapter in kind.inject(model, adapter_name, config):
       layer.add(adapter_name, adapter)
     return
+  if getattr(config, "modules_to_save", None) and any(_names(m, output_head_name(model))
+                                                      for m in config.modules_to_save):
+    untie_output_head(model)
   cands = list(candidates(model))
   built = _build_targeted(model, config, kind, cands)
   copies = _modules_to_save(model, config, cands, [cand for cand, _, _ in built])
@@ -170,11 +173,34 @@ def _build_targeted(model: nnx.Module, config, kind: AdapterKind, cands: list[Ca
   return built
 
 
+def _names(pattern: str, name: str) -> bool:
+  """Whether a ``modules_to_save`` entry names module ``name`` (PEFT: equal, or a dotted suffix)."""
+  return name == pattern or name.endswith("." + pattern)
+
+
+def untie_output_head(model: nnx.Module, embedding: str | None = None) -> bool:
+  """Give a model whose output head is its input embedding (tied) a head module of its own.
+
+  A model says its head is tied by ``tied_output_head`` (the embedding's
+  module name) and unties it with ``untie_output_head()`` (a head that is a
+  copy of the base embedding: outputs unchanged). Needed where the head must
+  differ from the embedding: a ``modules_to_save`` copy of the head (PEFT
+  copies the tied ``lm_head``), or merging LoRA into that embedding (the head
+  keeps the base table, as in the adapted model). With ``embedding`` given,
+  only when the head is tied to that module. Returns whether it untied.
+  """
+  tied = getattr(model, "tied_output_head", None)
+  if not tied or (embedding is not None and embedding != tied) or not hasattr(model, "untie_output_head"):
+    return False
+  model.untie_output_head()
+  return True
+
+
 def _modules_to_save(model, config, cands: list[Candidate], lora_targets) -> list:
   """``(candidate, ModulesToSaveWrapper, ModuleCopy)`` for each module in ``config.modules_to_save``."""
   if not getattr(config, "modules_to_save", None):
     return []
-  wanted = lambda name: any(name == m or name.endswith("." + m) for m in config.modules_to_save)
+  wanted = lambda name: any(_names(m, name) for m in config.modules_to_save)
   built = []
   for cand in cands:
     if not any(wanted(n) for n in cand.names):
@@ -194,8 +220,19 @@ def _modules_to_save(model, config, cands: list[Candidate], lora_targets) -> lis
 
 
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
-  """Remove an adapter everywhere; layers left without adapters are unwrapped."""
+  """Remove an adapter everywhere; layers left without adapters are unwrapped.
+
+  All or nothing: a merged adapter is refused before anything is touched. If
+  the deleted adapter was active, the other active adapters stay active; with
+  none left, the first remaining adapter in name order becomes active (PEFT's
+  ``delete_adapter`` picks ``sorted(remaining)[0]``).
+  """
   configs = _require(model, [adapter_name])
+  merged = [layer.module_names[0] for _, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+  if merged:
+    raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it "
+                     f"(jlora.unmerge_adapter(model, [{adapter_name!r}])); it is merged into {merged[0]}.")
+  was_active = active_adapters(model)
   for path, layer in _holders(model):
     if adapter_name in layer.adapters:
       layer.remove(adapter_name)
@@ -203,6 +240,9 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
       replace_module(model, path, layer.base_layer)
   del configs[adapter_name]
   _set_configs(model, configs)
+  if adapter_name in was_active and configs:
+    still = tuple(n for n in was_active if n != adapter_name)
+    set_adapter(model, still or sorted(configs)[0])
 
 
 def replace_module(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
@@ -225,11 +265,22 @@ def _require(model, names: Sequence[str]) -> dict:
 
 
 def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
-  """Activate one adapter or several at once (their deltas add)."""
+  """Activate one adapter or several at once (their deltas add).
+
+  A ``modules_to_save`` module runs one copy, so two adapters that both copy
+  the same module cannot be active together (as in PEFT).
+  """
   names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
   if not names:
     raise ValueError("set_adapter needs at least one adapter name.")
   _require(model, names)
+  for _, wrapper in module_copies(model):
+    owners = [n for n in names if n in wrapper.adapters]
+    if len(owners) > 1:
+      raise ValueError(
+          f"Only one adapter can be set at a time for the modules_to_save copy of {wrapper.module_names[0]}, "
+          f"and adapters {owners} each have one. Activate only one of them, or give the module to one "
+          "adapter's modules_to_save only.")
   for _, layer in _holders(model):
     layer.active_adapters = tuple(n for n in names if n in layer.adapters)
 

@@ -65,6 +65,8 @@ class PeftFormat:
       model-level tensors (full keys), e.g. VeRA's shared projections; None if none.
     shared_from_peft: ``(adapters [(layer, adapter)], tensors, config) -> [(variable, value)]``:
       the inverse, consuming the keys it reads from ``tensors``; None if none.
+    stock_peft: whether released ``peft`` reads this format as written (False for a fork's,
+      e.g. MoSLoRA's ``lora_AB`` mixers, which stock PEFT ignores).
   """
 
   peft_type: str
@@ -75,6 +77,7 @@ class PeftFormat:
   matches: Callable[[dict], bool] | None = None
   shared_to_peft: Callable[..., dict] | None = None
   shared_from_peft: Callable[..., list] | None = None
+  stock_peft: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,6 +200,17 @@ class LoraLayer(nnx.Module):
       kernel[...] = self.adapters[name].merge(self, kernel[...]).astype(kernel.dtype)
       self.merged_adapters = self.merged_adapters + (name,)
 
+  def check_merge(self, names: Sequence[str]) -> None:
+    """Raise if merging ``names`` would put a non-finite value in the kernel (``safe_merge``); no write."""
+    kernel = self.kernel()[...]
+    for name in names:
+      if name in self.merged_adapters or name not in self.adapters:
+        continue
+      kernel = self.adapters[name].merge(self, kernel)
+      if not bool(jnp.isfinite(kernel).all()):
+        raise ValueError(f"NaNs detected in the merged weights of {self.module_names[0]}: the adapter {name!r} "
+                         "seems to be broken (non-finite factors); nothing was merged. Retrain or reload it.")
+
   def unmerge(self, names: Sequence[str] | None = None) -> None:
     """Take merged adapters out of the base kernel, newest first."""
     kernel = self.kernel()

@@ -178,4 +178,4 @@ register_adapter_kind(
     "MoSLoRA", MoSLoraConfig, MoSLoraAdapter, build=build_lora, roles={**LORA_ROLES, "lora_mixer": "mixer"},
     after_add=move_init_out_of_base,
     peft=PeftFormat(**_lora_peft, tensors={**_FACTORS, "lora_mixer": "lora_AB.weight"},
-                    matches=lambda raw: bool(raw.get("lora_use_mixer"))))
+                    matches=lambda raw: bool(raw.get("lora_use_mixer")), stock_peft=False))

@@ -13,18 +13,29 @@ from flax import nnx
 
 from jlora.nn._kinds import kind_of
 from jlora.nn._inject import (
-    _require, _set_configs, active_adapters, lora_layers, module_copies, replace_module)
+    _require, _set_configs, active_adapters, lora_layers, module_copies, replace_module, untie_output_head)
 
 
-def merge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> None:
+def merge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = None, *,
+                  safe_merge: bool = False) -> None:
   """Fold adapters (default: the active ones) into the base kernels, in place.
 
   The forward pass then skips merged adapters; ``unmerge_adapter`` restores
-  the base weights to fp32 rounding.
+  the base weights to fp32 rounding. Merging into an embedding a tied output
+  head reads first unties the head (``untie_output_head``), so the head keeps
+  computing what it did and a saved merged model says ``tie_word_embeddings=False``.
+
+  ``safe_merge=True`` (PEFT's) first checks that every merged kernel would be
+  finite and raises, merging nothing, if an adapter would put NaN or inf in one.
   """
   names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
   _require(model, names)
-  for _, layer in lora_layers(model):
+  if safe_merge:
+    for _, layer in lora_layers(model):
+      layer.check_merge(names)
+  for _, layer in list(lora_layers(model)):
+    if any(n in layer.adapters for n in names):  # the tied head keeps the base table (untied first)
+      untie_output_head(model, layer.module_names[0])
     layer.merge(names)
 
 
@@ -37,14 +48,16 @@ def unmerge_adapter(model: nnx.Module, adapter_names: Sequence[str] | None = Non
     layer.unmerge(adapter_names)
 
 
-def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = None) -> nnx.Module:
-  """Merge adapters (default: the active ones) and remove every LoRA layer.
+def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = None, *,
+                     safe_merge: bool = False) -> nnx.Module:
+  """Merge adapters (default: the active ones) and remove every LoRA layer (``safe_merge``: as in
+  ``merge_adapter``).
 
   Returns the same model object, now a plain model of base layers whose
   outputs equal the adapted model's unmerged outputs.
   """
   names = tuple(adapter_names) if adapter_names is not None else active_adapters(model)
-  merge_adapter(model, names)
+  merge_adapter(model, names, safe_merge=safe_merge)
   for path, layer in list(lora_layers(model)):
     replace_module(model, path, layer.base_layer)
   for path, wrapper in list(module_copies(model)):
@@ -54,15 +67,16 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
   return model
 
 
-def unload(model: nnx.Module, *, merge: bool = False, adapter_names: Sequence[str] | None = None) -> nnx.Module:
+def unload(model: nnx.Module, *, merge: bool = False, adapter_names: Sequence[str] | None = None,
+           safe_merge: bool = False) -> nnx.Module:
   """Remove every LoRA layer: the base model comes back (returns the same model object).
 
   ``merge=True`` first merges ``adapter_names`` (default: the active adapters),
   so the plain model's outputs equal the adapted model's; that is
-  ``jlora.merge_and_unload``, which also takes quantized models.
+  ``jlora.merge_and_unload``, which also takes quantized models. ``safe_merge``: as in ``merge_adapter``.
   """
   if merge:
-    return merge_and_unload(model, adapter_names)
+    return merge_and_unload(model, adapter_names, safe_merge=safe_merge)
   if adapter_names is not None:
     raise ValueError("unload(adapter_names=...) only applies with merge=True; unload() removes every adapter.")
   for path, layer in list(lora_layers(model)):

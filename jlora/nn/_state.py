@@ -14,8 +14,8 @@ ADAPTER_STATE = nnx.Any(LoraParam, LoraBuffer, LoraRngKey)
 def split_adapter(model: nnx.Module):
   """``(graphdef, adapter_params, frozen_state)``: what to differentiate, and the rest.
 
-  ``adapter_params`` holds every ``LoraParam`` (WLoRA upstreams included; the
-  optimizer helpers keep those frozen); ``frozen_state`` holds the base
+  ``adapter_params`` holds every ``LoraParam`` (not WLoRA's frozen upstream
+  factors, which are buffers); ``frozen_state`` holds the base
   params and all other state. ``nnx.merge(graphdef, adapter_params,
   frozen_state)`` rebuilds the model, also inside ``jax.jit``; inside
   ``jax.grad`` pass ``copy=True`` (NNX transforms such as ``nnx.scan`` refuse

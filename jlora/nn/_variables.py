@@ -8,10 +8,10 @@ pulls the adapter out of a model as a pytree of its own::
 ``LoraParam`` subclasses Flax's ``nnx.LoRAParam``, itself an ``nnx.Param`` (it
 *is* a parameter), which is why the adapter filter must come before
 ``nnx.Param`` in a split. Trainers that select ``nnx.LoRAParam`` (tunix's
-``PeftTrainer``, MaxText) therefore train jlora adapters as they are. Such a
-selection also takes WLoRA's frozen upstream factors (``UpstreamLoraParam``);
-select ``TRAINABLE`` instead, or use ``jlora.adapter_optimizer``, to keep them
-frozen.
+``PeftTrainer``, MaxText) therefore train jlora adapters as they are. WLoRA's
+frozen upstream factors (``UpstreamLoraParam``) are adapter *buffers*, not
+``nnx.LoRAParam``, so such a selection (and ``jlora.split_adapter``) leaves
+them frozen while ``adapter_state`` still saves them with the adapter.
 """
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ class LoraParam(nnx.LoRAParam):
   """A trainable adapter parameter (LoRA A/B, MoSLoRA mixer, WLoRA logits)."""
 
 
-class UpstreamLoraParam(LoraParam):
-  """A frozen factor of a pretrained upstream LoRA inside a WLoRA adapter.
-
-  It is part of the adapter pytree (so it is saved and exported with it) but
-  the optimizer helpers mask it out, so its values never change.
-  """
-
-
 class LoraBuffer(nnx.Variable):
   """Non-trainable adapter state: per-layer scaling, rank masks, routing.
 
@@ -39,9 +31,18 @@ class LoraBuffer(nnx.Variable):
   """
 
 
+class UpstreamLoraParam(LoraBuffer):
+  """A frozen factor of a pretrained upstream LoRA inside a WLoRA adapter.
+
+  Adapter state (``adapter_state`` saves it, export reads it) but a buffer,
+  not an ``nnx.LoRAParam``: no ``nnx.LoRAParam`` / ``LoraParam`` filter, hence
+  no NNX trainer selecting adapters that way, ever trains it.
+  """
+
+
 class LoraRngKey(nnx.Variable):
   """Per-layer PRNG key and counter used by LoRA dropout."""
 
 
-TRAINABLE = nnx.All(LoraParam, nnx.Not(UpstreamLoraParam))
-"""NNX filter of the adapter params an optimizer may change (all but WLoRA upstreams)."""
+TRAINABLE = LoraParam
+"""NNX filter of the adapter params an optimizer may change (WLoRA upstreams are buffers)."""

@@ -77,7 +77,7 @@ def new_wlora_adapter(layer, upstreams: list[LoraAdapter]) -> WLoraAdapter:
   return WLoraAdapter(upstreams, logits)
 
 
-def frozen_upstream(adapter: LoraAdapter, param_type: type[LoraParam]) -> LoraAdapter:
+def frozen_upstream(adapter: LoraAdapter, param_type: type[nnx.Variable]) -> LoraAdapter:
   """A copy of ``adapter``'s factors (mixer folded in as its own) whose variable type is ``param_type``."""
   return LoraAdapter(
       adapter.lora_A[...], adapter.lora_B[...], adapter.scaling[...],

@@ -111,7 +111,7 @@ def dequantize(model: nnx.Module) -> nnx.Module:
 
 
 def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = None, *,
-                     requantize: bool = False) -> nnx.Module:
+                     requantize: bool = False, safe_merge: bool = False) -> nnx.Module:
   """Merge adapters (default: the active ones), remove every LoRA layer; returns the same model.
 
   On a plain model this is ``jlora.nn.unload(model, merge=True)``. Quantized layers
@@ -127,10 +127,11 @@ def merge_and_unload(model: nnx.Module, adapter_names: Sequence[str] | None = No
   ``requantize=True`` quantizes the merged kernels again with each layer's
   own format and options: a second rounding of the same size, so an adapter
   update smaller than half a quantization step can vanish from that weight.
+  ``safe_merge=True`` refuses (merging nothing) an adapter that would make a kernel non-finite.
   """
   specs = {cand.path: layer.spec for cand, layer in quantized_layers(model)}
   dequantize(model)
-  unload(model, merge=True, adapter_names=adapter_names)
+  unload(model, merge=True, adapter_names=adapter_names, safe_merge=safe_merge)
   if requantize:
     for cand in candidates(model):
       if cand.path in specs and isinstance(cand.base, nnx.Linear):
