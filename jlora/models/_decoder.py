@@ -89,17 +89,33 @@ def self_attention(q, k, v, kv, mask, index, scale=None):
 
 
 class Attention(nnx.Module):
+  """q/k/v/o projections, optional q/k norms, rope and attention; a family varies the class attributes."""
+
+  norm: type = RMSNorm
+  """The q/k norm's class (built as ``norm(head_dim, eps, **dtypes)``)."""
+
   def __init__(self, c: LlamaConfig, dtypes: dict, rngs: nnx.Rngs):
     heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     self.q_proj = linear(c.hidden_size, heads * d, c.attention_bias, dtypes, rngs)
     self.k_proj = linear(c.hidden_size, kv_heads * d, c.attention_bias, dtypes, rngs)
     self.v_proj = linear(c.hidden_size, kv_heads * d, c.attention_bias, dtypes, rngs)
-    self.o_proj = linear(heads * d, c.hidden_size, c.o_proj_bias, dtypes, rngs)
+    self.o_proj = linear(heads * d, c.hidden_size, self.out_bias(c), dtypes, rngs)
     if c.qk_norm:
-      self.q_norm = RMSNorm(d, c.norm_eps, **dtypes)
-      self.k_norm = RMSNorm(d, c.norm_eps, **dtypes)
+      self.q_norm = self.norm(d, c.norm_eps, **dtypes)
+      self.k_norm = self.norm(d, c.norm_eps, **dtypes)
     self.qk_norm = c.qk_norm
     self.shape = (heads, kv_heads, d)
+    self.scale = self.logit_scale(c)
+
+  @staticmethod
+  def out_bias(c) -> bool:
+    """Whether ``o_proj`` has a bias."""
+    return c.o_proj_bias
+
+  @staticmethod
+  def logit_scale(c) -> float | None:
+    """The attention logits' scale; None is ``head_dim ** -0.5``."""
+    return None
 
   def __call__(self, h, kv, mask, cos, sin, index):
     heads, kv_heads, d = self.shape
@@ -109,7 +125,7 @@ class Attention(nnx.Module):
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out, kv = self_attention(q, k, v, kv, mask, index)
+    out, kv = self_attention(q, k, v, kv, mask, index, self.scale)
     return self.o_proj(out.reshape(b, t, heads * d)), kv
 
 

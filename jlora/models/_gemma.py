@@ -34,11 +34,11 @@ from flax import nnx
 from jlora.models._attention import activation
 from jlora.models._config import (FamilyConfig, LayerAttention, hf_get, hf_json, layer_windows,
                                   refuse_options)
-from jlora.models._decoder import LLAMA, base_embed, linear, prepare, scan_layers, self_attention, stacked, with_cache
+from jlora.models._decoder import LLAMA, Attention, base_embed, linear, prepare, scan_layers, stacked, with_cache
 from jlora.models._family import Family, register_family
 from jlora.models._language_model import LanguageModel
 from jlora.models._remat import saved
-from jlora.models._rope import apply_rope, check_rope, freeze, rope_cos_sin, rope_parameters
+from jlora.models._rope import check_rope, freeze, rope_cos_sin, rope_parameters
 from jlora.nn import lora_projections
 
 
@@ -97,30 +97,19 @@ def embed_scale(hidden_size: int, dtype) -> jax.Array:
   return jnp.asarray(np.float32(hidden_size ** 0.5)).astype(dtype)
 
 
-class GemmaAttention(nnx.Module):
-  def __init__(self, c: GemmaConfig, dtypes: dict, rngs: nnx.Rngs):
-    heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    self.q_proj = linear(c.hidden_size, heads * d, c.attention_bias, dtypes, rngs)
-    self.k_proj = linear(c.hidden_size, kv_heads * d, c.attention_bias, dtypes, rngs)
-    self.v_proj = linear(c.hidden_size, kv_heads * d, c.attention_bias, dtypes, rngs)
-    self.o_proj = linear(heads * d, c.hidden_size, c.attention_bias, dtypes, rngs)
-    if c.qk_norm:
-      self.q_norm = OffsetRMSNorm(d, c.norm_eps, **dtypes)
-      self.k_norm = OffsetRMSNorm(d, c.norm_eps, **dtypes)
-    self.qk_norm = c.qk_norm
-    self.shape = (heads, kv_heads, d)
-    self.scale = float(c.query_pre_attn_scalar) ** -0.5
+class GemmaAttention(Attention):
+  """Llama's attention with ``(1 + w)`` q/k norms, a biased ``o_proj`` when the others are, and
+  ``query_pre_attn_scalar ** -0.5`` as the logits' scale."""
 
-  def __call__(self, h, kv, mask, cos, sin, index):
-    heads, kv_heads, d = self.shape
-    b, t, _ = h.shape
-    q, k, v = (saved(y) for y in lora_projections((self.q_proj, self.k_proj, self.v_proj), h))
-    q, k, v = q.reshape(b, t, heads, d), k.reshape(b, t, kv_heads, d), v.reshape(b, t, kv_heads, d)
-    if self.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out, kv = self_attention(q, k, v, kv, mask, index, self.scale)
-    return self.o_proj(out.reshape(b, t, heads * d)), kv
+  norm = OffsetRMSNorm
+
+  @staticmethod
+  def out_bias(c) -> bool:
+    return c.attention_bias
+
+  @staticmethod
+  def logit_scale(c) -> float:
+    return float(c.query_pre_attn_scalar) ** -0.5
 
 
 class GemmaMlp(nnx.Module):
