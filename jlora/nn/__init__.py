@@ -19,7 +19,7 @@ from jlora.nn._inject import (
     replace_module,
     set_adapter,
 )
-from jlora.nn._fused import MATMUL_MODES, lora_matmul, low_rank_grads
+from jlora.nn._fused import MATMUL_MODES, cat_parts, lora_matmul, low_rank_grads
 from jlora.nn._kinds import (
     FROZEN_ROLES,
     LORAPLUS_B_ROLES,

@@ -125,7 +125,7 @@ def low_rank_grads(x: jax.Array, h: jax.Array, dys: Sequence[jax.Array], a_parts
   lead = tuple(range(x.ndim - 1))
   over_tokens = lambda u, v: jax.lax.dot_general(u, v, ((lead, lead), ((), ())), precision=precision,
                                                 preferred_element_type=jnp.float32)
-  dh = _cat([_dot(dy, b.astype(dtype).T, precision) for dy, b in zip(dys, b_parts)])
+  dh = cat_parts([_dot(dy, b.astype(dtype).T, precision) for dy, b in zip(dys, b_parts)])
   da = over_tokens(x, dh)
   da_parts = tuple(d.astype(a.dtype) for d, a in zip(_split(da, ranks), a_parts))
   db_parts = tuple(over_tokens(h_p, dy).astype(b.dtype) for h_p, dy, b in zip(_split(h, ranks), dys, b_parts))
@@ -150,11 +150,11 @@ def _merged(kernels, a_parts, b_parts, dtype):
   the delta is rounded to the compute dtype before the add: one more
   rounding, within bf16's own error.
   """
-  w = _cat([w.astype(dtype) for w in kernels])
+  w = cat_parts([w.astype(dtype) for w in kernels])
   ranks = sum(a.shape[-1] for a in a_parts)
   if not ranks:
     return w
-  return _dot(_cat([a.astype(dtype) for a in a_parts]), _block_diagonal(b_parts, dtype), None, dtype) + w
+  return _dot(cat_parts([a.astype(dtype) for a in a_parts]), _block_diagonal(b_parts, dtype), None, dtype) + w
 
 
 def _block_diagonal(b_parts, dtype, rows: int = 0):
@@ -168,11 +168,12 @@ def _block_diagonal(b_parts, dtype, rows: int = 0):
     parts.append(b.astype(dtype) if len(b_parts) == 1 else
                  jnp.pad(b.astype(dtype), ((0, 0), (offset, total - offset - b.shape[-1]))))
     offset += b.shape[-1]
-  out = _cat(parts, axis=0)
+  out = cat_parts(parts, axis=0)
   return jnp.pad(out, ((0, max(rows - out.shape[0], 0)), (0, 0))) if rows > out.shape[0] else out
 
 
-def _cat(parts, axis=-1):
+def cat_parts(parts, axis=-1):
+  """``parts`` concatenated along ``axis`` (a single part as is, no copy)."""
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
@@ -200,9 +201,9 @@ def _with_columns(u, extra, fill_columns):
 def _stack_forward(dtype, precision, x, kernels, a_parts, b_parts):
   """``[x | h] · [W ; B̃]`` with ``h = x·[A_1 | ...]``: ``(ys, xh)``, ``xh = [x | h]`` ``[T, in + R]``."""
   rank = _stacked_rank(a_parts)
-  a = jnp.pad(_cat([a.astype(dtype) for a in a_parts]), ((0, rank), (0, rank - sum(p.shape[-1] for p in a_parts))))
+  a = jnp.pad(cat_parts([a.astype(dtype) for a in a_parts]), ((0, rank), (0, rank - sum(p.shape[-1] for p in a_parts))))
   xh, _ = _with_columns(x.astype(dtype), rank, lambda buf: _dot(buf, a, precision))
-  w = jnp.concatenate([_cat([w.astype(dtype) for w in kernels]), _block_diagonal(b_parts, dtype, rank)], axis=0)
+  w = jnp.concatenate([cat_parts([w.astype(dtype) for w in kernels]), _block_diagonal(b_parts, dtype, rank)], axis=0)
   return _split(_dot(xh, w, precision), [w.shape[-1] for w in kernels]), xh
 
 
@@ -215,10 +216,10 @@ def _stack_backward(dtype, precision, xh, kernels, a_parts, b_parts, dys):
   over_tokens = lambda u, v: jax.lax.dot_general(u, v, (((0,), (0,)), ((), ())), precision=precision,
                                                 preferred_element_type=jnp.float32)
   b = _block_diagonal(b_parts, dtype, rank)  # [rank, out]
-  dy = _cat(dys)
+  dy = cat_parts(dys)
   dyh, dh = _with_columns(dy, rank, lambda buf: contract_last(buf, jnp.pad(b, ((0, 0), (0, rank)))))
-  a = jnp.pad(_cat([a.astype(dtype) for a in a_parts]), ((0, 0), (0, rank - sum(ranks))))
-  dx = contract_last(dyh, jnp.concatenate([_cat([w.astype(dtype) for w in kernels]), a], axis=1))
+  a = jnp.pad(cat_parts([a.astype(dtype) for a in a_parts]), ((0, 0), (0, rank - sum(ranks))))
+  dx = contract_last(dyh, jnp.concatenate([cat_parts([w.astype(dtype) for w in kernels]), a], axis=1))
   # Whole-buffer products, sliced after: a column slice of [x | h] or [dy | dh] as a GEMM operand would
   # be copied first (T x in); the extra rows and columns are rank-sized.
   da = over_tokens(xh, dh)[:d_in]
@@ -238,7 +239,7 @@ def _forward(how, dtype, precision, x, kernels, a_parts, b_parts):
   if how == "stack":
     return _stack_forward(dtype, precision, x, kernels, a_parts, b_parts)
   ranks = [a.shape[-1] for a in a_parts]
-  h = _dot(x, _cat([a.astype(dtype) for a in a_parts]), precision)
+  h = _dot(x, cat_parts([a.astype(dtype) for a in a_parts]), precision)
   if how == "merge":
     y = _dot(x, _merged(kernels, a_parts, b_parts, dtype), precision)
     ys = _split(y, [w.shape[-1] for w in kernels])
@@ -273,9 +274,9 @@ def _bwd(how, dtype, precision, res, dys):
     x, h = saved
     dh, da_parts, db_parts = low_rank_grads(x, h, dys, a_parts, b_parts, dtype, precision)
     if how == "merge":
-      dx = _dot(_cat(dys), _merged(kernels, a_parts, b_parts, dtype).T, precision)
+      dx = _dot(cat_parts(dys), _merged(kernels, a_parts, b_parts, dtype).T, precision)
     else:
-      dx = _dot(dh, _cat([a.astype(dtype) for a in a_parts]).T, precision)
+      dx = _dot(dh, cat_parts([a.astype(dtype) for a in a_parts]).T, precision)
       for dy, w in zip(dys, kernels):
         dx = dx + _dot(dy, w.astype(dtype).T, precision)
   if kernel_grads is None:

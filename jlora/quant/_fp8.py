@@ -45,7 +45,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jlora.nn import low_rank_grads
+from jlora.nn import cat_parts, low_rank_grads
 from jlora.quant._formats import FP8_MAX
 
 E5M2_MAX = float(jnp.finfo(jnp.float8_e5m2).max)
@@ -72,14 +72,9 @@ def to_fp8(x, fp8_dtype, fp8_max):
   return (x.astype(jnp.float32) / scale).astype(fp8_dtype), scale
 
 
-def _cat(parts, axis=-1):
-  """``parts`` concatenated along ``axis`` (a single part as is)."""
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
-
-
 def _codes(kernels):
   """The e4m3 codes of every kernel side by side, ``[in, sum(out_i)]``."""
-  return _cat([q for q, _ in kernels])
+  return cat_parts([q for q, _ in kernels])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -106,7 +101,7 @@ def _forward(x, kernels, dtype, backward):
 def _backward(dtype, backward, kernels, gs):
   """``dx = sum_i (dy_i * s_i) @ q_iᵀ`` as one GEMM; the frozen kernels get no gradient."""
   scaled = [g.astype(jnp.float32) * scale[0] for g, (_, scale) in zip(gs, kernels)]
-  g = _cat(scaled)
+  g = cat_parts(scaled)
   codes = _codes(kernels)
   if backward == "upcast":
     dx = dot(g.astype(dtype), codes.astype(dtype), 1, dtype)
@@ -143,7 +138,7 @@ def fp8_lora_matmuls(x: jax.Array, kernels: tuple, a_parts: tuple, b_parts: tupl
 
 def _lora_forward(x, kernels, a_parts, b_parts, dtype, backward):
   ys = fp8_matmuls(x, kernels, dtype, backward)
-  h = dot(x, _cat([a.astype(dtype) for a in a_parts]), 0, dtype)
+  h = dot(x, cat_parts([a.astype(dtype) for a in a_parts]), 0, dtype)
   deltas = _low_rank(h, b_parts, dtype)
   ys = tuple(y if d is None else y + d for y, d in zip(ys, deltas))
   return ys, (x, kernels, a_parts, b_parts, h)
@@ -154,7 +149,7 @@ def _lora_backward(dtype, backward, residuals, dys):
   dx, _ = _backward(dtype, backward, kernels, dys)
   dh, da_parts, db_parts = low_rank_grads(x, h, [dy.astype(dtype) for dy in dys], a_parts, b_parts, dtype)
   if dh.shape[-1]:
-    dx = (dx.astype(jnp.float32) + dot(dh, _cat([a.astype(dtype) for a in a_parts]), 1, dtype)).astype(x.dtype)
+    dx = (dx.astype(jnp.float32) + dot(dh, cat_parts([a.astype(dtype) for a in a_parts]), 1, dtype)).astype(x.dtype)
   return dx, None, da_parts, db_parts
 
 
