@@ -22,7 +22,7 @@ TESTS = Path(__file__).parent
                                       "adapter.lora_alpha=nan", "optim.weight_decay=-.inf"])
 def test_nan_or_inf_in_a_float_field_is_a_config_error(override):
   key = override.split("=")[0]
-  with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+  with pytest.raises(ConfigError, match=f"{key.rsplit('.', 1)[-1]} must be a finite number"):
     load_config(None, [override])
 
 
@@ -175,13 +175,12 @@ def test_a_resumed_job_says_from_which_step(tmp_path, monkeypatch, capsys):
 
 def test_an_interrupt_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
   from jlora.cli import main
-  from jlora.train import _model
+  from jlora.train import _presets
 
   def interrupted_loading(cfg):
     raise KeyboardInterrupt
 
-  _model._load_builtin_presets()
-  monkeypatch.setitem(_model._PRESETS, "interrupted", interrupted_loading)
+  monkeypatch.setitem(_presets._PRESETS, "interrupted", interrupted_loading)
   assert main(["train", "--set", "model.name=interrupted", "--set", f"output_dir={tmp_path / 'run'}"]) == 130
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and err.startswith("jlora: interrupted") and "Traceback" not in err

@@ -70,7 +70,7 @@ def another_base(dirs, tmp_path):
 
 def rank_mismatch(dirs, tmp_path):
   _edit_config(_copy(dirs, tmp_path), r=8)
-  return tmp_path / "adapter", r"rank 8 from adapter_config.json"
+  return tmp_path / "adapter", r"adapter_config.json.s r/rank_pattern gives .* rank 8"
 
 
 def truncated(dirs, tmp_path):

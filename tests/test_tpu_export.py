@@ -48,6 +48,6 @@ def test_generate_step_lowers_for_tpu(model):
   with target_backend("tpu"):
     exported = jax.export.export(_generate, platforms=["tpu"])(
         graphdef, state, ids, jnp.ones_like(ids), jax.random.key(0), max_new_tokens=4, temperature=0.0,
-        top_p=1.0, eos_token_id=None)
+        top_p=1.0, eos_token_id=None, cached=True)
   assert exported.platforms == ("tpu",)
   assert np.prod(exported.out_avals[0].shape) == 2 * 20
