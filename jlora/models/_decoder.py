@@ -280,6 +280,12 @@ class CausalLM(LanguageModel):
     return self.model.norm(h), with_cache(cache, kv, new_valid, input_ids.shape[1])
 
 
+NO_SOFT_CAPS = {
+    "attn_logit_softcapping": "remove it from config.json (only Gemma 2 soft-caps attention logits).",
+    "final_logit_softcapping": "remove it from config.json (only Gemma 2 and 3 soft-cap the final logits)."}
+"""Soft-capping options a family without soft-caps refuses, each with its fix."""
+
+
 def llama_config_from_hf(hf) -> LlamaConfig:
   """The ``LlamaConfig`` of a transformers llama / mistral / qwen2 / qwen3 config.
 
@@ -289,9 +295,7 @@ def llama_config_from_hf(hf) -> LlamaConfig:
   ValueError for options the family does not implement.
   """
   model_type = hf.model_type
-  refuse_options(hf, model_type, {
-      "attn_logit_softcapping": "remove it from config.json (only Gemma 2 soft-caps attention logits).",
-      "final_logit_softcapping": "remove it from config.json (only Gemma 2 and 3 soft-cap the final logits)."})
+  refuse_options(hf, model_type, NO_SOFT_CAPS)
   heads = hf.num_attention_heads
   head_dim = hf_get(hf, "head_dim", default=hf.hidden_size // heads)
   rope = rope_parameters(hf.to_dict())

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jlora.models._attention import activation
 from jlora.models._config import LlamaConfig, hf_get, hf_json, refuse_options
-from jlora.models._decoder import CausalLM, DecoderLayer, linear, self_attention
+from jlora.models._decoder import NO_SOFT_CAPS, CausalLM, DecoderLayer, linear, self_attention
 from jlora.models._family import Family, register_family
 from jlora.models._remat import saved
 from jlora.models._rope import apply_rope, check_rope, freeze, rope_parameters
@@ -84,8 +84,7 @@ class Phi3ForCausalLM(CausalLM):
 def phi3_config_from_hf(hf) -> Phi3Config:
   """The ``Phi3Config`` of a transformers ``Phi3Config`` (rope: ``default`` or ``longrope``, maybe partial)."""
   refuse_options(hf, hf.model_type, {
-      "attn_logit_softcapping": "remove it from config.json (only Gemma 2 soft-caps attention logits).",
-      "final_logit_softcapping": "remove it from config.json (only Gemma 2 and 3 soft-cap the final logits).",
+      **NO_SOFT_CAPS,
       "attention_dropout": "jlora has no attention dropout; set it to 0.0 in config.json."})
   heads = hf.num_attention_heads
   head_dim = hf_get(hf, "head_dim", default=hf.hidden_size // heads)
